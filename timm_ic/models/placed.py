@@ -1,0 +1,453 @@
+"""PlacedNet: a CNN skeleton (its weight layers) with norm, activation and dropout laid out by a Placement.
+
+A *skeleton* is what a CNN is made of once norms, activations and dropouts are taken away: the stem's
+weight layers, the stages of residual blocks (their convs and shortcut projection), dense layers and
+transitions, and the classifier. `build_placed_net` lays a `Placement` over a skeleton; the rewriter
+(`timm_ic.rewrite`) extracts skeletons from timm models and the CIFAR families build theirs directly,
+so every model of the package goes through this one builder.
+
+Layout of a built network, in forward order (timm's model API on top):
+    stem       weight layers of the stem, then norm-act for post-activation placements
+    stem_pool  the stem's pooling (Identity for CIFAR stems)
+    stages     nn.Sequential of stages; each stage an nn.Sequential of ResidualBlock / DenseLayer / Transition
+    final      norm-act after the last stage for pre-activation placements (their blocks end on a conv)
+    head_drop_pre, global_pool, head_drop, fc
+"""
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import create_classifier, get_act_layer
+from timm.models._features import feature_take_indices
+from timm.models import checkpoint_seq
+
+from ..layers import NORMS_WITH_ACT, create_conv, create_dropout, create_norm
+from ..placement import Placement
+
+__all__ = [
+    'PlacedNet', 'Unit', 'ResidualBlock', 'DenseLayer', 'Transition',
+    'ResidualSpec', 'DenseLayerSpec', 'TransitionSpec', 'Skeleton', 'build_placed_net',
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Skeleton: weight layers, plus the source model's norms where they can be kept
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class ResidualSpec:
+    """A residual block: `convs` in branch order, an optional shortcut projection (pool, conv)."""
+    convs: List[nn.Conv2d]
+    shortcut_conv: Optional[nn.Conv2d] = None
+    shortcut_pool: Optional[nn.Module] = None
+    attn: Optional[nn.Module] = None  # channel attention at the end of the branch (timm's SE/ECA)
+    drop_path: Optional[nn.Module] = None
+
+
+@dataclass
+class DenseLayerSpec:
+    """A DenseNet layer: its convs; the output is concatenated to the input."""
+    convs: List[nn.Conv2d]
+
+
+@dataclass
+class TransitionSpec:
+    """A DenseNet transition: a 1x1 conv then pooling."""
+    conv: nn.Conv2d
+    pool: nn.Module
+
+
+BlockSpec = Union[ResidualSpec, DenseLayerSpec, TransitionSpec]
+
+
+@dataclass
+class Skeleton:
+    stem: nn.Module  # the stem's weight layers: a conv, or a Sequential ending in one (deep stems keep theirs)
+    stem_pool: nn.Module
+    stages: List[List[BlockSpec]]
+    fc: Optional[nn.Linear] = None  # classifier weights to keep, if any
+    # norms of the source model that may be kept, by (id(weight layer), 'pre' | 'post') and ('final', 'pre');
+    # a kept norm must be a BatchNorm of the channel count the placement needs there
+    source_norms: Dict[Tuple[object, str], nn.Module] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------
+
+class Unit(nn.Module):
+    """One weight layer with the slots the placement puts before (`pre`) and after (`post`) it."""
+
+    def __init__(self, pre: nn.Sequential, conv: nn.Module, post: nn.Sequential):
+        super().__init__()
+        self.pre = pre
+        self.conv = conv
+        self.post = post
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.conv(self.pre(x)))
+
+
+class ResidualBlock(nn.Module):
+    """shortcut + branch. Pre-activation: the projection takes the first unit's normalized input (He et al.
+    2016); post-activation: it takes the raw input and `act` follows the sum (He et al. 2015)."""
+
+    def __init__(
+            self,
+            units: Sequence[Unit],
+            downsample: Optional[nn.Module] = None,
+            attn: Optional[nn.Module] = None,
+            drop_path: Optional[nn.Module] = None,
+            act: Optional[nn.Module] = None,
+            preact: bool = True,
+    ):
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.downsample = downsample
+        self.attn = attn if attn is not None else nn.Identity()
+        self.drop_path = drop_path if drop_path is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+        self.preact = preact
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        first = self.units[0]
+        x = first.pre(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(x if self.preact else shortcut)
+        x = first.post(first.conv(x))
+        for unit in self.units[1:]:
+            x = unit(x)
+        x = self.drop_path(self.attn(x))
+        return self.act(x + shortcut)
+
+
+class DenseLayer(nn.Module):
+    """DenseNet layer: the branch's output is concatenated to its input."""
+
+    def __init__(self, units: Sequence[Unit]):
+        super().__init__()
+        self.units = nn.Sequential(*units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.units(x)], 1)
+
+
+class Transition(nn.Sequential):
+    """DenseNet transition: one unit, then pooling."""
+
+    def __init__(self, unit: Unit, pool: nn.Module):
+        super().__init__(OrderedDict([('unit', unit), ('pool', pool)]))
+
+
+class PlacedNet(nn.Module):
+    """A CNN with its norm / activation / dropout placement made explicit; timm's model API.
+
+    Build it with `build_placed_net` (from a skeleton) or `timm_ic.rewrite` (from a timm model).
+    `placement` is the Placement it was built with.
+    """
+
+    def __init__(
+            self,
+            stem: nn.Module,
+            stem_pool: nn.Module,
+            stages: Sequence[nn.Sequential],
+            final: nn.Module,
+            num_features: int,
+            placement: Placement,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            in_chans: int = 3,
+    ):
+        super().__init__()
+        self.placement = placement
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = num_features
+        self.grad_checkpointing = False
+        self.stem = stem
+        self.stem_pool = stem_pool
+        self.stages = nn.Sequential(*stages)
+        self.final = final
+        before, after = placement.head == 'before_pool', placement.head == 'after_pool'
+        self.drop_rate = placement.head_rate if placement.head != 'none' else 0.0
+        self.head_drop_pre = nn.Dropout(self.drop_rate) if before and self.drop_rate else nn.Identity()
+        self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type=global_pool)
+        self.head_drop = nn.Dropout(self.drop_rate) if after and self.drop_rate else nn.Identity()
+        self.head_hidden_size = num_features * self.global_pool.feat_mult()
+        self.feature_info: List[Dict] = []  # filled by build_placed_net from a dry run
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        device = next(self.parameters()).device
+        with torch.device(device):
+            self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the stem and of each stage (timm's forward_intermediates). `norm` applies the final
+        norm-act of pre-activation placements to the last stage's feature."""
+        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        num_stages = len(self.stages)
+        take_indices, max_index = feature_take_indices(num_stages + 1, indices)
+        intermediates = []
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.stem_pool(x)
+        stages = self.stages[:max_index] if stop_early else self.stages
+        for i, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if i in take_indices:
+                intermediates.append(self.final(x) if norm and i == num_stages else x)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == num_stages:
+            x = self.final(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        self.stages = self.stages[:max_index]
+        if max_index == 0:
+            self.stem_pool = nn.Identity()
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.final = nn.Identity()  # sized for, and only applied to, the last stage
+        if max_index < len(self.feature_info) - 1:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < len(self.feature_info) - 1:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_pool(self.stem(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x, flatten=True)
+        else:
+            x = self.stages(x)
+        return self.final(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.global_pool(self.head_drop_pre(x)))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Builder
+# ----------------------------------------------------------------------------------------------------
+
+class _Slots:
+    """Makes the modules of a placement's slots, keeping source norms where they fit."""
+
+    def __init__(self, placement: Placement, source_norms: Dict[Tuple[object, str], nn.Module]):
+        self.p = placement
+        self.source_norms = source_norms
+        self.act_layer = get_act_layer(placement.act)
+        self.norm_has_act = placement.norm in NORMS_WITH_ACT
+
+    def norm(self, channels: int, key: Optional[Tuple[object, str]] = None) -> nn.Module:
+        src = self.source_norms.get(key) if key is not None else None
+        if self.p.norm == 'batchnorm' and isinstance(src, nn.BatchNorm2d) and src.num_features == channels:
+            if type(src) is nn.BatchNorm2d:
+                return src
+            # timm's BatchNormAct2d carries its own activation: keep its statistics in a plain BatchNorm2d
+            bn = nn.BatchNorm2d(channels, eps=src.eps, momentum=src.momentum, affine=src.affine,
+                                track_running_stats=src.track_running_stats)
+            bn.load_state_dict({k: v for k, v in src.state_dict().items() if k in bn.state_dict()}, assign=True)
+            return bn
+        return create_norm(self.p.norm, channels, groups=self.p.groups, group_size=self.p.group_size)
+
+    def act(self) -> Optional[nn.Module]:
+        # FRN and EvoNorm bring their own nonlinearity; inplace would overwrite a residual input
+        return None if self.norm_has_act else self.act_layer(inplace=False)
+
+    def drop(self) -> nn.Module:
+        return create_dropout(self.p.drop, drop_rate=self.p.drop_rate, beta=self.p.beta)
+
+    def sequence(self, slots: Sequence[str], channels: int, key, with_drop: bool) -> nn.Sequential:
+        mods = OrderedDict()
+        for slot in slots:
+            if slot == 'norm':
+                mods['norm'] = self.norm(channels, key)
+            elif slot == 'act':
+                act = self.act()
+                if act is not None:
+                    mods['act'] = act
+            elif slot == 'drop' and with_drop:
+                mods['drop'] = self.drop()
+        return nn.Sequential(mods)
+
+    def unit(self, conv: nn.Conv2d, with_drop: bool, post_slots: Optional[Sequence[str]] = None) -> Unit:
+        pre = self.sequence(self.p.pre_slots, conv.in_channels, (id(conv), 'pre'), with_drop)
+        post_slots = self.p.post_slots if post_slots is None else post_slots
+        post = self.sequence(post_slots, conv.out_channels, (id(conv), 'post'), with_drop)
+        return Unit(pre, create_conv(self.p.conv, conv), post)
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f'the stem {type(module).__name__} has no conv')
+    return convs[-1]
+
+
+def build_placed_net(
+        skeleton: Skeleton,
+        placement: Union[Placement, str],
+        num_classes: int = 1000,
+        global_pool: str = 'avg',
+        in_chans: int = 3,
+        zero_init_last: bool = False,
+        feature_input_size: Tuple[int, int] = (224, 224),
+) -> PlacedNet:
+    """Lay `placement` over `skeleton`. Weight layers (and the classifier, when its shape fits) are used as
+    they are; norms are kept from `skeleton.source_norms` only where a BatchNorm of the same width sits on
+    the same side of the same weight layer, and are new (weight 1, bias 0) everywhere else.
+    `zero_init_last` zeroes the last norm of each residual branch, as timm does for training from scratch.
+    """
+    p = Placement.parse(placement)
+    slots = _Slots(p, skeleton.source_norms)
+
+    # stem: post-activation normalizes the stem conv; pre-activation leaves it to the first unit
+    stem = skeleton.stem
+    stem_conv = _last_conv(stem)
+    if not p.preact:
+        stem_slots = slots.sequence([s for s in p.post_slots if s != 'drop'], stem_conv.out_channels,
+                                    (id(stem_conv), 'post'), with_drop=False)
+        stem = nn.Sequential(OrderedDict([('conv', stem), *stem_slots.named_children()]))
+    else:
+        stem = nn.Sequential(OrderedDict([('conv', stem)]))
+
+    stages = []
+    for si, stage_specs in enumerate(skeleton.stages):
+        blocks = []
+        for bi, spec in enumerate(stage_specs):
+            try:
+                blocks.append(_block(spec, p, slots))
+            except ValueError as e:  # name the layer the setting conflicts with
+                raise ValueError(f'placement {p} cannot apply at stages.{si}.{bi}: {e}') from None
+        stages.append(nn.Sequential(*blocks))
+
+    num_features = _num_features(stages, stem_conv)
+    if p.preact:  # the blocks end on a conv: normalize before the head
+        final = slots.sequence([s for s in p.pre_slots if s != 'drop'], num_features, ('final', 'pre'), False)
+    else:
+        final = nn.Identity()
+
+    model = PlacedNet(stem, skeleton.stem_pool, stages, final, num_features, p,
+                      num_classes=num_classes, global_pool=global_pool, in_chans=in_chans)
+    fc = skeleton.fc
+    if fc is not None and isinstance(model.fc, nn.Linear) and fc.weight.shape == model.fc.weight.shape:
+        model.fc = fc
+    if zero_init_last:
+        for m in model.modules():
+            if isinstance(m, ResidualBlock):
+                _zero_init_last_norm(m)
+    model.feature_info = _feature_info(model, in_chans, feature_input_size)
+    return model
+
+
+def _block(spec: BlockSpec, p: Placement, slots: _Slots) -> nn.Module:
+    if isinstance(spec, ResidualSpec):
+        return _residual_block(spec, p, slots)
+    if isinstance(spec, DenseLayerSpec):
+        n = len(spec.convs)
+        return DenseLayer([slots.unit(c, p.drop_in_unit(i, n)) for i, c in enumerate(spec.convs)])
+    if isinstance(spec, TransitionSpec):
+        return Transition(slots.unit(spec.conv, p.has_drop and p.drop_units == 'all'), spec.pool)
+    raise TypeError(f'unknown block spec {type(spec).__name__}')
+
+
+def _residual_block(spec: ResidualSpec, p: Placement, slots: _Slots) -> ResidualBlock:
+    n = len(spec.convs)
+    units = []
+    for i, conv in enumerate(spec.convs):
+        post_slots = None
+        if not p.preact and i == n - 1:
+            post_slots = [s for s in p.post_slots if s != 'act']  # the last activation follows the sum
+        units.append(slots.unit(conv, p.drop_in_unit(i, n), post_slots))
+    downsample = None
+    if spec.shortcut_conv is not None:
+        conv = create_conv(p.conv, spec.shortcut_conv)
+        mods = OrderedDict()
+        if spec.shortcut_pool is not None:
+            mods['pool'] = spec.shortcut_pool
+        mods['conv'] = conv
+        if not p.preact:
+            mods['norm'] = slots.norm(conv.out_channels, (id(spec.shortcut_conv), 'post'))
+        downsample = nn.Sequential(mods)
+    act = slots.act() if not p.preact and 'act' in p.post_slots else None
+    return ResidualBlock(units, downsample, spec.attn, spec.drop_path, act, preact=p.preact)
+
+
+def _zero_init_last_norm(block: ResidualBlock) -> None:
+    last = block.units[-1]
+    norms = [m for m in (*last.pre, *last.post) if getattr(m, 'weight', None) is not None and m is not last.conv]
+    if norms:
+        nn.init.zeros_(norms[-1].weight)
+
+
+def _num_features(stages: Sequence[nn.Sequential], stem_conv: nn.Conv2d) -> int:
+    """Channels leaving the last stage, from the weight layers alone (dense layers add theirs to the input)."""
+    channels = stem_conv.out_channels
+    for stage in stages:
+        for block in stage:
+            if isinstance(block, DenseLayer):
+                channels += block.units[-1].conv.out_channels
+            elif isinstance(block, Transition):
+                channels = block.unit.conv.out_channels
+            else:
+                channels = block.units[-1].conv.out_channels
+    return channels
+
+
+@torch.no_grad()
+def _feature_info(model: PlacedNet, in_chans: int, input_size: Tuple[int, int]) -> List[Dict]:
+    """Channels and reductions of the stem and each stage, from a dry run on the meta device (no compute)."""
+    # a copy whose tensors are meta stand-ins: cheap even for resnet152
+    memo = {id(t): (nn.Parameter(torch.empty_like(t, device='meta'), t.requires_grad) if isinstance(t, nn.Parameter)
+                    else torch.empty_like(t, device='meta'))
+            for t in (*model.parameters(), *model.buffers())}
+    meta = copy.deepcopy(model, memo).eval()
+    x = torch.empty(1, in_chans, *input_size, device='meta')
+    feats = meta.forward_intermediates(x, intermediates_only=True)
+    names = ['stem'] + [f'stages.{i}' for i in range(len(model.stages))]
+    return [dict(num_chs=f.shape[1], reduction=input_size[0] // f.shape[2], module=n) for f, n in zip(feats, names)]
