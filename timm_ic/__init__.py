@@ -1,2 +1,11 @@
-"""timm-ic: IC layers, Uout and paper-faithful norm/dropout placement for timm models."""
+"""timm-ic: IC layers, Uout and paper-faithful norm/dropout placement for timm models.
+
+`import timm_ic` registers the models with timm: `timm.create_model('ic_resnet50', placement='ic:drop=uout,beta=0.1')`.
+"""
+from . import layers
+from .placement import PRESETS, Placement
+from . import models  # registers the entrypoints; before the rewriter, which the model families use
+from .rewriter import rewrite
+
 __version__ = '0.1.0'
+__all__ = ['Placement', 'PRESETS', 'rewrite', 'layers', 'models']

@@ -16,7 +16,7 @@ Layout of a built network, in forward order (timm's model API on top):
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,8 @@ from ..placement import Placement
 
 __all__ = [
     'PlacedNet', 'Unit', 'ResidualBlock', 'DenseLayer', 'Transition',
-    'ResidualSpec', 'DenseLayerSpec', 'TransitionSpec', 'Skeleton', 'build_placed_net',
+    'ResidualSpec', 'DenseLayerSpec', 'TransitionSpec', 'Skeleton', 'build_placed_net', 'create_placed_model',
+    'conv_layer',
 ]
 
 
@@ -451,3 +452,55 @@ def _feature_info(model: PlacedNet, in_chans: int, input_size: Tuple[int, int]) 
     feats = meta.forward_intermediates(x, intermediates_only=True)
     names = ['stem'] + [f'stages.{i}' for i in range(len(model.stages))]
     return [dict(num_chs=f.shape[1], reduction=input_size[0] // f.shape[2], module=n) for f, n in zip(feats, names)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entrypoint support
+# ----------------------------------------------------------------------------------------------------
+
+def conv_layer(in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv2d:
+    """A bias-free conv with timm's ResNet init (He normal, fan-out): the weight layers of our skeletons."""
+    conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')
+    return conv
+
+
+def _build_from_skeleton(
+        skeleton_fn: Callable[..., Skeleton],
+        placement: Union[Placement, str],
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = 'avg',
+        drop_rate: Optional[float] = None,
+        zero_init_last: bool = True,
+        feature_input_size: Tuple[int, int] = (224, 224),
+        **skeleton_kwargs,
+) -> PlacedNet:
+    p = Placement.parse(placement)
+    if drop_rate is not None:  # timm's drop_rate is the head's dropout rate
+        p = p.replace(head_rate=drop_rate)
+    return build_placed_net(
+        skeleton_fn(in_chans=in_chans, **skeleton_kwargs), p, num_classes=num_classes, global_pool=global_pool,
+        in_chans=in_chans, zero_init_last=zero_init_last, feature_input_size=feature_input_size)
+
+
+def create_placed_model(
+        variant: str,
+        pretrained: bool,
+        skeleton_fn: Callable[..., Skeleton],
+        placement: Union[Placement, str],
+        num_stages: int,
+        feature_input_size: Tuple[int, int],
+        **kwargs,
+) -> PlacedNet:
+    """timm's `build_model_with_cfg` for a PlacedNet: cfg defaults, pretrained weights, features_only.
+
+    `kwargs` are timm's usual ones (num_classes, in_chans, drop_rate, global_pool, features_only,
+    out_indices, pretrained_cfg_overlay) plus `placement=` (a Placement or its string) and skeleton options.
+    """
+    from timm.models import build_model_with_cfg
+    placement = kwargs.pop('placement', None) or placement
+    return build_model_with_cfg(
+        _build_from_skeleton, variant, pretrained,
+        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_stages + 1))),
+        skeleton_fn=skeleton_fn, placement=placement, feature_input_size=feature_input_size, **kwargs)
