@@ -1,0 +1,373 @@
+"""Export a model, or a `train.py` run folder, as a folder timm loads with `hf-hub:` / `local-dir:`.
+
+The folder holds `model.safetensors`, timm's `config.json` and `README.md` (the model card), and is
+written atomically: into a temporary folder beside `out_dir`, then renamed into place.
+
+config.json is written here rather than by `timm.models.save_for_hf`, because timm 1.0.31 drops every
+`*drop_rate` kwarg from `model_args` and raises on non-JSON values (a `Placement`); the layout is timm's
+(`architecture`, `num_classes`, `label_names`, `model_args`, `pretrained_cfg`), with timm-ic's own record
+under the top-level key `timm_ic`, which timm ignores.
+
+A run folder, as train.py writes it, holds `run.json` and `best.safetensors` (or `last.safetensors`).
+The run.json fields used here (others are ignored):
+    model            registered model name (required), e.g. 'ic_resnet20'
+    model_args       kwargs the model was created with (JSON), e.g. {'placement': 'ic', 'drop_rate': 0.1}
+    placement        the placement string (if not inside model_args)
+    num_classes, in_chans, label_names (or classes)
+    metrics          measured on the evaluation split, in percent: {'top1': .., 'top5': ..}
+                     (best_metrics / eval_metrics are read too)
+    dataset          a hub_cards dataset key ('digits', 'in1k', 'c10', 'c100'), 'hfds/<hub id>', a path,
+                     or {'name': .., 'hub_id': ..}
+    recipe           the recipe name or the resolved recipe dict
+    args             the command-line arguments (dict)
+    versions         {'timm': .., 'torch': .., ...}
+    pretrained_cfg   (or data_config) the data config used: input_size, mean, std, crop_pct, interpolation
+"""
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .cards import card_entry, count_model_stats, load_hub_cards, papers_for, render_card
+
+__all__ = ['export', 'read_run', 'model_from_run', 'RUN_RECORD', 'RUN_WEIGHTS', 'EXPORT_FILES']
+
+RUN_RECORD = 'run.json'
+RUN_WEIGHTS = ('best.safetensors', 'last.safetensors')  # preferred first
+EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
+_SOURCE_KEYS = {'url', 'file', 'state_dict', 'hf_hub_id', 'hf_hub_filename', 'source', 'tag', 'architecture'}
+# fields describing the weights a model was created from, not the weights being exported
+_SOURCE_WEIGHT_FIELDS = {'description', 'origin_url', 'paper_name', 'paper_ids', 'notes', 'license'}
+_NOT_MODEL_ARGS = {'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'checkpoint_path',
+                   'features_only', 'out_indices', 'feature_cls', 'device', 'dtype', 'pretrained_model_args',
+                   'scriptable', 'exportable', 'no_jit'}
+_DATA_CFG_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'crop_mode', 'test_input_size')
+
+
+class RunRecordError(ValueError):
+    """A run folder that cannot be exported: names the file and what is wrong."""
+
+
+def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
+    """run.json of a train.py run folder, normalised (see the module docstring), plus `weights`: the path
+    of best.safetensors, else last.safetensors."""
+    run_dir = Path(run_dir)
+    record_path = run_dir / RUN_RECORD
+    if not run_dir.is_dir():
+        raise RunRecordError(f'{run_dir} is not a folder: give a train.py output folder or a model')
+    if not record_path.is_file():
+        raise RunRecordError(f'{record_path} not found: {run_dir} is not a train.py output folder '
+                             f'(it writes {RUN_RECORD} beside {" / ".join(RUN_WEIGHTS)})')
+    try:
+        record = json.loads(record_path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunRecordError(f'{record_path} is not valid JSON ({e}); was the run interrupted while writing it?')
+    if not isinstance(record, dict):
+        raise RunRecordError(f'{record_path} must hold a JSON object, got {type(record).__name__}')
+    args = record.get('args') if isinstance(record.get('args'), dict) else {}
+    model = record.get('model') or args.get('model')
+    if isinstance(model, dict):  # {'name': .., 'args': ..} layout
+        record.setdefault('model_args', model.get('args') or model.get('model_args'))
+        model = model.get('name') or model.get('architecture')
+    if not isinstance(model, str) or not model:
+        raise RunRecordError(f'{record_path} has no model name (field "model" or "args.model")')
+    model_args = dict(record.get('model_args') or {})
+    placement = record.get('placement') or model_args.get('placement') or args.get('placement')
+    if placement is not None:
+        model_args['placement'] = str(placement)
+    for key in ('num_classes', 'in_chans'):
+        value = record.get(key, args.get(key))
+        if value is not None:
+            model_args.setdefault(key, int(value))
+    metrics = record.get('metrics') or record.get('best_metrics') or record.get('eval_metrics')
+    if isinstance(metrics, dict):
+        metrics = {k: metrics[k] for k in ('top1', 'top5', 'loss', 'epoch') if metrics.get(k) is not None}
+    weights = next((run_dir / w for w in RUN_WEIGHTS if (run_dir / w).is_file()), None)
+    if weights is None:
+        raise RunRecordError(f'{run_dir} has {RUN_RECORD} but no weights ({" or ".join(RUN_WEIGHTS)}); '
+                             'export after the first evaluation has saved them')
+    return {
+        'run_dir': run_dir,
+        'weights': weights,
+        'model': model,
+        'model_args': model_args,
+        'placement': None if placement is None else str(placement),
+        'label_names': record.get('label_names') or record.get('classes'),
+        'metrics': metrics or None,
+        'dataset': record.get('dataset', args.get('dataset', args.get('data_dir'))),
+        'recipe': record.get('recipe', args.get('recipe')),
+        'args': args or None,
+        'versions': record.get('versions'),
+        'data_config': record.get('pretrained_cfg') or record.get('data_config'),
+        'tag': record.get('tag'),
+    }
+
+
+def _load_safetensors_into(model: nn.Module, path: Path) -> None:
+    import safetensors.torch
+    try:
+        state_dict = safetensors.torch.load_file(str(path), device='cpu')
+    except Exception as e:  # SafetensorError, OSError: the file, not the model, is at fault
+        raise RunRecordError(f'{path} is not a readable safetensors file ({e}): corrupt or truncated?') from e
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise RunRecordError(f'{path} does not match the model its run.json describes: {e}') from e
+
+
+def model_from_run(run: Union[str, Path, Dict[str, Any]]) -> nn.Module:
+    """Rebuild the model of a run folder (or a `read_run` record) and load its weights, in eval mode."""
+    import timm
+    run = read_run(run) if not isinstance(run, dict) else run
+    if not timm.is_model(run['model']):
+        raise RunRecordError(f"{run['run_dir'] / RUN_RECORD} names model {run['model']!r}, which timm does not "
+                             'know: `import timm_ic` (or the package registering it) first')
+    model = timm.create_model(run['model'], pretrained=False, **run['model_args'])
+    _load_safetensors_into(model, run['weights'])
+    return model.eval()
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return value
+
+
+def _model_args(model: nn.Module, extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    # what timm.create_model recorded, then the caller's, then the model's actual placement (authoritative)
+    args = {k: v for k, v in dict(getattr(model, '_model_args', None) or {}).items() if k not in _NOT_MODEL_ARGS}
+    args.update(extra or {})
+    placement = getattr(model, 'placement', None)
+    if placement is not None:
+        args['placement'] = str(placement)
+    elif 'placement' in args:
+        args['placement'] = str(args['placement'])
+    for key, value in args.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ValueError(f'model argument {key}={value!r} is not JSON; pass model_args={{{key!r}: <its '
+                             'string form>}} so config.json can rebuild the model') from None
+    return args
+
+
+def _in_chans(model: nn.Module, cfg: Dict[str, Any]) -> int:
+    first_conv = cfg.get('first_conv')
+    for name in ([first_conv] if isinstance(first_conv, str) else list(first_conv or [])):
+        try:
+            return int(model.get_submodule(name).in_channels)
+        except (AttributeError, TypeError):
+            pass
+    return int((cfg.get('input_size') or (3,))[0])
+
+
+def _dataset_info(value: Any) -> Optional[Dict[str, Any]]:
+    """A run's dataset as card data: {'key', 'name', 'hub_id', 'source'}."""
+    if value is None or value == '':
+        return None
+    datasets = load_hub_cards()['datasets']
+    if isinstance(value, dict):
+        key = value.get('key')
+        base = dict(datasets.get(key, {}), key=key) if key in datasets else {}
+        return {**base, **{k: v for k, v in value.items() if v is not None}}
+    text = str(value)
+    if text in datasets:
+        return {'key': text, **datasets[text]}
+    for prefix in ('hfds/', 'hf-hub:', 'hf://datasets/'):
+        if text.startswith(prefix):
+            hub_id = text[len(prefix):].split(':')[0]
+            known = next((k for k, d in datasets.items() if d.get('hub_id') == hub_id), None)
+            return {'key': known, **datasets[known]} if known else {'name': hub_id, 'hub_id': hub_id}
+    return {'name': Path(text).name or text, 'hub_id': None}
+
+
+def _feature_channels(model: nn.Module) -> Optional[List[int]]:
+    info = getattr(model, 'feature_info', None)
+    try:
+        return [int(f['num_chs']) for f in info] if info is not None else None
+    except (TypeError, KeyError):
+        try:
+            return list(info.channels())
+        except Exception:
+            return None
+
+
+def _write_folder_atomically(out_dir: Path, write, overwrite: bool) -> None:
+    out_dir = out_dir.absolute()
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f'{out_dir} exists; pass overwrite=True (--overwrite) to replace it')
+        if not out_dir.is_dir():
+            raise FileExistsError(f'{out_dir} exists and is not a folder')
+        existing = {p.name for p in out_dir.iterdir()}
+        if existing and 'config.json' not in existing:
+            # never delete a folder that is not an earlier export
+            raise FileExistsError(f'{out_dir} is not empty and holds no export (no config.json): choose another '
+                                  'output folder')
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', suffix='.tmp', dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', suffix='.old', dir=out_dir.parent))
+            os.replace(out_dir, old / 'export')
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export(
+        model_or_run_dir: Union[nn.Module, str, Path],
+        out_dir: Union[str, Path],
+        *,
+        repo_id: Optional[str] = None,
+        tag: Optional[str] = None,
+        label_names: Optional[Sequence[str]] = None,
+        metrics: Optional[Dict[str, float]] = None,
+        dataset: Any = None,
+        recipe: Any = None,
+        args: Optional[Dict[str, Any]] = None,
+        license: Optional[str] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        description: Optional[str] = None,
+        overwrite: bool = True,
+) -> Path:
+    """Write `model.safetensors`, `config.json` and `README.md` for `timm.create_model('hf-hub:...')`.
+
+    Args:
+        model_or_run_dir: a timm model (from `timm.create_model`) or a train.py run folder.
+        out_dir: the export folder; replaced atomically if it holds an earlier export.
+        repo_id: Hub repo the export is meant for (names the card and its usage examples).
+        tag: a hub_cards `<arch>.<tag>` these weights are published as: fills dataset / recipe / license
+            from models.yaml and makes the card's examples load by that registry name.
+        label_names, metrics (percent: top1, top5), dataset, recipe, args, license: card data; for a run folder
+            they default to its run.json. `metrics` are the only numbers that go into `model-index`.
+        model_args: JSON kwargs that rebuild the model (added to those `timm.create_model` recorded; the
+            model's placement is always written as its string form).
+        data_config: input_size / mean / std / crop_pct / interpolation the weights were trained with.
+    Returns:
+        The export folder.
+    """
+    import safetensors.torch
+    import timm
+    from timm.models import PretrainedCfg
+
+    run = None
+    if isinstance(model_or_run_dir, nn.Module):
+        model = model_or_run_dir
+    else:
+        run = read_run(model_or_run_dir)
+        model = model_from_run(run)
+    if not hasattr(model, 'pretrained_cfg') or not hasattr(model, 'num_classes'):
+        raise TypeError(f'{type(model).__name__} is not a timm classification model (no pretrained_cfg / '
+                        'num_classes); export the model timm.create_model returned, not a features_only wrapper')
+    entry = card_entry(tag) if tag else None
+    run = run or {}
+    source_cfg = dict(model.pretrained_cfg)
+    architecture = (run.get('model') or source_cfg.get('architecture'))
+    if not architecture or not timm.is_model(architecture):
+        raise ValueError(f'architecture {architecture!r} is not registered in timm, so nobody could load the '
+                         'export; create the model with timm.create_model')
+    if entry and tag.split('.')[0] != architecture:
+        raise ValueError(f'tag {tag!r} is for architecture {tag.split(".")[0]!r}, the model is {architecture!r}')
+
+    # pretrained_cfg: only real PretrainedCfg fields (timm raises on others), no weight source
+    cfg_fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    pretrained_cfg = {k: v for k, v in source_cfg.items()
+                      if k in cfg_fields and k not in _SOURCE_KEYS | _SOURCE_WEIGHT_FIELDS and v is not None}
+    run_data_cfg = run.get('data_config') or {}
+    for key in _DATA_CFG_KEYS:
+        for cfg in (run_data_cfg, data_config or {}):
+            if cfg.get(key) is not None:
+                pretrained_cfg[key] = cfg[key]
+    in_chans = _in_chans(model, pretrained_cfg)
+    input_size = tuple(pretrained_cfg.get('input_size') or (in_chans, 224, 224))
+    pretrained_cfg['input_size'] = (in_chans, *input_size[1:])
+    for key in ('test_input_size', 'min_input_size'):
+        if pretrained_cfg.get(key):
+            pretrained_cfg[key] = (in_chans, *tuple(pretrained_cfg[key])[1:])
+    for key in ('mean', 'std'):
+        values = tuple(pretrained_cfg.get(key) or ())
+        if values and len(values) != in_chans:
+            # e.g. an ImageNet RGB cfg on a 1-channel model: timm's transforms need one value per channel
+            pretrained_cfg[key] = (round(sum(values) / len(values), 4),) * in_chans
+    pretrained_cfg['num_classes'] = int(model.num_classes)
+    pretrained_cfg['hf_hub_filename'] = 'model.safetensors'  # so the Hub path fetches only safetensors
+    pretrained_cfg['custom_load'] = False
+    pretrained_cfg.pop('label_names', None)
+    pretrained_cfg.pop('label_offset', None)
+    license = license or (entry or {}).get('license') or 'apache-2.0'
+    pretrained_cfg['license'] = license
+    pretrained_cfg['paper_ids'] = tuple(f'arXiv:{p}' for p in papers_for(architecture))
+
+    label_names = list(label_names or run.get('label_names') or []) or None
+    if label_names is not None and len(label_names) != model.num_classes:
+        raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
+    metrics = metrics if metrics is not None else run.get('metrics')
+    dataset_info = _dataset_info(dataset if dataset is not None else run.get('dataset'))
+    if dataset_info is None and entry:
+        dataset_info = entry['dataset']
+    recipe = recipe if recipe is not None else (run.get('recipe') or (entry or {}).get('recipe'))
+    args = args if args is not None else run.get('args')
+    args_for_config = _model_args(model, {**(run.get('model_args') or {}), **(model_args or {})})
+    placement = args_for_config.get('placement')
+    placement_obj = getattr(model, 'placement', None)
+    placement_words = placement_obj.describe() if hasattr(placement_obj, 'describe') else (
+        f'`{placement}`' if placement else 'timm\'s own layout of this architecture (no timm-ic placement)')
+    repo_name = repo_id or tag or Path(out_dir).name
+
+    stats = count_model_stats(model, pretrained_cfg['input_size'])
+    card = render_card(
+        architecture=architecture, repo_name=repo_name, placement=placement, placement_words=placement_words,
+        stats=stats, input_size=pretrained_cfg['input_size'], num_classes=int(model.num_classes),
+        feature_channels=_feature_channels(model), dataset=dataset_info, metrics=metrics, recipe=recipe,
+        args=args, license=license, load_name=tag or (f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME'),
+        registered_by_timm_ic=type(model).__module__.startswith('timm_ic'),
+        description=description, versions=run.get('versions'),
+    )
+    from timm_ic import __version__ as timm_ic_version
+    config = {
+        'architecture': architecture,
+        'num_classes': int(model.num_classes),
+        'num_features': int(getattr(model, 'num_features', 0)) or None,
+        'global_pool': getattr(model, 'global_pool', None) if isinstance(getattr(model, 'global_pool', None),
+                                                                         str) else None,
+        'label_names': label_names,
+        'model_args': args_for_config,
+        'pretrained_cfg': _json_ready(pretrained_cfg),
+        'timm_ic': {
+            'version': timm_ic_version,
+            'placement': placement,
+            'metrics': metrics,
+            'dataset': {k: v for k, v in dataset_info.items() if k != 'cfg'} if dataset_info else None,
+            'recipe': recipe,
+            'tag': tag,
+            'stats': {k: round(v, 6) for k, v in stats.items()},
+            'versions': run.get('versions'),
+            'run': str(run['run_dir']) if run.get('run_dir') else None,
+        },
+    }
+    config = {k: v for k, v in config.items() if v is not None}
+    state_dict = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
+
+    def write(folder: Path) -> None:
+        safetensors.torch.save_file(state_dict, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
+        (folder / 'config.json').write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
+        (folder / 'README.md').write_text(card, encoding='utf-8')
+
+    out_dir = Path(out_dir)
+    _write_folder_atomically(out_dir, write, overwrite)
+    return out_dir
