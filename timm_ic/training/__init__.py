@@ -1,0 +1,23 @@
+"""Building blocks of the repository's `train.py`: data sets with input checks, atomic checkpoints, run records.
+
+`train.py` reads top to bottom like Accelerate's examples; what it needs beyond timm and Accelerate lives here.
+"""
+from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_train_state,
+    prune_checkpoints,
+    save_checkpoint,
+    save_weights,
+)
+from .data import BadImageError, CheckedImageDataset, DataError, build_datasets, check_num_classes
+from .recipes import RecipeError, list_recipes, load_recipe
+from .run_record import RUN_RECORD_SCHEMA, library_versions, write_json_atomic
+
+__all__ = [
+    'CHECKPOINT_PREFIX', 'find_latest_checkpoint', 'list_checkpoints', 'load_train_state', 'prune_checkpoints',
+    'save_checkpoint', 'save_weights', 'BadImageError', 'CheckedImageDataset', 'DataError', 'build_datasets',
+    'check_num_classes', 'RecipeError', 'list_recipes', 'load_recipe', 'RUN_RECORD_SCHEMA', 'library_versions',
+    'write_json_atomic',
+]

@@ -1,0 +1,235 @@
+"""Training and validation data sets for `train.py`, with input checks that fail fast and say how to fix things.
+
+Sources, all through `timm.data.create_dataset` except the embedded default:
+- nothing given: scikit-learn's bundled handwritten digits (`timm_ic.data.DigitsDataset`);
+- `--data-dir DIR`: an ImageNet-layout folder, `DIR/train/<class>/*.jpg` and `DIR/val/<class>/*.jpg`
+  (timm's split synonyms `training`, `validation`, `valid`, `eval` work too);
+- `--dataset hfds/NAME` (Hugging Face datasets, a Hub name or a local copy) and `--dataset wds/NAME`
+  (WebDataset shards under `--data-dir`).
+"""
+import logging
+import multiprocessing
+import os
+from typing import Callable, List, Optional, Tuple
+
+import torch.utils.data
+from PIL import Image
+from timm.data import ImageDataset, create_dataset
+from timm.data.readers.img_extensions import get_img_extensions
+
+_logger = logging.getLogger(__name__)
+
+_TRAIN_SPLIT_NAMES = ('train', 'training')
+_VAL_SPLIT_NAMES = ('val', 'validation', 'valid', 'eval', 'evaluation')
+
+
+class DataError(ValueError):
+    """The data given to `train.py` cannot be used; the message names the problem and the fix."""
+
+
+class BadImageError(RuntimeError):
+    """An image file could not be decoded and `--bad-images fail` is in force."""
+
+
+class CheckedImageDataset(torch.utils.data.Dataset):
+    """A timm `ImageDataset` whose unreadable images either stop the run or are skipped and counted.
+
+    timm's own `ImageDataset` silently moves on to the next sample; here `on_bad='fail'` raises
+    `BadImageError` naming the file, and `on_bad='skip'` substitutes the next readable sample and counts the
+    skip in a counter shared with data-loader worker processes (`skipped`).
+    """
+
+    def __init__(self, dataset: ImageDataset, on_bad: str = 'fail'):
+        if on_bad not in ('fail', 'skip'):
+            raise ValueError(f"on_bad must be 'fail' or 'skip', got {on_bad!r}")
+        self.dataset = dataset
+        self.on_bad = on_bad
+        # a process-shared integer so that skips inside DataLoader workers reach the main process
+        self._skipped = multiprocessing.get_context('fork').Value('l', 0)
+
+    @property
+    def skipped(self) -> int:
+        """How many unreadable-image reads were skipped so far (every epoch counts again)."""
+        return int(self._skipped.value)
+
+    @property
+    def transform(self) -> Optional[Callable]:
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform: Optional[Callable]) -> None:
+        self.dataset.transform = transform
+
+    @property
+    def reader(self):
+        return self.dataset.reader
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _load(self, index: int):
+        reader = self.dataset.reader
+        try:
+            fileobj, target = reader[index][:2]
+            img = Image.open(fileobj)
+            img = img.convert(self.dataset.input_img_mode or 'RGB')  # decodes the pixels: truncated files fail here
+            return img, target
+        except (OSError, ValueError, SyntaxError) as e:  # PIL reports bad files as OSError (UnidentifiedImageError)
+            name = reader.filename(index, absolute=True)
+            if self.on_bad == 'fail':
+                raise BadImageError(
+                    f'unreadable image {name}: {e}. Replace or delete the file, or pass --bad-images skip '
+                    f'to skip unreadable images (they are counted in run.json).') from e
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            _logger.warning(f'skipped unreadable image {name}: {e}')
+            return None
+
+    def __getitem__(self, index: int):
+        n = len(self.dataset.reader)
+        for attempt in range(n):
+            loaded = self._load((index + attempt) % n)
+            if loaded is not None:
+                break
+        else:
+            raise BadImageError('no image of the data set could be read')
+        img, target = loaded
+        if self.dataset.transform is not None:
+            img = self.dataset.transform(img)
+        if target is None:
+            target = -1
+        elif self.dataset.target_transform is not None:
+            target = self.dataset.target_transform(target)
+        return img, target
+
+
+def _find_split_dir(root: str, split: str, synonyms: Tuple[str, ...]) -> Optional[str]:
+    for name in (split,) + synonyms:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def _check_class_folders(split_dir: str) -> List[str]:
+    """Class folder names of an ImageNet-layout split folder; raises `DataError` on empty folders."""
+    extensions = get_img_extensions(as_set=True)
+    class_dirs = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
+    if not class_dirs:
+        raise DataError(
+            f'data folder {split_dir} has no class folders; it must hold one sub-folder per class with the images '
+            f'inside (e.g. {split_dir}/cat/1.jpg).')
+    empty = []
+    for name in class_dirs:
+        has_image = any(os.path.splitext(f)[1].lower() in extensions
+                        for _, _, files in os.walk(os.path.join(split_dir, name)) for f in files)
+        if not has_image:
+            empty.append(name)
+    if empty:
+        raise DataError(
+            f'class folder(s) with no images in {split_dir}: {", ".join(empty)}. Add images '
+            f'({", ".join(sorted(extensions))}) or remove the folder(s); an empty class would shift every label.')
+    return class_dirs
+
+
+def _check_folder(root: str, train_split: str, val_split: str) -> Tuple[str, str]:
+    if not os.path.exists(root):
+        raise DataError(
+            f'data folder {root} does not exist. Pass --data-dir DIR with DIR/train/<class>/*.jpg and '
+            f'DIR/val/<class>/*.jpg, or leave --data-dir out to train on the embedded digits.')
+    if not os.path.isdir(root):
+        raise DataError(f'--data-dir {root} is a file, not a folder.')
+    if not any(True for _ in os.scandir(root)):
+        raise DataError(f'data folder {root} is empty: it needs train/<class>/ and val/<class>/ image folders.')
+    train_dir = _find_split_dir(root, train_split, _TRAIN_SPLIT_NAMES)
+    val_dir = _find_split_dir(root, val_split, _VAL_SPLIT_NAMES)
+    if train_dir is None or val_dir is None:
+        missing = ' and '.join(n for n, d in (('train/', train_dir), ('val/', val_dir)) if d is None)
+        raise DataError(
+            f'data folder {root} has no {missing} folder; it needs train/<class>/ and val/<class>/ image folders '
+            f'(also accepted: {", ".join(_TRAIN_SPLIT_NAMES + _VAL_SPLIT_NAMES)}).')
+    train_classes = _check_class_folders(train_dir)
+    val_classes = _check_class_folders(val_dir)
+    unknown = sorted(set(val_classes) - set(train_classes))
+    if unknown:
+        raise DataError(
+            f'{val_dir} has class folder(s) that {train_dir} lacks: {", ".join(unknown)}. '
+            f'Both splits must use the same class names.')
+    return train_dir, val_dir
+
+
+def class_names_of(dataset: torch.utils.data.Dataset) -> Optional[List[str]]:
+    """Label names in index order, from the dataset's `classes` or its reader's `class_to_idx`."""
+    if getattr(dataset, 'classes', None) is not None:
+        return [str(c) for c in dataset.classes]
+    reader = getattr(dataset, 'reader', None)
+    class_to_idx = getattr(reader, 'class_to_idx', None) if reader is not None else None
+    if class_to_idx:
+        return [str(name) for name, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+    return None
+
+
+def build_datasets(
+        dataset: str = '',
+        data_dir: Optional[str] = None,
+        train_split: str = 'train',
+        val_split: str = 'validation',
+        input_img_mode: str = 'RGB',
+        bad_images: str = 'fail',
+        seed: int = 42,
+        batch_size: int = 1,
+) -> Tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, Optional[List[str]]]:
+    """Train and validation data sets (transforms unset) and the label names, checking the input first."""
+    name = dataset or ''
+    if name in ('', 'digits') and not data_dir:
+        from timm_ic.data import DigitsDataset
+        train_ds, val_ds = DigitsDataset('train'), DigitsDataset('val')
+        return train_ds, val_ds, list(train_ds.classes)
+
+    prefix = name.partition('/')[0].lower() if '/' in name else ''
+    if prefix in ('', 'folder'):
+        if not data_dir:
+            raise DataError('--dataset folder needs --data-dir DIR (with train/ and val/ class folders).')
+        train_dir, val_dir = _check_folder(data_dir, train_split, val_split)
+        train_ds = create_dataset('', root=train_dir, split='train', search_split=False,
+                                  input_img_mode=input_img_mode)
+        # the validation labels must use the training folder's class indices, even if a class is absent there
+        val_ds = create_dataset('', root=val_dir, split='validation', search_split=False,
+                                class_map=dict(train_ds.reader.class_to_idx), input_img_mode=input_img_mode)
+    elif prefix == 'hfds':
+        train_ds = create_dataset(name, root=data_dir, split=train_split, input_img_mode=input_img_mode)
+        val_ds = create_dataset(name, root=data_dir, split=val_split, input_img_mode=input_img_mode)
+    elif prefix == 'wds':
+        if not data_dir:
+            raise DataError(f'--dataset {name} needs --data-dir pointing at the folder with the .tar shards.')
+        # is_training shuffles shards and samples; the seed keeps every process on the same shard order
+        train_ds = create_dataset(name, root=data_dir, split=train_split, is_training=True, seed=seed,
+                                  batch_size=batch_size, input_img_mode=input_img_mode)
+        val_ds = create_dataset(name, root=data_dir, split=val_split, batch_size=batch_size,
+                                input_img_mode=input_img_mode)
+    else:
+        raise DataError(
+            f'unknown --dataset {name!r}: use digits (the default), folder (with --data-dir), hfds/NAME '
+            f'(Hugging Face datasets, a Hub name or local folder) or wds/NAME (WebDataset shards in --data-dir).')
+
+    if isinstance(train_ds, ImageDataset):
+        if len(train_ds) == 0 or len(val_ds) == 0:
+            raise DataError(f'the {"training" if len(train_ds) == 0 else "validation"} split of {name or data_dir} '
+                            f'has no samples.')
+        train_ds = CheckedImageDataset(train_ds, bad_images)
+        val_ds = CheckedImageDataset(val_ds, bad_images)
+    return train_ds, val_ds, class_names_of(train_ds)
+
+
+def check_num_classes(requested: Optional[int], label_names: Optional[List[str]], source: str) -> int:
+    """The number of classes to build the model with: the data set's, which `--num-classes` must agree with."""
+    if label_names is None:
+        if requested is None:
+            raise DataError(f'the number of classes of {source} is not known; pass --num-classes N.')
+        return requested
+    if requested is not None and requested != len(label_names):
+        shown = ', '.join(label_names[:10]) + (', ...' if len(label_names) > 10 else '')
+        raise DataError(
+            f'--num-classes {requested} does not match the data: {source} has {len(label_names)} classes '
+            f'({shown}). Drop --num-classes to use the data\'s count.')
+    return len(label_names)

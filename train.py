@@ -1,0 +1,650 @@
+#!/usr/bin/env python3
+"""Train a timm model (ours or timm's) with Hugging Face Accelerate: one CPU, one GPU, many GPUs, many nodes.
+
+    python train.py                                   # embedded digits, ic_resnet20, a few minutes on CPU
+    python train.py --recipe cifar_resnet110 --data-dir /data/cifar10 --output runs/r110
+    python train.py --model ic_resnet50 --data-dir /data/imagenet --recipe imagenet_resnet50 --mixed-precision bf16
+    accelerate launch --multi_gpu --num_processes 8 train.py --recipe imagenet_resnet50 --data-dir /data/imagenet
+    python train.py --output runs/r110 --resume auto  # continue a run, mid-epoch included
+
+Options come from three places, later ones winning: this script's defaults, a `--recipe` (a bundled name from
+`timm_ic/recipes/` or a YAML file), flags given on the command line. With no data argument and no recipe the
+`digits_demo` recipe is used. `--batch-size` is per process: the global batch is
+batch_size x processes x grad_accum_steps.
+
+Output folder (`--output`, default `output/train/<date-time>-<model>-<data>`), written by the main process:
+    checkpoints/checkpoint-<updates>/   Accelerate state + train_state.json; atomic, newest --checkpoint-limit kept
+    last.safetensors, best.safetensors  weights of the evaluated model (the EMA when --ema-decay > 0), atomic
+    summary.csv                         one row per epoch (timm.utils.update_summary)
+    run.json                            the run record below, rewritten atomically after every epoch
+    logs/                               tracker output with --log-with (tensorboard, wandb, ...)
+
+run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus best.safetensors into a card:
+    schema, status            "running" | "finished" | "stopped: non-finite loss"
+    model                     timm model name given to timm.create_model
+    placement                 str(model.placement) for timm-ic models, else null
+    model_args                kwargs for timm.create_model besides the name (num_classes, in_chans, placement, ...)
+    num_classes, in_chans, label_names (index order, or null)
+    pretrained_cfg            the model's pretrained_cfg (dict)
+    data_config               resolved input_size, interpolation, mean, std, crop_pct, crop_mode
+    dataset                   {name, data_dir, train_split, val_split, train_samples, val_samples}
+    recipe                    {name, path, values} or null; values include notes such as `_source`, `_unknown`
+    args                      every resolved option of this script
+    versions                  {python, torch, timm, accelerate, timm_ic}
+    distributed               {world_size, distributed_type, mixed_precision, device,
+                               train_samples_per_rank (list, summed over this run's epochs)}
+    epochs                    list of {epoch (1-based), train_loss, lr, eval_loss, eval_top1, eval_top5 (percent),
+                               eval_samples, train_img_per_s, epoch_time_s, train_samples_per_rank}
+    best                      {epoch, eval_top1, eval_top5, eval_loss} of the best eval_top1, or null
+    weights                   {best, last} file names, ema (bool)
+    skipped_images            unreadable-image reads skipped with --bad-images skip
+    started_at, updated_at    UTC ISO times
+"""
+import argparse
+import difflib
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy, update_summary
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+import timm_ic  # registers the timm-ic models with timm
+from timm_ic.training import (
+    RUN_RECORD_SCHEMA, DataError, RecipeError, build_datasets, check_num_classes, find_latest_checkpoint,
+    library_versions, list_recipes, load_recipe, load_train_state, save_checkpoint, save_weights, write_json_atomic,
+)
+from timm_ic.training.checkpoint import TRAIN_STATE_FILE
+from timm_ic.training.data import BadImageError
+from timm_ic.training.recipes import recipe_path
+
+DEFAULT_RECIPE = 'digits_demo'
+
+
+class UsageError(ValueError):
+    """An option value that cannot work; the message says which and how to fix it."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--recipe', default=None,
+                        help=f'named recipe ({", ".join(list_recipes())}) or a YAML file; flags override it')
+
+    group = parser.add_argument_group('data')
+    group.add_argument('--data-dir', default=None, help='ImageNet-layout folder (train/ and val/ class folders), '
+                       'or the root of hfds/ caches and wds/ shards; none: the embedded digits')
+    group.add_argument('--dataset', default='', help='digits | folder | hfds/NAME | wds/NAME')
+    group.add_argument('--train-split', default='train')
+    group.add_argument('--val-split', default='validation')
+    group.add_argument('--bad-images', choices=('fail', 'skip'), default='fail',
+                       help='on an unreadable image: stop with its name, or skip it and count it')
+    group.add_argument('--workers', type=int, default=4, help='data-loading worker processes per process')
+    group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
+    group.add_argument('--img-size', type=int, default=None)
+    group.add_argument('--crop-pct', type=float, default=None)
+    group.add_argument('--mean', type=float, nargs='+', default=None)
+    group.add_argument('--std', type=float, nargs='+', default=None)
+    group.add_argument('--interpolation', default=None)
+
+    group = parser.add_argument_group('augmentation and regularisation')
+    group.add_argument('--no-aug', action='store_true')
+    group.add_argument('--scale', type=float, nargs=2, default=None, help='random-resized-crop area range')
+    group.add_argument('--ratio', type=float, nargs=2, default=None, help='random-resized-crop aspect range')
+    group.add_argument('--hflip', type=float, default=0.5)
+    group.add_argument('--vflip', type=float, default=0.0)
+    group.add_argument('--color-jitter', type=float, default=0.4)
+    group.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5')
+    group.add_argument('--reprob', type=float, default=0.0, help='random-erasing probability')
+    group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+    group.add_argument('--mixup', type=float, default=0.0, help='Mixup alpha (0: off)')
+    group.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off)')
+    group.add_argument('--mixup-prob', type=float, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'))
+    group.add_argument('--drop-rate', type=float, default=None, help="the model's drop_rate kwarg")
+    group.add_argument('--ema-decay', type=float, default=0.0, help='ModelEmaV3 decay (0: no EMA)')
+
+    group = parser.add_argument_group('model')
+    group.add_argument('--model', default='ic_resnet20', help='any timm model name, timm-ic ones included')
+    group.add_argument('--placement', default=None, help="timm-ic placement, e.g. 'ic:drop=uout,beta=0.1'")
+    group.add_argument('--pretrained', action='store_true', help='start from the Hub weights of --model')
+    group.add_argument('--initial-weights', default=None, help='start from this .safetensors file')
+    group.add_argument('--num-classes', type=int, default=None,
+                       help='must match the data; with --pretrained the classifier is re-initialised')
+    group.add_argument('--in-chans', type=int, default=None, help='default: 1 for the digits, else 3')
+
+    group = parser.add_argument_group('optimisation')
+    group.add_argument('--epochs', type=int, default=10)
+    group.add_argument('--batch-size', type=int, default=128, help='per process')
+    group.add_argument('--grad-accum-steps', type=int, default=1)
+    group.add_argument('--opt', default='sgd', help="timm optimizer: sgd (Nesterov), momentum, adamw, ...")
+    group.add_argument('--lr', type=float, default=0.1)
+    group.add_argument('--momentum', type=float, default=0.9)
+    group.add_argument('--weight-decay', type=float, default=1e-4)
+    group.add_argument('--clip-grad', type=float, default=None, help='gradient-norm clipping (off by default)')
+    group.add_argument('--sched', default='cosine', help='timm scheduler: cosine, step, multistep, ...')
+    group.add_argument('--warmup-epochs', type=float, default=0)
+    group.add_argument('--warmup-lr', type=float, default=1e-5)
+    group.add_argument('--min-lr', type=float, default=0.0)
+    group.add_argument('--decay-epochs', type=float, default=None, help="'step': decay every this many epochs")
+    group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270], help="'multistep'")
+    group.add_argument('--decay-rate', type=float, default=0.1)
+
+    group = parser.add_argument_group('hardware')
+    group.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16', 'fp8'), default=None,
+                       help="default: accelerate config's")
+    group.add_argument('--channels-last', action='store_true')
+    group.add_argument('--compile', action='store_true', help='torch.compile (inductor) via Accelerate')
+    group.add_argument('--sync-bn', action='store_true', help='synchronise BatchNorm statistics across processes')
+    group.add_argument('--cpu', action='store_true', help='run on CPU even if a GPU is there (torchrun + gloo)')
+    group.add_argument('--seed', type=int, default=42)
+
+    group = parser.add_argument_group('output, checkpoints and logging')
+    group.add_argument('--output', default=None, help='output folder')
+    group.add_argument('--resume', default=None,
+                       help="'auto' (latest checkpoint in --output, if any) or a checkpoint / output folder")
+    group.add_argument('--checkpoint-every', type=int, default=0,
+                       help='also checkpoint every N optimizer updates (0: at epoch ends only)')
+    group.add_argument('--checkpoint-limit', type=int, default=3, help='checkpoints kept')
+    group.add_argument('--log-with', default=None, help='Accelerate trackers: tensorboard, wandb, all, ...')
+    group.add_argument('--log-interval', type=int, default=20, help='progress-bar updates every N batches')
+    group.add_argument('--limit-train-batches', type=int, default=None, help='at most N batches per epoch')
+    group.add_argument('--push-to-hub', default=None, metavar='REPO',
+                       help='at the end, upload best weights and a model card (timm_ic.hub.push_run)')
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Defaults, then the recipe, then explicit flags. Adds `recipe_values` (the recipe as read) to the result."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)  # to find the recipe and whether any data was given
+    recipe = first.recipe
+    if recipe is None and not first.data_dir and first.dataset in ('', 'digits'):
+        recipe = DEFAULT_RECIPE
+    recipe_values = None
+    if recipe is not None:
+        dests = {a.dest for a in parser._actions if a.dest not in ('help', 'recipe')}
+        recipe_values = load_recipe(recipe, valid_keys=dests)
+        parser.set_defaults(**{k: v for k, v in recipe_values.items() if not k.startswith('_')})
+    args = parser.parse_args(argv)
+    args.recipe = recipe
+    args.recipe_values = recipe_values
+    return args
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a model name timm does not know, listing close matches."""
+    if timm.is_model(name) or name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+    hint = f' Close matches: {", ".join(close)}.' if close else ''
+    raise UsageError(f'unknown model {name!r}.{hint} List them all with '
+                     f'python -c "import timm, timm_ic; print(timm.list_models(\'*resnet*\'))".')
+
+
+def create_model(args: argparse.Namespace, num_classes: int, in_chans: int, log: Callable[[str], None]) -> nn.Module:
+    """`timm.create_model` with the command line's options; `--placement` reaches timm-ic models as a kwarg."""
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans)
+    if args.drop_rate is not None:
+        kwargs['drop_rate'] = args.drop_rate
+    pretrained = args.pretrained or bool(args.initial_weights)
+    if args.initial_weights:
+        if not args.initial_weights.endswith('.safetensors') or not os.path.isfile(args.initial_weights):
+            raise UsageError(f'--initial-weights {args.initial_weights}: give an existing .safetensors file.')
+        kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(args.initial_weights))
+    if args.placement is not None:
+        kwargs['placement'] = args.placement
+    try:
+        model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        if 'placement' not in str(e):
+            raise
+        raise UsageError(f'--placement works with timm-ic models (ic_*, cifar_*, kim_*, uout_*), not with '
+                         f'{args.model!r}; for timm models use timm_ic.rewrite(model, placement) in Python.') from e
+    if pretrained:
+        source_classes = model.pretrained_cfg.get('num_classes')
+        if source_classes and source_classes != num_classes:
+            log(f'fine-tuning: the classifier is re-initialised for {num_classes} classes '
+                f'(the pretrained weights have {source_classes}).')
+    model_args = {k: v for k, v in kwargs.items() if k != 'pretrained_cfg_overlay'}
+    model.run_model_args = model_args  # for the run record
+    return model
+
+
+def resolve_transforms(args: argparse.Namespace, model: nn.Module, in_chans: int) -> Tuple[Dict, Callable, Callable]:
+    """Data config from the model's pretrained_cfg and the options, then timm's train / eval transforms."""
+    overrides = {k: getattr(args, k) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')}
+    overrides['in_chans'] = in_chans
+    cfg = model.pretrained_cfg
+    for key in ('mean', 'std'):  # a grey-scale input with a colour model's statistics: use their average
+        if overrides[key] is None and len(cfg.get(key) or ()) not in (0, in_chans):
+            overrides[key] = [sum(cfg[key]) / len(cfg[key])]
+    data_config = resolve_data_config(overrides, model=model)
+    if data_config['input_size'][0] != in_chans:
+        raise UsageError(f'--input-size has {data_config["input_size"][0]} channels but the model takes {in_chans}.')
+    train_kwargs: Dict[str, Any] = dict(
+        is_training=True, no_aug=args.no_aug, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, re_prob=args.reprob)
+    if args.scale is not None:
+        train_kwargs['scale'] = tuple(args.scale)
+    if args.ratio is not None:
+        train_kwargs['ratio'] = tuple(args.ratio)
+    train_transform = create_transform(**data_config, **train_kwargs)
+    eval_transform = create_transform(**data_config, is_training=False)
+    return data_config, train_transform, eval_transform
+
+
+def train_one_epoch(
+        epoch: int,
+        model: nn.Module,
+        loader: DataLoader,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: nn.Module,
+        accelerator: Accelerator,
+        lr_scheduler,
+        num_updates: int,
+        num_batches: int,
+        start_batch: int = 0,
+        mixup_fn: Optional[Mixup] = None,
+        model_ema: Optional[ModelEmaV3] = None,
+        clip_grad: Optional[float] = None,
+        channels_last: bool = False,
+        log_interval: int = 20,
+        on_update: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+        desc: str = '',
+) -> Tuple[Dict[str, float], int]:
+    """One pass over `loader` (at most `num_batches` batches, the first `start_batch` already done).
+
+    Returns the epoch's metrics and the new optimizer-update count. `on_update(num_updates, batches_done,
+    nonfinite)` runs after every optimizer update (checkpointing); `nonfinite` counts non-finite losses so far.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    nonfinite = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    samples = 0
+    batches_done = start_batch
+    bar = tqdm(total=num_batches, initial=start_batch, desc=desc, dynamic_ncols=True, leave=False,
+               mininterval=1.0, disable=not accelerator.is_local_main_process)
+    start = time.perf_counter()
+    for inputs, targets in loader:
+        if batches_done >= num_batches:
+            break
+        if mixup_fn is not None:
+            inputs, targets = mixup_fn(inputs, targets)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model):
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+            accelerator.backward(loss)
+            if clip_grad is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        loss_sum += loss
+        nonfinite += ~torch.isfinite(loss)  # no host sync here: checked at log intervals and before saving
+        samples += inputs.shape[0]
+        batches_done += 1
+        if accelerator.sync_gradients:
+            num_updates += 1
+            lr_scheduler.step_update(num_updates=num_updates)
+            if model_ema is not None:
+                model_ema.update(accelerator.unwrap_model(model), step=num_updates)
+            if on_update is not None:
+                on_update(num_updates, batches_done, nonfinite)
+        bar.update(1)
+        if batches_done % log_interval == 0 or batches_done == num_batches:
+            check_finite(accelerator, nonfinite, loss, epoch, num_updates)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
+                            img_s=f'{samples * accelerator.num_processes / max(elapsed, 1e-9):.0f}', refresh=False)
+    elapsed = time.perf_counter() - start
+    bar.close()
+    check_finite(accelerator, nonfinite, loss_sum, epoch, num_updates)
+    done = max(batches_done - start_batch, 1)
+    metrics = {
+        'loss': accelerator.reduce(loss_sum / done, reduction='mean').item(),
+        'img_per_s': samples * accelerator.num_processes / max(elapsed, 1e-9),
+        'samples': samples,
+        'time_s': elapsed,
+    }
+    return metrics, num_updates
+
+
+def check_finite(accelerator: Accelerator, nonfinite: torch.Tensor, loss: torch.Tensor, epoch: int,
+                 num_updates: int) -> None:
+    """Raise `NonFiniteLossError` if any process has seen a non-finite loss (all processes agree)."""
+    if accelerator.reduce(nonfinite.clone(), reduction='sum').item() > 0:
+        raise NonFiniteLossError(
+            f'the training loss became non-finite (epoch {epoch + 1}, optimizer update {num_updates}); '
+            f'training stopped. Lower --lr, set --clip-grad (e.g. 1.0), or use bf16 instead of fp16, '
+            f'then continue from the last good checkpoint with --resume auto.')
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num_classes: int) -> Dict[str, float]:
+    """Top-1, top-5 (percent) and mean cross-entropy over the whole validation set, gathered from all processes."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, top-1 hits, top-5 hits, n
+    top_k = (1, min(5, num_classes))
+    for inputs, targets in loader:
+        outputs = model(inputs)
+        # gather_for_metrics drops the samples duplicated to even out the last batch across processes
+        outputs, targets = accelerator.gather_for_metrics((outputs, targets))
+        n = targets.shape[0]
+        top1, top5 = accuracy(outputs, targets, topk=top_k)
+        totals += torch.stack([F.cross_entropy(outputs.float(), targets, reduction='sum').double(),
+                               top1.double() * n / 100, top5.double() * n / 100,
+                               torch.tensor(n, dtype=torch.float64, device=totals.device)])
+    loss_sum, hits1, hits5, n = totals.tolist()
+    n = max(n, 1)
+    return {'loss': loss_sum / n, 'top1': 100 * hits1 / n, 'top5': 100 * hits5 / n, 'samples': int(n)}
+
+
+def write_summary_csv(path: Path, history: List[Dict[str, Any]]) -> None:
+    """summary.csv rebuilt from the run's history with timm's `update_summary`, then swapped in atomically."""
+    tmp = path.with_name(f'.tmp-{path.name}')
+    tmp.unlink(missing_ok=True)
+    for i, row in enumerate(history):
+        update_summary(row['epoch'], {'loss': row['train_loss']},
+                       {'loss': row['eval_loss'], 'top1': row['eval_top1'], 'top5': row['eval_top5']},
+                       filename=str(tmp), lr=row['lr'], write_header=i == 0)
+    if history:
+        os.replace(tmp, path)
+
+
+def resolve_output_and_resume(args: argparse.Namespace, state: PartialState) -> Tuple[Path, Optional[Path]]:
+    """The output folder (the same on every process) and the checkpoint to resume from, if any."""
+    resume_from = None
+    output = args.output
+    if args.resume not in (None, 'auto'):
+        given = Path(args.resume)
+        if (given / TRAIN_STATE_FILE).is_file():
+            resume_from = given
+        else:
+            resume_from = find_latest_checkpoint(given / 'checkpoints')
+            if resume_from is None:
+                raise UsageError(f'--resume {given}: no checkpoint there (looked for {TRAIN_STATE_FILE} in it '
+                                 f'and for checkpoints/checkpoint-* under it).')
+        if output is None:
+            output = str(resume_from.parent.parent)
+    elif args.resume == 'auto':
+        if output is None:
+            raise UsageError('--resume auto needs --output DIR, the folder of the run to continue.')
+        resume_from = find_latest_checkpoint(Path(output) / 'checkpoints')
+    if output is None:
+        data_name = (args.dataset or ('folder' if args.data_dir else 'digits')).replace('/', '-')
+        stamp = [datetime.now().strftime('%Y%m%d-%H%M%S')]
+        broadcast_object_list(stamp)  # every process must agree on the folder name
+        output = os.path.join('output', 'train', f'{stamp[0]}-{args.model.replace("/", "-")}-{data_name}')
+    output_dir = Path(output)
+    if resume_from is None and args.resume is None and find_latest_checkpoint(output_dir / 'checkpoints'):
+        raise UsageError(f'{output_dir} already holds checkpoints of a run: pass --resume auto to continue it, '
+                         f'or choose another --output.')
+    return output_dir, resume_from
+
+
+def tracker_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """Options as scalars, which is what every tracker accepts as hyper-parameters."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
+            if k != 'recipe_values'}
+
+
+def training_function(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train and evaluate as the options say; returns the run record (also written to run.json)."""
+    started_at = datetime.now(timezone.utc).isoformat(timespec='seconds')
+    if args.push_to_hub:  # fail before training, not after it
+        try:
+            from timm_ic.hub import push_run  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f'--push-to-hub needs timm_ic.hub.push_run, which this installation lacks ({e}).') from e
+    check_model_name(args.model)
+    if args.grad_accum_steps < 1 or args.batch_size < 1 or args.epochs < 1:
+        raise UsageError('--batch-size, --epochs and --grad-accum-steps must be at least 1.')
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise UsageError(f'Mixup/CutMix pair samples within a batch: --batch-size must be even, not {args.batch_size}.')
+
+    state = PartialState(cpu=args.cpu)  # the process group exists before the Accelerator: output name agreement
+    output_dir, resume_from = resolve_output_and_resume(args, state)
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        log_with=args.log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / 'logs')),
+        # the shuffle order is a function of (seed, epoch): a resumed run sees exactly the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dynamo_backend='inductor' if args.compile else None,
+        step_scheduler_with_optimizer=False,  # timm schedulers are stepped by hand, per optimizer update
+    )
+    log = accelerator.print
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # data
+    default_chans = 1 if (not args.data_dir and args.dataset in ('', 'digits')) else 3
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else default_chans)
+    img_modes = {1: 'L', 3: 'RGB', 4: 'RGBA'}
+    if in_chans not in img_modes:
+        raise UsageError(f'--in-chans {in_chans}: images can be read with 1, 3 or 4 channels.')
+    train_ds, val_ds, label_names = build_datasets(
+        args.dataset, args.data_dir, args.train_split, args.val_split, input_img_mode=img_modes[in_chans],
+        bad_images=args.bad_images, seed=args.seed, batch_size=args.batch_size)
+    source = args.dataset or args.data_dir or 'digits'
+    num_classes = check_num_classes(args.num_classes, label_names, source)
+
+    # model
+    model = create_model(args, num_classes, in_chans, log)
+    data_config, train_ds.transform, val_ds.transform = resolve_transforms(args, model, in_chans)
+    if args.sync_bn and accelerator.num_processes > 1:
+        model = timm.layers.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    iterable = isinstance(train_ds, IterableDataset)
+    loader_generator = torch.Generator().manual_seed(args.seed)  # keeps loader seeding off the global RNG
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=not iterable, drop_last=True,
+                              num_workers=args.workers, persistent_workers=args.workers > 0,
+                              pin_memory=accelerator.device.type == 'cuda', generator=loader_generator)
+    val_loader = DataLoader(val_ds, batch_size=2 * args.batch_size, shuffle=False, num_workers=args.workers,
+                            persistent_workers=args.workers > 0, pin_memory=accelerator.device.type == 'cuda',
+                            generator=torch.Generator().manual_seed(args.seed))
+
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if len(train_loader) == 0:
+        raise DataError(f'the training split has fewer samples than one batch per process '
+                        f'({args.batch_size} x {accelerator.num_processes}); lower --batch-size.')
+    num_batches = min(len(train_loader), args.limit_train_batches or len(train_loader))
+    updates_per_epoch = math.ceil(num_batches / args.grad_accum_steps)
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    model_ema = None
+    if args.ema_decay > 0:
+        model_ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.ema_decay)
+        accelerator.register_for_checkpointing(model_ema)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+        train_loss_fn: nn.Module = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = nn.CrossEntropyLoss()
+
+    # where we start: a checkpoint's epoch and batch, or the beginning
+    progress: Dict[str, Any] = {'epoch': 0, 'batches_done': 0, 'num_updates': 0, 'history': [], 'best': None,
+                                'samples_per_rank': [0] * accelerator.num_processes}
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        progress.update(load_train_state(resume_from))
+        log(f'resuming from {resume_from} (epoch {progress["epoch"] + 1}, batch {progress["batches_done"]}, '
+            f'{progress["num_updates"]} updates done)')
+    elif args.resume == 'auto':
+        log(f'--resume auto: no checkpoint in {output_dir / "checkpoints"}, starting from scratch')
+    num_updates = progress['num_updates']
+    lr_scheduler.step_update(num_updates=num_updates)
+
+    if accelerator.is_main_process:
+        log(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
+            f'{num_classes} classes, input {tuple(data_config["input_size"])}; data {source}: '
+            f'{len(train_ds) if not iterable else "?"} train / {len(val_ds) if not iterable else "?"} val; '
+            f'{accelerator.num_processes} process(es) on {accelerator.device}, '
+            f'mixed precision {accelerator.mixed_precision}; output {output_dir}')
+    accelerator.init_trackers('timm_ic', config=tracker_config(args))
+
+    unwrapped = accelerator.unwrap_model(model)
+    eval_model = model_ema if model_ema is not None else model
+    checkpoint_dir = output_dir / 'checkpoints'
+    placement = getattr(unwrapped, 'placement', None)
+    record: Dict[str, Any] = {
+        'schema': RUN_RECORD_SCHEMA,
+        'status': 'running',
+        'model': args.model,
+        'placement': str(placement) if placement is not None else None,
+        'model_args': getattr(unwrapped, 'run_model_args', {}),
+        'num_classes': num_classes,
+        'in_chans': in_chans,
+        'label_names': label_names,
+        'pretrained_cfg': dict(getattr(unwrapped, 'pretrained_cfg', {}) or {}),
+        'data_config': data_config,
+        'dataset': {'name': args.dataset or ('folder' if args.data_dir else 'digits'), 'data_dir': args.data_dir,
+                    'train_split': args.train_split, 'val_split': args.val_split,
+                    'train_samples': None if iterable else len(train_ds),
+                    'val_samples': None if iterable else len(val_ds)},
+        'recipe': None if args.recipe is None else {'name': args.recipe, 'path': recipe_path(args.recipe),
+                                                     'values': args.recipe_values},
+        'args': {k: v for k, v in vars(args).items() if k != 'recipe_values'},
+        'versions': library_versions(),
+        'distributed': {'world_size': accelerator.num_processes,
+                        'distributed_type': accelerator.distributed_type.value,
+                        'mixed_precision': accelerator.mixed_precision, 'device': str(accelerator.device)},
+        'weights': {'best': 'best.safetensors', 'last': 'last.safetensors', 'ema': model_ema is not None},
+        'started_at': started_at,
+    }
+
+    def write_record(status: str) -> None:
+        if not accelerator.is_main_process:
+            return
+        record.update(status=status, epochs=progress['history'], best=progress['best'],
+                      skipped_images=getattr(train_ds, 'skipped', 0) + getattr(val_ds, 'skipped', 0),
+                      updated_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
+        record['distributed']['train_samples_per_rank'] = progress['samples_per_rank']
+        write_json_atomic(output_dir / 'run.json', record)
+
+    def checkpoint(epoch: int, batches_done: int) -> Path:
+        state = {k: progress[k] for k in ('history', 'best', 'samples_per_rank')}
+        state.update(epoch=epoch, batches_done=batches_done, num_updates=num_updates)
+        return save_checkpoint(accelerator, checkpoint_dir, num_updates, state, keep=args.checkpoint_limit)
+
+    try:
+        for epoch in range(progress['epoch'], args.epochs):
+            train_loader.set_epoch(epoch)
+            start_batch = progress['batches_done'] if epoch == progress['epoch'] else 0
+            loader = accelerator.skip_first_batches(train_loader, start_batch) if start_batch else train_loader
+
+            def on_update(updates: int, batches_done: int, nonfinite: torch.Tensor, epoch: int = epoch) -> None:
+                nonlocal num_updates
+                num_updates = updates
+                if args.checkpoint_every and updates % args.checkpoint_every == 0 and batches_done < num_batches:
+                    check_finite(accelerator, nonfinite, nonfinite, epoch, updates)  # never save a broken model
+                    checkpoint(epoch, batches_done)
+
+            train_metrics, num_updates = train_one_epoch(
+                epoch, model, loader, optimizer, train_loss_fn, accelerator, lr_scheduler, num_updates,
+                num_batches, start_batch=start_batch, mixup_fn=mixup_fn, model_ema=model_ema,
+                clip_grad=args.clip_grad, channels_last=args.channels_last, log_interval=args.log_interval,
+                on_update=on_update, desc=f'epoch {epoch + 1}/{args.epochs}')
+            lr_scheduler.step(epoch + 1)
+            eval_metrics = evaluate(eval_model, val_loader, accelerator, num_classes)
+            ranks = accelerator.gather(torch.tensor([train_metrics['samples']], device=accelerator.device)).tolist()
+            progress['samples_per_rank'] = [a + b for a, b in zip(progress['samples_per_rank'], ranks)]
+            lr = optimizer.param_groups[0]['lr']
+            row = {'epoch': epoch + 1, 'train_loss': train_metrics['loss'], 'lr': lr,
+                   'eval_loss': eval_metrics['loss'], 'eval_top1': eval_metrics['top1'],
+                   'eval_top5': eval_metrics['top5'], 'eval_samples': eval_metrics['samples'],
+                   'train_img_per_s': train_metrics['img_per_s'], 'epoch_time_s': train_metrics['time_s'],
+                   'train_samples_per_rank': ranks}
+            progress['history'].append(row)
+            is_best = progress['best'] is None or row['eval_top1'] > progress['best']['eval_top1']
+            if is_best:
+                progress['best'] = {k: row[k] for k in ('epoch', 'eval_top1', 'eval_top5', 'eval_loss')}
+            log(f'epoch {epoch + 1}/{args.epochs}  train_loss {row["train_loss"]:.4f}  '
+                f'val_loss {row["eval_loss"]:.4f}  top1 {row["eval_top1"]:.2f}  top5 {row["eval_top5"]:.2f}  '
+                f'lr {lr:.3g}  {row["train_img_per_s"]:.0f} img/s  {row["epoch_time_s"]:.1f}s'
+                f'{"  *best" if is_best else ""}')
+            accelerator.log({'train/loss': row['train_loss'], 'train/lr': lr, 'eval/loss': row['eval_loss'],
+                             'eval/top1': row['eval_top1'], 'eval/top5': row['eval_top5']}, step=num_updates)
+
+            weights = accelerator.get_state_dict(eval_model.module if model_ema is not None else model)
+            if accelerator.is_main_process:
+                metadata = {'format': 'pt', 'model': args.model, 'epoch': str(epoch + 1)}
+                save_weights(weights, output_dir / 'last.safetensors', metadata)
+                if is_best:
+                    save_weights(weights, output_dir / 'best.safetensors', metadata)
+                write_summary_csv(output_dir / 'summary.csv', progress['history'])
+            progress.update(epoch=epoch + 1, batches_done=0)
+            checkpoint(epoch + 1, 0)
+            write_record('running')
+    except NonFiniteLossError:
+        write_record('stopped: non-finite loss')
+        accelerator.end_training()
+        raise
+
+    write_record('finished')
+    accelerator.end_training()
+    best = progress['best']
+    if best is not None:
+        log(f'done: best top1 {best["eval_top1"]:.2f} (epoch {best["epoch"]}); weights, checkpoints and '
+            f'run.json in {output_dir}')
+    if args.push_to_hub and accelerator.is_main_process:
+        from timm_ic.hub import push_run
+        push_run(str(output_dir), args.push_to_hub)
+    return record
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = parse_args(argv)
+        training_function(args)
+    except (UsageError, DataError, RecipeError, BadImageError) as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
