@@ -73,14 +73,14 @@ def timm_resnet_skeleton(layers: Sequence[int], bottleneck: bool, in_chans: int 
     return extract_skeleton(source)[0]
 
 
-def _create_cifar(variant: str, pretrained: bool, placement: str, skeleton_fn, **kwargs) -> PlacedNet:
-    return create_placed_model(variant, pretrained, skeleton_fn, placement, num_stages=3,
+def _create_cifar(variant: str, pretrained: bool, default_placement: str, skeleton_fn, **kwargs) -> PlacedNet:
+    return create_placed_model(variant, pretrained, skeleton_fn, default_placement, num_stages=3,
                                feature_input_size=(32, 32), **kwargs)
 
 
-def _create_imagenet(variant: str, pretrained: bool, placement: str, layers, bottleneck: bool, **kwargs) -> PlacedNet:
+def _create_imagenet(variant: str, pretrained: bool, default_placement: str, layers, bottleneck: bool, **kwargs) -> PlacedNet:
     skeleton_fn = partial(timm_resnet_skeleton, layers, bottleneck)
-    return create_placed_model(variant, pretrained, skeleton_fn, placement, num_stages=4,
+    return create_placed_model(variant, pretrained, skeleton_fn, default_placement, num_stages=4,
                                feature_input_size=(224, 224), **kwargs)
 
 

@@ -115,13 +115,14 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        first = self.units[0]
-        x = first.pre(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(x if self.preact else shortcut)
-        x = first.post(first.conv(x))
-        for unit in self.units[1:]:
-            x = unit(x)
+        for i, unit in enumerate(self.units):
+            if i == 0:  # the projection branches off inside the first unit
+                x = unit.pre(x)
+                if self.downsample is not None:
+                    shortcut = self.downsample(x if self.preact else shortcut)
+                x = unit.post(unit.conv(x))
+            else:
+                x = unit(x)
         x = self.drop_path(self.attn(x))
         return self.act(x + shortcut)
 
@@ -179,7 +180,7 @@ class PlacedNet(nn.Module):
         self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type=global_pool)
         self.head_drop = nn.Dropout(self.drop_rate) if after and self.drop_rate else nn.Identity()
         self.head_hidden_size = num_features * self.global_pool.feat_mult()
-        self.feature_info: List[Dict] = []  # filled by build_placed_net from a dry run
+        self.feature_info = []  # filled by build_placed_net from a dry run
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
@@ -488,7 +489,7 @@ def create_placed_model(
         variant: str,
         pretrained: bool,
         skeleton_fn: Callable[..., Skeleton],
-        placement: Union[Placement, str],
+        default_placement: Union[Placement, str],
         num_stages: int,
         feature_input_size: Tuple[int, int],
         **kwargs,
@@ -499,7 +500,7 @@ def create_placed_model(
     out_indices, pretrained_cfg_overlay) plus `placement=` (a Placement or its string) and skeleton options.
     """
     from timm.models import build_model_with_cfg
-    placement = kwargs.pop('placement', None) or placement
+    placement = kwargs.pop('placement', None) or default_placement
     return build_model_with_cfg(
         _build_from_skeleton, variant, pretrained,
         feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_stages + 1))),

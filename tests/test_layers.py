@@ -1,0 +1,171 @@
+"""Layers: the papers' formulas measured on synthetic data, plus modes, dtypes, compile and bad arguments."""
+import pytest
+import torch
+import torch.nn as nn
+
+from timm_ic.layers import NORM_KINDS, ICLayer, Uout, VarianceNorm2d, create_conv, create_dropout, create_norm
+
+N = 2_000_000  # elements: the variance of a variance estimate is ~2/N, far inside a 1% tolerance
+
+
+def variance_shift(module: nn.Module, x: torch.Tensor) -> float:
+    """Var_test / Var_train of a dropout-like module (Li et al. 2019), on the same input."""
+    module.train()
+    var_train = module(x).var().item()
+    module.eval()
+    var_test = module(x).var().item()
+    return var_test / var_train
+
+
+@pytest.mark.parametrize('beta', [0.1, 0.2, 0.3, 0.5])
+def test_uout_variance_shift_matches_theory(beta):
+    torch.manual_seed(0)
+    x = torch.randn(N)
+    expected = 3 / (3 + beta ** 2)
+    assert variance_shift(Uout(beta), x) == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize('drop_rate', [0.1, 0.3, 0.5])
+def test_bernoulli_variance_shift_is_p_keep_for_zero_mean_input(drop_rate):
+    torch.manual_seed(0)
+    x = torch.randn(N)
+    assert variance_shift(create_dropout('dropout', drop_rate), x) == pytest.approx(1 - drop_rate, rel=0.01)
+
+
+def correlated_units(n: int, rho: float, mean: float) -> torch.Tensor:
+    """n samples of two unit-variance units with correlation rho and the given mean, as (n, 2, 1, 1)."""
+    z = torch.randn(n, 2)
+    u = torch.stack([z[:, 0], rho * z[:, 0] + (1 - rho ** 2) ** 0.5 * z[:, 1]], dim=1)
+    return (u + mean).view(n, 2, 1, 1)
+
+
+def correlation(y: torch.Tensor) -> float:
+    return torch.corrcoef(y.view(y.shape[0], 2).T)[0, 1].item()
+
+
+@pytest.mark.parametrize('drop_rate', [0.05, 0.1, 0.5])
+def test_bn_then_dropout_scales_correlation_by_p_keep(drop_rate):
+    torch.manual_seed(0)
+    rho, keep = 0.6, 1 - drop_rate
+    x = correlated_units(400_000, rho, mean=2.0)
+    ic = ICLayer(2, drop='dropout', drop_rate=drop_rate).train()
+    with torch.no_grad():
+        assert correlation(ic(x)) == pytest.approx(rho * keep, abs=0.01)
+
+
+def test_dropout_on_non_centred_input_does_not_scale_correlation_by_p_keep():
+    # the reason BN comes first: with mean 2 and keep 0.5 the correlation falls to ~0.10, not 0.30
+    torch.manual_seed(0)
+    rho, keep = 0.6, 0.5
+    x = correlated_units(400_000, rho, mean=2.0)
+    with torch.no_grad():
+        measured = correlation(create_dropout('dropout', 1 - keep).train()(x))
+    assert abs(measured - rho * keep) > 0.1
+    assert measured == pytest.approx(0.10, abs=0.02)
+
+
+ALL_LAYERS = {
+    'uout': lambda: Uout(0.3),
+    'dropout': lambda: create_dropout('dropout', 0.3),
+    'ic': lambda: ICLayer(8, drop='dropout', drop_rate=0.2),
+    'ic_uout': lambda: ICLayer(8, drop='uout', beta=0.2),
+    **{f'norm_{name}': (lambda name=name: create_norm(name, 8)) for name in NORM_KINDS},
+    'ws_conv': lambda: create_conv('ws', nn.Conv2d(8, 8, 3, padding=1)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(ALL_LAYERS))
+def test_layer_train_eval_grad_and_bf16(name):
+    torch.manual_seed(0)
+    layer = ALL_LAYERS[name]()
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    layer.train()
+    y = layer(x)
+    y.square().mean().backward()
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x)), 'eval mode must be deterministic'
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            yb = layer(x)
+        assert torch.isfinite(yb).all() and yb.shape == x.shape
+
+
+@pytest.mark.parametrize('module', [Uout(0.5), create_dropout('dropout', 0.5)], ids=['uout', 'dropout'])
+def test_dropouts_are_identity_in_eval(module):
+    x = torch.randn(16, 8)
+    assert torch.equal(module.eval()(x), x)
+    assert not torch.equal(module.train()(x), x)
+
+
+def test_ic_layer_eval_is_its_norm_eval():
+    ic = ICLayer(8, drop='uout', beta=0.5)
+    ic.train()(torch.randn(32, 8, 4, 4) * 3 + 1)  # move the running statistics
+    ic.eval()
+    x = torch.randn(4, 8, 4, 4)
+    assert torch.equal(ic(x), ic.norm(x))
+
+
+def test_uout_noise_is_bounded_by_beta():
+    x = torch.ones(100_000)
+    y = Uout(0.2).train()(x)
+    assert y.min() >= 0.8 and y.max() <= 1.2 and y.std() > 0.1
+
+
+def test_variance_norm_divides_by_batch_std_without_centring():
+    vn = VarianceNorm2d(3).train()
+    x = torch.randn(64, 3, 5, 5) * 4 + 10
+    y = vn(x)
+    expected = x / torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False) + vn.eps).view(1, -1, 1, 1)
+    torch.testing.assert_close(y, expected)
+    assert y.mean() > 1  # the mean was not subtracted
+    vn.eval()
+    torch.testing.assert_close(vn.running_var, 0.9 + 0.1 * x.var(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+
+
+def test_ws_conv_keeps_weights():
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    ws = create_conv('ws', conv)
+    assert ws.weight is conv.weight and ws.bias is conv.bias
+    w = ws.weight.detach().flatten(1)
+    # the effective kernel is standardized per output channel
+    x = torch.randn(2, 4, 5, 5)
+    assert ws(x).shape == conv(x).shape and not torch.allclose(ws(x), conv(x))
+    assert w.shape == (8, 36)
+
+
+@pytest.mark.parametrize('name', ['uout', 'ic', 'norm_variancenorm'])
+def test_layers_compile(name):
+    torch.manual_seed(0)
+    layer = ALL_LAYERS[name]().eval()
+    x = torch.randn(4, 8, 6, 6)
+    compiled = torch.compile(layer, backend='inductor')
+    torch.testing.assert_close(compiled(x), layer(x))
+    layer.train()
+    assert compiled(x).shape == x.shape
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda: Uout(-0.1), 'beta must be >= 0'),
+    (lambda: create_dropout('dropout', 1.0), 'drop_rate must be in [0, 1)'),
+    (lambda: create_dropout('dropout', -0.1), 'drop_rate must be in [0, 1)'),
+    (lambda: create_dropout('gaussian', 0.1), "valid: ['dropout', 'uout', 'none']"),
+    (lambda: create_norm('batchnrom', 8), "'batchnorm'"),
+    (lambda: create_norm('groupnorm', 24, groups=5), 'valid: [1, 2, 3, 4, 6, 8, 12, 24]'),
+    (lambda: create_norm('groupnorm', 24, group_size=5), 'does not divide 24'),
+    (lambda: create_norm('batchnorm', 24, groups=4), 'grouped norms'),
+    (lambda: create_conv('deformable', nn.Conv2d(2, 2, 1)), "valid: ['conv', 'ws']"),
+])
+def test_bad_arguments_name_the_valid_choices(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value)
+
+
+def test_grouped_norms_default_to_a_divisor_of_the_width():
+    assert create_norm('groupnorm', 64).num_groups == 32
+    assert create_norm('groupnorm', 36).num_groups == 18
+    assert create_norm('groupnorm', 24, group_size=8).num_groups == 3
+    assert create_norm('instancenorm', 12).num_groups == 12
+    assert create_norm('layernorm', 12).num_groups == 1

@@ -1,0 +1,173 @@
+"""Every registered model passes the checks timm's own tests/test_models.py applies to its family."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import timm_ic  # noqa: F401  registers the models
+from timm_ic.layers import Uout
+from timm_ic.models import PlacedNet
+
+MODELS = timm.list_models(module=['ic_resnet', 'ic_densenet'])
+IMAGENET = [m for m in MODELS if timm.get_pretrained_cfg(m).input_size[-1] > 32]
+# one per family and placement style, for the checks that run real compute
+REPRESENTATIVE = ['cifar_resnet20', 'ic_resnet20', 'cifar_preresnet20', 'cifar_densenet_bc100', 'ic_resnet18']
+
+
+def small_input(name: str, batch: int = 2) -> torch.Tensor:
+    size = 64 if name in IMAGENET else 32
+    return torch.randn(batch, 3, size, size)
+
+
+def test_zoo_is_registered_under_our_own_module_names():
+    expected = {
+        'ic_resnet18', 'ic_resnet34', 'ic_resnet50', 'ic_resnet101', 'ic_resnet152', 'ic_resnet110', 'ic_resnet164',
+        'ic_wrn28_10', 'kim_resnet50', 'kim_preresnet110', 'kim_wrn28_10', 'uout_wrn28_10', 'uout_densenet121',
+        'uout_densenet_bc100', 'cifar_resnet110', 'cifar_preresnet110', 'cifar_wrn28_10', 'cifar_densenet_bc100',
+    }
+    assert expected <= set(MODELS)
+    assert not {'resnet', 'densenet'} & {timm.get_pretrained_cfg(m).architecture for m in MODELS}
+    assert 'ic_resnet' in timm.list_modules() and 'resnet' in timm.list_modules()
+
+
+def test_registering_a_timm_name_is_refused():
+    from timm_ic.models._registry import register_model
+
+    def resnet50():  # a plugin model that would shadow timm's
+        pass
+    resnet50.__module__ = 'timm_ic.models.ic_resnet'
+    with pytest.raises(RuntimeError, match='already names a timm model'):
+        register_model(resnet50)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_model_forward_backward(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=42)
+    assert isinstance(model, PlacedNet)
+    model.train()
+    out = model(small_input(name))
+    assert out.shape == (2, 42) and torch.isfinite(out).all()
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f'parameters without gradient: {missing[:5]}'
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_model_default_cfg(name):
+    """timm's cfg consistency checks, on the meta device: shapes without compute."""
+    with torch.device('meta'):
+        model = timm.create_model(name).eval()
+        cfg = model.pretrained_cfg
+        x = torch.empty(1, *cfg['input_size'])
+        features = model.forward_features(x)
+        assert tuple(features.shape[-2:]) == tuple(cfg['pool_size'])
+        assert features.shape[1] == model.num_features == model.feature_info[-1]['num_chs']
+        assert model.forward_head(features, pre_logits=True).shape == (1, model.head_hidden_size)
+        assert model(x).shape == (1, cfg['num_classes'])
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.num_features)
+        unpooled = timm.create_model(name, num_classes=0, global_pool='').eval()(x)
+        assert tuple(unpooled.shape[-2:]) == tuple(cfg['pool_size'])
+    modules = dict(model.named_modules())
+    assert isinstance(modules[cfg['first_conv']], nn.Conv2d) and modules[cfg['first_conv']].in_channels == 3
+    assert cfg['classifier'] in modules
+    assert model.get_classifier(name_only=True) == cfg['classifier']
+    for key in ('mean', 'std', 'crop_pct', 'interpolation'):
+        assert cfg[key]
+    with pytest.raises(RuntimeError):  # an untrained tag has no weights: timm's own error
+        timm.create_model(name, pretrained=True)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_model_features_only(name):
+    with torch.device('meta'):
+        model = timm.create_model(name, features_only=True)
+        x = small_input(name, 1)
+        outs = model(x)
+    info = model.feature_info
+    assert len(outs) == len(info.channels())
+    for out, chs, red in zip(outs, info.channels(), info.reduction()):
+        assert out.shape[1] == chs and out.shape[-1] == x.shape[-1] // red
+
+
+@pytest.mark.parametrize('name', REPRESENTATIVE)
+def test_model_forward_intermediates(name):
+    model = timm.create_model(name).eval()
+    x = small_input(name)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert [t.shape[1] for t in intermediates] == [f['num_chs'] for f in model.feature_info]
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        torch.testing.assert_close(last_two[-1], intermediates[-1])
+
+
+@pytest.mark.parametrize('name', REPRESENTATIVE)
+def test_model_fx_trace_matches_eager(name):
+    model = timm.create_model(name).eval()
+    x = small_input(name)
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+
+
+@pytest.mark.parametrize('name', REPRESENTATIVE)
+def test_model_torchscript(name):
+    model = timm.create_model(name).eval()
+    x = small_input(name)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_model_torch_compile():
+    torch.manual_seed(0)
+    model = timm.create_model('ic_resnet20', placement='ic:drop=uout,beta=0.1').eval()
+    x = small_input('ic_resnet20')
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_placement_override_and_timm_kwargs():
+    with torch.device('meta'):
+        model = timm.create_model('ic_resnet50', placement='ic:drop=uout,beta=0.1', num_classes=5, in_chans=1,
+                                  drop_rate=0.3)
+    assert str(model.placement) == 'ic:drop=uout,beta=0.1,head_rate=0.3'
+    assert any(isinstance(m, Uout) and m.beta == 0.1 for m in model.modules())
+    assert not any(type(m) is nn.Dropout and m is not model.head_drop for m in model.modules())
+    assert model.stem.conv.in_channels == 1 and model.fc.out_features == 5
+    assert model.head_drop.p == 0.3
+
+
+def test_unknown_placement_in_create_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown placement preset 'icc'"):
+        timm.create_model('ic_resnet20', placement='icc')
+
+
+def test_pretrained_cfg_overlay_loads_a_local_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+    source = timm.create_model('ic_resnet20', num_classes=10)
+    path = tmp_path / 'weights.safetensors'
+    save_file(source.state_dict(), str(path))
+    loaded = timm.create_model('ic_resnet20', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    x = small_input('ic_resnet20')
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), source.eval()(x))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model('cifar_preresnet20').train()
+    x = small_input('cifar_preresnet20')
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0  # two forward passes must see the same statistics
+    model(x).square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().mean().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
