@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     'HUB_CARDS_ENV', 'HUB_NAMESPACE_ENV', 'hub_cards_dir', 'load_hub_cards', 'hub_namespace',
-    'pretrained_cfgs', 'pretrained_tags', 'hub_repo_id', 'card_entry', 'papers_for', 'count_model_stats',
+    'pretrained_cfgs', 'add_pretrained_tags', 'pretrained_tags', 'hub_repo_id', 'card_entry', 'papers_for', 'count_model_stats',
     'render_card',
 ]
 
@@ -144,6 +144,24 @@ def pretrained_cfgs(arch: str) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def add_pretrained_tags(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """A model file's `{'arch.tag': cfg}` plus every hub_cards tag of each of its architectures.
+
+    A tag's cfg is its architecture's first cfg (first_conv, classifier, pool_size ...) updated with
+    `pretrained_cfgs(arch)[tag]`. Use: `default_cfgs = generate_default_cfgs(add_pretrained_tags({...}))`."""
+    out = dict(cfgs)
+    base: Dict[str, Dict[str, Any]] = {}
+    for name, cfg in cfgs.items():
+        base.setdefault(name.split('.')[0], dict(cfg))
+    for arch, arch_cfg in base.items():
+        for tag, tag_cfg in pretrained_cfgs(arch).items():
+            name = f'{arch}.{tag}'
+            if name in out:
+                raise ValueError(f'{name} is both a model file cfg and a hub_cards tag: keep it in hub_cards only')
+            out[name] = {**arch_cfg, **tag_cfg}
+    return out
+
+
 def pretrained_tags(published_only: bool = False) -> List[str]:
     """All `<arch>.<tag>` names in models.yaml (only those with weights under the namespace, if asked)."""
     cards = load_hub_cards()
@@ -226,19 +244,21 @@ def _recipe_text(recipe: Any, args: Optional[Dict[str, Any]]) -> str:
     lines = []
     if isinstance(recipe, dict):
         name = recipe.get('name')
+        values = recipe.get('values') if isinstance(recipe.get('values'), dict) else {
+            k: v for k, v in recipe.items() if k not in ('name', 'path')}
         lines.append(f'Recipe `{name}` of timm-ic\'s `train.py`, with these settings:' if name
                      else 'Settings of timm-ic\'s `train.py`:')
         lines.append('```yaml')
-        lines.append(yaml.safe_dump({k: v for k, v in recipe.items() if k != 'name'}, sort_keys=True).rstrip())
+        lines.append(yaml.safe_dump(values, sort_keys=True, default_flow_style=None).rstrip())
         lines.append('```')
     elif recipe:
         lines.append(f'Recipe `{recipe}` of timm-ic\'s `train.py`.')
     else:
         lines.append('Not recorded: these weights were exported from a model, not from a `train.py` run.')
     if args:
-        lines.append('\nCommand-line arguments of the run:')
+        lines.append('\nEvery resolved option of the run (the recipe, then command-line flags over it):')
         lines.append('```yaml')
-        lines.append(yaml.safe_dump(args, sort_keys=True).rstrip())
+        lines.append(yaml.safe_dump(args, sort_keys=True, default_flow_style=None).rstrip())
         lines.append('```')
     return '\n'.join(lines)
 
@@ -263,6 +283,7 @@ def render_card(
         description: Optional[str] = None,
         versions: Optional[Dict[str, str]] = None,
         registered_by_timm_ic: bool = True,
+        run_status: Optional[str] = None,
 ) -> str:
     """The model card (README.md text) of one export, from hub_cards/template.md.
 
@@ -304,8 +325,12 @@ def render_card(
                              if metrics and metrics.get(k) is not None)
     if not metrics_text and metrics is not None:
         metrics_text = 'no accuracy recorded'
+    description = (description or f'A `{architecture}` image classifier with timm-ic\'s placement of '
+                   f'normalization and dropout, {num_classes} classes.')
+    if run_status not in (None, 'finished'):
+        description += f'\n\nThe training run had not finished when these weights were exported (status: {run_status}).'
     if versions:
-        description = (description or '') + '\n\nTrained with ' + ', '.join(
+        description = description + '\n\nTrained with ' + ', '.join(
             f'{k} {v}' for k, v in sorted(versions.items())) + '.'
     template = hub_cards_dir() / 'template.md'
     if not template.is_file():  # a custom TIMM_IC_HUB_CARDS folder may hold only models.yaml
@@ -314,8 +339,7 @@ def render_card(
         card_data,
         template_path=str(template),
         model_name=repo_name,
-        description=(description or f'A `{architecture}` image classifier with timm-ic\'s placement of '
-                     f'normalization and dropout, {num_classes} classes.').strip(),
+        description=description.strip(),
         architecture=architecture,
         architecture_origin='timm-ic, registered into timm by `import timm_ic`' if registered_by_timm_ic
         else 'a timm architecture',

@@ -8,20 +8,21 @@ config.json is written here rather than by `timm.models.save_for_hf`, because ti
 (`architecture`, `num_classes`, `label_names`, `model_args`, `pretrained_cfg`), with timm-ic's own record
 under the top-level key `timm_ic`, which timm ignores.
 
-A run folder, as train.py writes it, holds `run.json` and `best.safetensors` (or `last.safetensors`).
-The run.json fields used here (others are ignored):
+A run folder, as train.py writes it, holds `run.json` (schema timm_ic.run_record/1, see train.py) and
+`best.safetensors` (else `last.safetensors` is exported). The run.json fields used here (others are ignored):
     model            registered model name (required), e.g. 'ic_resnet20'
     model_args       kwargs the model was created with (JSON), e.g. {'placement': 'ic', 'drop_rate': 0.1}
-    placement        the placement string (if not inside model_args)
+    placement        the placement string (wins over model_args['placement'])
     num_classes, in_chans, label_names (or classes)
-    metrics          measured on the evaluation split, in percent: {'top1': .., 'top5': ..}
-                     (best_metrics / eval_metrics are read too)
-    dataset          a hub_cards dataset key ('digits', 'in1k', 'c10', 'c100'), 'hfds/<hub id>', a path,
-                     or {'name': .., 'hub_id': ..}
-    recipe           the recipe name or the resolved recipe dict
+    best / epochs    measured eval_top1 / eval_top5 (percent) of the best / last epoch; or `metrics`
+                     {'top1', 'top5'} directly
+    dataset          {'name': 'digits' | 'hfds/<hub id>' | 'folder', 'data_dir': ..}, a hub_cards dataset key
+                     ('digits', 'in1k', 'c10', 'c100'), or {'name', 'hub_id'}
+    recipe           {'name', 'path', 'values'}, a recipe name, or null
     args             the command-line arguments (dict)
     versions         {'timm': .., 'torch': .., ...}
-    pretrained_cfg   (or data_config) the data config used: input_size, mean, std, crop_pct, interpolation
+    pretrained_cfg, data_config   the model's cfg and the data config it was trained with (input_size, mean, ...)
+    status           'finished', or the card says the run did not finish
 """
 import dataclasses
 import json
@@ -85,13 +86,11 @@ def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
         value = record.get(key, args.get(key))
         if value is not None:
             model_args.setdefault(key, int(value))
-    metrics = record.get('metrics') or record.get('best_metrics') or record.get('eval_metrics')
-    if isinstance(metrics, dict):
-        metrics = {k: metrics[k] for k in ('top1', 'top5', 'loss', 'epoch') if metrics.get(k) is not None}
     weights = next((run_dir / w for w in RUN_WEIGHTS if (run_dir / w).is_file()), None)
     if weights is None:
         raise RunRecordError(f'{run_dir} has {RUN_RECORD} but no weights ({" or ".join(RUN_WEIGHTS)}); '
                              'export after the first evaluation has saved them')
+    metrics = _run_metrics(record, best=weights.name == RUN_WEIGHTS[0])
     return {
         'run_dir': run_dir,
         'weights': weights,
@@ -104,9 +103,25 @@ def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
         'recipe': record.get('recipe', args.get('recipe')),
         'args': args or None,
         'versions': record.get('versions'),
-        'data_config': record.get('pretrained_cfg') or record.get('data_config'),
-        'tag': record.get('tag'),
+        # the data config the run trained with, over the model's own pretrained_cfg
+        'data_config': {**(record.get('pretrained_cfg') or {}), **(record.get('data_config') or {})},
+        'status': record.get('status'),
     }
+
+
+def _run_metrics(record: Dict[str, Any], best: bool) -> Optional[Dict[str, Any]]:
+    """Measured top-1/top-5 (percent) of the exported weights: the best epoch's for best.safetensors, the
+    last epoch's for last.safetensors (train.py's `best` / `epochs` rows; a plain `metrics` dict also works)."""
+    if isinstance(record.get('metrics'), dict):
+        row = record['metrics']
+        return {k: row[k] for k in ('top1', 'top5', 'loss', 'epoch') if row.get(k) is not None} or None
+    epochs = record.get('epochs') or []
+    row = record.get('best') if best else (epochs[-1] if epochs else None)
+    if not isinstance(row, dict):
+        return None
+    out = {'top1': row.get('eval_top1'), 'top5': row.get('eval_top5'), 'loss': row.get('eval_loss'),
+           'epoch': row.get('epoch')}
+    return {k: v for k, v in out.items() if v is not None} or None
 
 
 def _load_safetensors_into(model: nn.Module, path: Path) -> None:
@@ -175,18 +190,37 @@ def _dataset_info(value: Any) -> Optional[Dict[str, Any]]:
         return None
     datasets = load_hub_cards()['datasets']
     if isinstance(value, dict):
-        key = value.get('key')
-        base = dict(datasets.get(key, {}), key=key) if key in datasets else {}
-        return {**base, **{k: v for k, v in value.items() if v is not None}}
+        if 'hub_id' in value or 'key' in value:  # already card data; a known key's name and Hub id win
+            key = value.get('key')
+            base = dict(datasets.get(key, {}), key=key) if key in datasets else {}
+            return {**{k: v for k, v in value.items() if v is not None and k != 'data_dir'}, **base}
+        # train.py's record: {name, data_dir, train_split, ...}; 'folder' means an image folder at data_dir
+        name = value.get('name')
+        if name in (None, '', 'folder'):
+            return _dataset_info(value.get('data_dir')) if value.get('data_dir') else None
+        return _dataset_info(name)
     text = str(value)
     if text in datasets:
         return {'key': text, **datasets[text]}
-    for prefix in ('hfds/', 'hf-hub:', 'hf://datasets/'):
+    for prefix in ('hfds/', 'hf-hub:', 'hf://datasets/', 'wds/'):
+        if prefix == 'wds/' and text.startswith(prefix):
+            return {'name': text[len(prefix):], 'hub_id': None}
         if text.startswith(prefix):
             hub_id = text[len(prefix):].split(':')[0]
             known = next((k for k, d in datasets.items() if d.get('hub_id') == hub_id), None)
             return {'key': known, **datasets[known]} if known else {'name': hub_id, 'hub_id': hub_id}
     return {'name': Path(text).name or text, 'hub_id': None}
+
+
+def _public(value: Any) -> Any:
+    """`value` without local absolute paths (a card is public; the run folder's layout is not)."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_public(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return '<local path>'
+    return value
 
 
 def _feature_channels(model: nn.Module) -> Optional[List[int]]:
@@ -320,8 +354,12 @@ def export(
     dataset_info = _dataset_info(dataset if dataset is not None else run.get('dataset'))
     if dataset_info is None and entry:
         dataset_info = entry['dataset']
-    recipe = recipe if recipe is not None else (run.get('recipe') or (entry or {}).get('recipe'))
-    args = args if args is not None else run.get('args')
+    recipe = _public(recipe if recipe is not None else (run.get('recipe') or (entry or {}).get('recipe')))
+    if isinstance(recipe, dict):
+        recipe.pop('path', None)
+    args = _public(args if args is not None else run.get('args'))
+    eval_split = ((run.get('dataset') or {}).get('val_split') if isinstance(run.get('dataset'), dict)
+                  else None) or 'validation'
     args_for_config = _model_args(model, {**(run.get('model_args') or {}), **(model_args or {})})
     placement = args_for_config.get('placement')
     placement_obj = getattr(model, 'placement', None)
@@ -336,7 +374,7 @@ def export(
         feature_channels=_feature_channels(model), dataset=dataset_info, metrics=metrics, recipe=recipe,
         args=args, license=license, load_name=tag or (f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME'),
         registered_by_timm_ic=type(model).__module__.startswith('timm_ic'),
-        description=description, versions=run.get('versions'),
+        description=description, versions=run.get('versions'), run_status=run.get('status'), eval_split=eval_split,
     )
     from timm_ic import __version__ as timm_ic_version
     config = {
@@ -352,12 +390,12 @@ def export(
             'version': timm_ic_version,
             'placement': placement,
             'metrics': metrics,
-            'dataset': {k: v for k, v in dataset_info.items() if k != 'cfg'} if dataset_info else None,
+            'dataset': _public({k: v for k, v in dataset_info.items() if k != 'cfg'}) if dataset_info else None,
             'recipe': recipe,
             'tag': tag,
             'stats': {k: round(v, 6) for k, v in stats.items()},
             'versions': run.get('versions'),
-            'run': str(run['run_dir']) if run.get('run_dir') else None,
+            'run_status': run.get('status'),
         },
     }
     config = {k: v for k, v in config.items() if v is not None}

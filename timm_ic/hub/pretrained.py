@@ -153,8 +153,8 @@ def build_model_with_checks(
     """`timm.models.build_model_with_cfg` with timm-ic's pretrained checks (see the module docstring).
 
     A drop-in for timm-ic's entrypoints: same arguments, same result."""
-    from timm.models import build_model_with_cfg
-    from timm.models._builder import resolve_pretrained_cfg
+    # from its module, not timm.models: stays timm's function even where timm.models' name is patched
+    from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
 
     overlay = dict(pretrained_cfg_overlay or {})
     where = None
