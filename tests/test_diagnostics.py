@@ -1,0 +1,367 @@
+"""Diagnostics measure what the papers predict, on real (digits) activations, and leave the model as it was."""
+import argparse
+import copy
+import json
+import os
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision import transforms
+
+import timm_ic
+from timm_ic.data import DigitsDataset
+from timm_ic.diagnostics import (
+    build_report, correlation_reduction, diagnose_model, format_table, mean_abs_correlation, mutual_information,
+    plot_correlation, plot_gradient_norm, plot_signal, plot_variance_shift, recalibrate_bn,
+    sample_cosine_similarity, signal_propagation, stable_rank, variance_shift, write_report,
+)
+from timm_ic.diagnostics import cli as diagnose_cli
+
+BATCHES = 6
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.fixture(scope='module')
+def loader():
+    """Fixed batches of real images: the digits, normalised, 64 per batch, always in the same order."""
+    ds = DigitsDataset('train', transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize([0.305], [0.376])]))
+    subset = torch.utils.data.Subset(ds, list(range(BATCHES * 64)))
+    return torch.utils.data.DataLoader(subset, batch_size=64, shuffle=False, drop_last=True)
+
+
+def dropout_then_bn_net(p: float = 0.5) -> nn.Module:
+    """conv -> dropout -> BN (the `before_bn` disharmony), twice, then a classifier."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.Dropout(p), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.Dropout(p), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def cifar_net(placement: str) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model('cifar_resnet20', placement=placement, in_chans=1, num_classes=10)
+
+
+def bns_right_after_dropout(model: nn.Module):
+    """Names of BN layers whose Sequential runs a dropout just before them."""
+    names = []
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.Sequential):
+            children = list(parent.named_children())
+            for (_, a), (b_name, b) in zip(children, children[1:]):
+                if isinstance(a, nn.Dropout) and isinstance(b, _BatchNorm):
+                    names.append(f'{parent_name}.{b_name}' if parent_name else b_name)
+    return names
+
+
+def train_like_statistics(model: nn.Module, loader) -> nn.Module:
+    """What training accumulates: running statistics with dropout on (weights untouched)."""
+    return recalibrate_bn(model, loader, num_batches=BATCHES, dropout=True)
+
+
+# --- variance shift and recalibration -------------------------------------------------------------------------
+
+def test_variance_shift_matches_li_formula_and_recalibration_removes_it(loader):
+    p_keep = 0.5
+    model = train_like_statistics(dropout_then_bn_net(1 - p_keep), loader)
+    # Li et al.: with dropout on, the BN after it sees Var_train = (c^2 + v)/p - c^2 per channel; at test v
+    with torch.no_grad():
+        x = torch.cat([model[0](images) for images, _ in loader])
+    c, v = x.mean(dim=(0, 2, 3)).double(), x.var(dim=(0, 2, 3)).double()
+    ratio = ((c.square() + v) / p_keep - c.square()) / v
+    expected_first = torch.maximum(ratio, 1 / ratio).mean().item()
+    assert expected_first >= 1 / p_keep  # the formula itself: at least 1/p_keep, more for non-zero means
+
+    shift = variance_shift(model, loader, num_batches=BATCHES)
+    assert [layer.name for layer in shift.layers] == ['2', '6']
+    assert shift.layers[0].shift == pytest.approx(expected_first, rel=0.05)
+    assert shift.layers[1].shift > 1.8  # deeper: the same 1/p_keep inflation on top of a shifted input
+
+    recalibrate_bn(model, loader, num_batches=BATCHES)
+    after = variance_shift(model, loader, num_batches=BATCHES)
+    assert after.max_shift < 1.02
+
+    # torch's update_bn runs the model in train mode: dropout stays on and the shift comes back
+    torch.optim.swa_utils.update_bn(loader, model)
+    assert variance_shift(model, loader, num_batches=BATCHES).layers[0].shift > 1.8
+
+
+def test_before_bn_placement_shifts_after_bn_does_not(loader):
+    before = train_like_statistics(cifar_net('before_bn'), loader)
+    after = train_like_statistics(cifar_net('after_bn'), loader)
+    targets = bns_right_after_dropout(before)
+    assert len(targets) == 9  # one per residual block of ResNet-20 (drop_units='last')
+    assert not bns_right_after_dropout(after)
+
+    shift_before = variance_shift(before, loader, num_batches=BATCHES)
+    by_name = {layer.name: layer.shift for layer in shift_before.layers}
+    assert min(by_name[name] for name in targets) > 1.8  # drop rate 0.5: at least 1/p_keep = 2 in theory
+    assert shift_before.mean_shift > 1.3
+
+    shift_after = variance_shift(after, loader, num_batches=BATCHES)
+    assert len(shift_after.layers) == len([m for m in after.modules() if isinstance(m, _BatchNorm)])
+    assert shift_after.max_shift < 1.05  # dropout only after the last BN: no shift from the start
+
+    recalibrate_bn(before, loader, num_batches=BATCHES)
+    assert variance_shift(before, loader, num_batches=BATCHES).max_shift < 1.05
+
+
+# --- correlation and mutual information -----------------------------------------------------------------------
+
+@pytest.mark.parametrize('drop', [nn.Dropout(0.5), nn.Dropout(0.2), timm_ic.layers.Uout(0.5)], ids=str)
+def test_ic_layer_reduces_correlation_by_p_keep(loader, drop):
+    torch.manual_seed(0)
+    # an IC layer (BN then dropout) on real conv activations of the digits
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), drop,
+                          nn.Conv2d(16, 4, 3))
+    (result,) = correlation_reduction(model, loader, num_batches=4)
+    assert result.follows_bn and result.layer == '2'
+    assert result.input_abs_mean_over_std < 1e-3  # BN centred the units
+    assert result.corr_before > 0.1  # neighbouring conv channels of real images are correlated
+    if isinstance(drop, nn.Dropout):
+        p_keep = 1 - drop.p
+        assert result.corr_ratio == pytest.approx(p_keep, abs=0.02)
+        assert result.mi_ratio == pytest.approx(p_keep ** 2, abs=0.04)
+    else:
+        assert result.corr_ratio == pytest.approx(3 / (3 + 0.5 ** 2), abs=0.01)  # Li et al.'s Uout factor
+        assert result.mi_ratio_expected is None
+
+
+def test_uncentred_input_loses_more_correlation_as_predicted(loader):
+    torch.manual_seed(0)
+    # ReLU before dropout (no BN in between): non-zero means, the case the IC layer avoids
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Dropout(0.5))
+    (result,) = correlation_reduction(model, loader, num_batches=4)
+    assert not result.follows_bn
+    assert result.corr_ratio < 0.45  # clearly below p_keep = 0.5
+    assert result.corr_ratio == pytest.approx(result.corr_ratio_expected, abs=0.02)
+
+
+def test_ic_resnet20_dropouts_follow_bn(loader):
+    torch.manual_seed(0)
+    model = timm.create_model('ic_resnet20', placement='ic:drop_rate=0.2', in_chans=1, num_classes=10)
+    results = correlation_reduction(model, loader, num_batches=2)
+    units = [r for r in results if r.layer != 'head_drop']
+    assert units and all(r.follows_bn for r in units)
+    live = [r for r in units if r.corr_before == r.corr_before]  # zero-initialised branches have constant units
+    assert live and all(abs(r.corr_ratio - 0.8) < 0.03 for r in live)
+
+
+def test_correlation_primitives():
+    torch.manual_seed(0)
+    z = torch.randn(20000, 1)
+    units = torch.cat([z, 0.6 * z + 0.8 * torch.randn(20000, 1)], dim=1)  # correlation 0.6
+    assert mean_abs_correlation(units) == pytest.approx(0.6, abs=0.02)
+    independent = torch.randn(20000, 4)
+    assert abs(mutual_information(independent)) < 0.01
+    assert mutual_information(units) > 0.1
+
+
+# --- signal propagation ---------------------------------------------------------------------------------------
+
+def test_signal_matches_manual_computation(loader):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    result = signal_propagation(model, loader, num_batches=1)
+    assert [layer.name for layer in result.layers] == ['0', '3']
+
+    # the same quantities by hand, on a copy (train mode, as the diagnostic runs)
+    manual = copy.deepcopy(model).train()
+    images, targets = next(iter(loader))
+    out0 = manual[0](images)
+    out0.retain_grad()
+    h = manual[2](manual[1](out0))
+    out3 = manual[3](h)
+    out3.retain_grad()
+    logits = manual[7](manual[6](manual[5](manual[4](out3.clone()))))
+    nn.functional.cross_entropy(logits, targets).backward()
+    for layer, out in zip(result.layers, (out0, out3)):
+        assert layer.activation_variance == pytest.approx(out.var(dim=(0, 2, 3)).mean().item(), rel=1e-4)
+        assert layer.grad_norm == pytest.approx(out.grad.norm().item(), rel=1e-4)
+        flat = nn.functional.normalize(out.detach().flatten(1), dim=1)
+        gram = flat @ flat.t()
+        n = gram.shape[0]
+        assert layer.cosine_similarity == pytest.approx(((gram.sum() - n) / (n * (n - 1))).item(), rel=1e-4)
+        assert layer.stable_rank == pytest.approx((n / torch.linalg.eigvalsh(gram.double())[-1]).item(), rel=1e-4)
+
+
+def test_similarity_and_stable_rank_extremes():
+    same = torch.randn(1, 3, 4, 4).repeat(8, 1, 1, 1)
+    assert sample_cosine_similarity(same) == pytest.approx(1.0)
+    assert stable_rank(same) == pytest.approx(1.0)
+    orthogonal = torch.eye(8).view(8, 8, 1, 1)
+    assert sample_cosine_similarity(orthogonal) == pytest.approx(0.0)
+    assert stable_rank(orthogonal) == pytest.approx(8.0)
+
+
+# --- the model is left as it was -------------------------------------------------------------------------------
+
+def _hooks(model: nn.Module):
+    return [(name, kind) for name, m in model.named_modules()
+            for kind in ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+            if getattr(m, kind)]
+
+
+def _snapshot(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {name: m.training for name, m in model.named_modules()})
+
+
+def _mixed_mode_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model('ic_resnet20', placement='ic:drop_rate=0.2', in_chans=1, num_classes=10)
+    model.train()
+    model.stages[1].eval()  # per-module flags must come back, not just the top-level one
+    return model
+
+
+@pytest.mark.parametrize('diagnostic', [
+    lambda m, dl: variance_shift(m, dl, num_batches=2),
+    lambda m, dl: correlation_reduction(m, dl, num_batches=2),
+    lambda m, dl: signal_propagation(m, dl, num_batches=2),
+    lambda m, dl: signal_propagation(m, dl, num_batches=1, mode='eval', autocast=True),
+], ids=['variance_shift', 'correlation', 'signal', 'signal_eval_bf16'])
+def test_diagnostics_leave_model_unchanged(loader, diagnostic):
+    model = _mixed_mode_model()
+    state, modes = _snapshot(model)
+    diagnostic(model, loader)
+    assert not _hooks(model)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_recalibration_changes_only_bn_buffers(loader):
+    model = _mixed_mode_model()
+    momenta = {name: m.momentum for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    state, modes = _snapshot(model)
+    recalibrate_bn(model, loader, num_batches=2)
+    assert not _hooks(model)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert {name: m.momentum for name, m in model.named_modules() if isinstance(m, _BatchNorm)} == momenta
+    bn_buffers = {f'{name}.{b}' for name, m in model.named_modules() if isinstance(m, _BatchNorm)
+                  for b in ('running_mean', 'running_var', 'num_batches_tracked')}
+    after = model.state_dict()
+    changed = {k for k, v in state.items() if not torch.equal(after[k], v)}
+    assert changed and changed <= bn_buffers
+    assert all(after[k].item() == 2 for k in bn_buffers if k.endswith('num_batches_tracked'))
+
+
+def test_bf16_autocast_agrees_with_float32(loader):
+    model = train_like_statistics(dropout_then_bn_net(0.5), loader)
+    fp32 = variance_shift(model, loader, num_batches=BATCHES)
+    bf16 = variance_shift(model, loader, num_batches=BATCHES, autocast=True)
+    for a, b in zip(fp32.layers, bf16.layers):
+        assert b.shift == pytest.approx(a.shift, rel=0.05)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match='no BatchNorm'):
+        variance_shift(nn.Sequential(nn.Conv2d(1, 2, 3)), [torch.zeros(2, 1, 8, 8)])
+    with pytest.raises(ValueError, match='num_batches'):
+        variance_shift(nn.Sequential(nn.BatchNorm2d(1)), [torch.zeros(2, 1, 8, 8)], num_batches=0)
+    with pytest.raises(ValueError, match='no active dropout'):
+        correlation_reduction(nn.Sequential(nn.BatchNorm2d(1)), [torch.zeros(2, 1, 8, 8)])
+    with pytest.raises(ValueError, match='not a dropout layer'):
+        correlation_reduction(nn.Sequential(nn.BatchNorm2d(1), nn.Dropout()), [torch.zeros(2, 1, 8, 8)],
+                              layers=['0'])
+    with pytest.raises(ValueError, match='targets'):
+        signal_propagation(nn.Sequential(nn.Conv2d(1, 2, 3)), [torch.zeros(2, 1, 8, 8)])
+
+
+# --- figures, report, command line ------------------------------------------------------------------------------
+
+def _assert_png(path: str) -> None:
+    with open(path, 'rb') as f:
+        assert f.read(8) == PNG_MAGIC
+    with Image.open(path) as img:
+        img.verify()
+
+
+def test_figures_and_report(loader, tmp_path):
+    models = {'before_bn': train_like_statistics(cifar_net('before_bn'), loader),
+              'ic': train_like_statistics(cifar_net('ic:drop_rate=0.2'), loader)}
+    results = [diagnose_model(m, loader, num_batches=2, label=label) for label, m in models.items()]
+    by_label = {r.label: r for r in results}
+    paths = [
+        plot_variance_shift({k: r.variance_shift for k, r in by_label.items()}, str(tmp_path / 'vs.png'),
+                            {k: r.variance_shift_recalibrated for k, r in by_label.items()}),
+        plot_signal({k: r.signal for k, r in by_label.items()}, str(tmp_path / 'signal.png')),
+        plot_gradient_norm({k: r.signal for k, r in by_label.items()}, str(tmp_path / 'grad.png')),
+        plot_correlation({k: r.correlation for k, r in by_label.items()}, str(tmp_path / 'corr.png')),
+    ]
+    for path in paths:
+        _assert_png(path)
+    assert sorted(os.listdir(tmp_path)) == ['corr.png', 'grad.png', 'signal.png', 'vs.png']  # no temp files left
+
+    report_path = write_report(build_report(results, dict(batches=2)), str(tmp_path / 'sub' / 'report.json'))
+    with open(report_path) as f:
+        report = json.load(f)
+    table = format_table(results)
+    for label, model in models.items():
+        entry = report['models'][label]
+        bn_names = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        assert sorted(layer['name'] for layer in entry['variance_shift']['layers']) == sorted(bn_names)
+        assert len(entry['variance_shift_recalibrated']['layers']) == len(bn_names)
+        conv_names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        assert sorted(layer['name'] for layer in entry['signal']['layers']) == sorted(conv_names)
+        drop_names = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        assert sorted(c['layer'] for c in entry['correlation']) == sorted(drop_names)
+        assert all(name in table for name in bn_names)
+    assert entry['variance_shift']['layers'][0]['channel_shift']  # per-channel numbers are in the report
+
+
+def _run_cli(argv):
+    parser = argparse.ArgumentParser()
+    diagnose_cli.register(parser.add_subparsers(dest='command', required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_diagnose_on_embedded_digits(tmp_path, capsys):
+    out = tmp_path / 'diag'
+    assert _run_cli(['diagnose', '--model', 'cifar_resnet20', '--placement', 'before_bn', '--out', str(out),
+                     '--batches', '2', '--batch-size', '32', '--compare', 'after_bn', 'ic_resnet20']) == 0
+    printed = capsys.readouterr().out
+    assert 'cifar_resnet20 [before_bn]' in printed and 'Variance shift per BN layer' in printed
+    with open(out / 'report.json') as f:
+        report = json.load(f)
+    assert list(report['models']) == ['cifar_resnet20 [before_bn]', 'cifar_resnet20 [after_bn]', 'ic_resnet20']
+    shifts = {k: m['variance_shift']['summary']['mean_shift'] for k, m in report['models'].items()}
+    assert shifts['cifar_resnet20 [before_bn]'] > 1.3 > shifts['cifar_resnet20 [after_bn]']
+    for name in ('variance_shift.png', 'signal.png', 'gradient_norm.png', 'correlation.png'):
+        _assert_png(str(out / name))
+
+
+def test_cli_loads_safetensors_and_rejects_other_checkpoints(tmp_path, capsys):
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    model = timm.create_model('cifar_resnet20', in_chans=1, num_classes=10)
+    for m in model.modules():  # recognisable statistics
+        if isinstance(m, _BatchNorm):
+            m.running_var.fill_(4.0)
+    weights = tmp_path / 'w.safetensors'
+    save_file(model.state_dict(), str(weights))
+    out = tmp_path / 'diag'
+    assert _run_cli(['diagnose', '--model', 'cifar_resnet20', '--checkpoint', str(weights), '--out', str(out),
+                     '--batches', '1', '--batch-size', '32', '--no-recalibrate']) == 0
+    with open(out / 'report.json') as f:
+        entry = json.load(f)['models']['cifar_resnet20']
+    assert entry['weights'] == str(weights)
+    assert all(layer['moving_var'] == pytest.approx(4.0) for layer in entry['variance_shift']['layers'])
+
+    capsys.readouterr()
+    assert _run_cli(['diagnose', '--model', 'cifar_resnet20', '--checkpoint', str(tmp_path / 'w.pth'),
+                     '--out', str(out)]) == 2
+    assert 'safetensors' in capsys.readouterr().err
+    assert _run_cli(['diagnose', '--model', 'cifar_resnet20', '--compare', 'no_such_thing', '--out', str(out)]) == 2
+    assert 'neither a registered model name nor a placement' in capsys.readouterr().err

@@ -1,0 +1,238 @@
+"""`timm-ic diagnose`: every diagnostic on one or more models, with figures, a JSON report and a table."""
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ['register', 'run_diagnose', 'build_model', 'DiagnoseError']
+
+# `timm.create_model` names that load their own weights from somewhere other than the registry
+_PRETRAINED_PREFIXES = ('hf-hub:', 'local-dir:')
+
+
+class DiagnoseError(ValueError):
+    """Bad input to `timm-ic diagnose`; the message names the problem and the fix."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `diagnose` sub-command."""
+    p = subparsers.add_parser(
+        'diagnose', help='variance shift, BN recalibration, correlation/MI at dropouts, signal propagation',
+        description=__doc__ + ' Without --checkpoint the weights are at initialisation and BN running statistics '
+        'are first estimated with dropout on (what training accumulates), so the variance shift is that of the '
+        'architecture.')
+    p.add_argument('--model', required=True, help='timm model name (e.g. ic_resnet20, resnet18) or hf-hub:/local-dir: id')
+    p.add_argument('--placement', default=None, help='placement for --model (e.g. before_bn, "ic:drop=uout,beta=0.1")')
+    p.add_argument('--checkpoint', default=None, help='weights for --model: a .safetensors file')
+    p.add_argument('--compare', nargs='+', default=[], metavar='NAME_OR_PLACEMENT[@FILE.safetensors]',
+                   help='more models (timm names) or placements of --model to measure and draw beside it')
+    p.add_argument('--data', default=None, metavar='DIR',
+                   help='ImageNet-layout folder (DIR/train/<class>/*.jpg); default: the embedded digits')
+    p.add_argument('--out', required=True, help='output folder for report.json and the PNG figures')
+    p.add_argument('--batches', type=int, default=8, help='training batches read per diagnostic (default 8)')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--img-size', type=int, default=None,
+                   help="input size; default the model's (timm pretrained_cfg), 8 for the digits")
+    p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    p.add_argument('--bf16', action='store_true', help='run the forward passes under bf16 autocast')
+    p.add_argument('--no-recalibrate', action='store_true', help='skip the variance shift after BN recalibration')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--workers', type=int, default=0, help='data loader worker processes')
+    p.set_defaults(func=run_diagnose)
+
+
+@dataclass
+class ModelSpec:
+    """One model to diagnose: a registered name, an optional placement and an optional checkpoint."""
+    model: str
+    placement: Optional[Any] = None  # timm_ic.Placement
+    checkpoint: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return f'{self.model} [{self.placement}]' if self.placement is not None else self.model
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+    if not name.startswith(_PRETRAINED_PREFIXES) and not timm.is_model(name):
+        raise DiagnoseError(f'unknown model {name!r}: pass a name that timm.list_models() lists (timm_ic adds '
+                            "ic_resnet20, cifar_resnet20, ...; see timm.list_models('*resnet*'))")
+
+
+def _parse_placement(text: str):
+    from timm_ic.placement import Placement
+    return Placement.parse(text)
+
+
+def parse_specs(args: argparse.Namespace) -> List[ModelSpec]:
+    """--model (with --placement/--checkpoint) first, then each --compare entry: a model name or a placement."""
+    _check_model_name(args.model)
+    specs = [ModelSpec(args.model, _parse_placement(args.placement) if args.placement else None, args.checkpoint)]
+    import timm
+    for entry in args.compare:
+        what, _, checkpoint = entry.partition('@')
+        if timm.is_model(what) or what.startswith(_PRETRAINED_PREFIXES):
+            specs.append(ModelSpec(what, None, checkpoint or None))
+            continue
+        try:
+            placement = _parse_placement(what)
+        except (ValueError, TypeError) as e:
+            raise DiagnoseError(f'--compare {entry!r} is neither a registered model name nor a placement ({e}); '
+                                'give a timm model name or a placement like before_bn, after_bn, ic') from e
+        specs.append(ModelSpec(args.model, placement, checkpoint or None))
+    return specs
+
+
+def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Module, str]:
+    """The model and a description of its weights. A placement goes to the entrypoint when it takes one
+    (timm_ic models), else through `timm_ic.rewrite`."""
+    import timm
+    kwargs = dict(num_classes=num_classes, in_chans=in_chans)
+    pretrained = spec.model.startswith(_PRETRAINED_PREFIXES)
+    model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
+    if spec.placement is not None:
+        if getattr(model, 'placement', None) is not None:
+            model = timm.create_model(spec.model, pretrained=pretrained, placement=spec.placement, **kwargs)
+        else:
+            from timm_ic.rewriter import rewrite
+            model = rewrite(model, spec.placement)
+    weights = 'pretrained' if pretrained else 'init'
+    if spec.checkpoint:
+        if not spec.checkpoint.endswith('.safetensors'):
+            raise DiagnoseError(f'checkpoint {spec.checkpoint!r} is not a .safetensors file: only safetensors '
+                                'weights are loaded (convert with safetensors.torch.save_file(model.state_dict(), ...))')
+        if not os.path.isfile(spec.checkpoint):
+            raise DiagnoseError(f'checkpoint {spec.checkpoint} does not exist')
+        from timm.models import load_checkpoint
+        try:
+            load_checkpoint(model, spec.checkpoint, strict=True)
+        except RuntimeError as e:
+            raise DiagnoseError(f'{spec.checkpoint} does not fit {spec.label} with num_classes={num_classes}, '
+                                f'in_chans={in_chans}: {e}') from e
+        weights = spec.checkpoint
+    return model, weights
+
+
+def _digits_transform(img_size: int, in_chans: int):
+    from torchvision import transforms
+    steps = [transforms.Grayscale(num_output_channels=in_chans)]
+    if img_size != 8:
+        steps.append(transforms.Resize(img_size))
+    # mean and std of the digits' pixels (scaled to [0, 1])
+    steps += [transforms.ToTensor(), transforms.Normalize([0.305] * in_chans, [0.376] * in_chans)]
+    return transforms.Compose(steps)
+
+
+def build_dataset(data: Optional[str], model: Optional[nn.Module] = None, img_size: Optional[int] = None,
+                  in_chans: int = 3):
+    """The training split: embedded digits by default, else an ImageNet-layout folder (via
+    `timm.data.create_dataset`); with `model`, the eval transforms for that model."""
+    if data is None:
+        from timm_ic.data import DigitsDataset
+        return DigitsDataset('train', transform=_digits_transform(img_size or 8, in_chans))
+    if not os.path.isdir(data):
+        raise DiagnoseError(f'--data {data} is not a folder: give an ImageNet-layout folder (DIR/train/<class>/*.jpg) '
+                            'or leave --data out for the embedded digits')
+    from timm.data import create_dataset, create_transform, resolve_data_config
+    dataset = create_dataset('', root=data, split='train')
+    if len(dataset) == 0:
+        raise DiagnoseError(f'no images found under {data}: it needs train/<class>/ image folders')
+    if model is not None:
+        config = resolve_data_config({'input_size': (3, img_size, img_size)} if img_size else {}, model=model)
+        dataset.transform = create_transform(**config, is_training=False)
+    return dataset
+
+
+def _num_classes(dataset) -> int:
+    classes = getattr(dataset, 'classes', None)
+    if classes is None:
+        reader = getattr(dataset, 'reader', None)
+        classes = getattr(reader, 'class_to_idx', None)
+    if not classes:
+        raise DiagnoseError('the data set does not say its classes: use an ImageNet-layout folder')
+    return len(classes)
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    """The `diagnose` sub-command; returns the exit status (2 on bad input, with the reason on stderr)."""
+    try:
+        return _diagnose(args)
+    except DiagnoseError as e:
+        print(f'timm-ic diagnose: error: {e}', file=sys.stderr)
+        return 2
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    import timm_ic  # noqa: F401  (registers the timm_ic models)
+    from timm_ic.training.run_record import library_versions
+
+    from ._common import bn_layers
+    from .plots import plot_correlation, plot_gradient_norm, plot_signal, plot_variance_shift
+    from .report import build_report, format_table, write_report
+    from .run import DIAGNOSTIC_STEPS, diagnose_model
+    from .variance_shift import recalibrate_bn
+
+    if args.batches < 1 or args.batch_size < 2:
+        raise DiagnoseError('--batches must be >= 1 and --batch-size >= 2 (BatchNorm needs 2 samples per batch)')
+    specs = parse_specs(args)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    in_chans = 1 if args.data is None else 3
+    num_classes = 10 if args.data is None else _num_classes(build_dataset(args.data))
+    results = []
+    torch.manual_seed(args.seed)
+    with tqdm(total=len(specs) * (1 + len(DIAGNOSTIC_STEPS)), desc='diagnose', unit='step') as bar:
+        for spec in specs:
+            label = spec.label
+            if any(r.label == label for r in results):
+                label = f'{label} #{sum(r.label.startswith(label) for r in results) + 1}'
+            bar.set_postfix_str(f'{label}: build')
+            model, weights = build_model(spec, num_classes, in_chans)
+            dataset = build_dataset(args.data, model, args.img_size, in_chans)
+            if len(dataset) < args.batch_size:
+                raise DiagnoseError(f'the data has {len(dataset)} images, fewer than --batch-size {args.batch_size}')
+            # one fixed random sample of the training data for every diagnostic and model: recalibrated
+            # statistics and the variance they are compared with then come from the same images
+            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, chosen[:args.batches * args.batch_size].tolist()),
+                batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=args.workers)
+            model.to(device)
+            if weights == 'init' and bn_layers(model):
+                # untrained running statistics (mean 0, var 1) say nothing: estimate them as training would
+                recalibrate_bn(model, loader, num_batches=args.batches, dropout=True, autocast=args.bf16)
+                weights = ('init; BN running statistics estimated over the diagnostic batches with dropout on, '
+                           'as training accumulates them')
+            bar.update(1)
+
+            def step_done(step: str, _label: str = label) -> None:
+                bar.set_postfix_str(f'{_label}: {step}')
+                bar.update(1)
+
+            result = diagnose_model(model, loader, num_batches=args.batches, label=label,
+                                    recalibrate=not args.no_recalibrate, autocast=args.bf16, progress=step_done)
+            result.model, result.weights = spec.model, weights
+            results.append(result)
+    settings = dict(batches=args.batches, batch_size=args.batch_size, data=args.data or 'embedded digits (train)',
+                    device=str(device), bf16=args.bf16, seed=args.seed, versions=library_versions())
+    files = [write_report(build_report(results, settings), os.path.join(args.out, 'report.json'))]
+    by_label = {r.label: r for r in results}
+    shifts = {k: r.variance_shift for k, r in by_label.items() if r.variance_shift}
+    if shifts:
+        recal = {k: r.variance_shift_recalibrated for k, r in by_label.items() if r.variance_shift_recalibrated}
+        files.append(plot_variance_shift(shifts, os.path.join(args.out, 'variance_shift.png'), recal or None))
+    signals = {k: r.signal for k, r in by_label.items() if r.signal}
+    files.append(plot_signal(signals, os.path.join(args.out, 'signal.png')))
+    files.append(plot_gradient_norm(signals, os.path.join(args.out, 'gradient_norm.png')))
+    correlations = {k: r.correlation for k, r in by_label.items() if r.correlation}
+    if correlations:
+        files.append(plot_correlation(correlations, os.path.join(args.out, 'correlation.png')))
+    print(format_table(results))
+    print('\nwrote ' + ', '.join(files))
+    return 0

@@ -1,0 +1,143 @@
+"""Figures (PNG) of the diagnostics, one series per model or placement so several can be compared.
+
+Uses matplotlib's object-oriented API (`Figure`, Agg canvas): no pyplot, no global backend switch, no display.
+"""
+import os
+import tempfile
+from typing import List, Mapping, Optional, Sequence
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .correlation import CorrelationResult
+from .signal import SignalPropagation
+from .variance_shift import VarianceShift
+
+__all__ = ['save_figure', 'plot_variance_shift', 'plot_signal', 'plot_gradient_norm', 'plot_correlation']
+
+
+def save_figure(fig: Figure, path: str) -> str:
+    """Write `fig` as PNG atomically (temporary file in the same folder, then `os.replace`); returns `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix='.png.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            fig.savefig(f, format='png', dpi=110, bbox_inches='tight')
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _depth_axis(ax, what: str) -> None:
+    ax.set_xlabel(f'{what} (order of execution)')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+
+
+def plot_variance_shift(
+        shifts: Mapping[str, VarianceShift],
+        path: str,
+        recalibrated: Optional[Mapping[str, VarianceShift]] = None,
+) -> str:
+    """Per-BN-layer variance shift, one panel per model side by side (shared y), recalibrated bars beside."""
+    if not shifts:
+        raise ValueError('nothing to plot: no variance-shift result given')
+    labels = list(shifts)
+    fig = Figure(figsize=(max(5.0, 4.2 * len(labels)), 3.8), layout='constrained')
+    axes = fig.subplots(1, len(labels), sharey=True, squeeze=False)[0]
+    top = max(layer.shift for vs in shifts.values() for layer in vs.layers)
+    for ax, label in zip(axes, labels):
+        values = [layer.shift for layer in shifts[label].layers]
+        xs = list(range(len(values)))
+        width = 0.4 if recalibrated and label in recalibrated else 0.8
+        ax.bar([x - (width / 2 if width < 0.8 else 0) for x in xs], values, width=width, label='as trained')
+        if recalibrated and label in recalibrated:
+            after = [layer.shift for layer in recalibrated[label].layers]
+            ax.bar([x + width / 2 for x in range(len(after))], after, width=width, label='BN recalibrated')
+        ax.axhline(1.0, color='k', lw=0.8, ls='--')
+        ax.set_title(f'{label}\nmean {shifts[label].mean_shift:.3g}, max {shifts[label].max_shift:.3g}', fontsize=9)
+        _depth_axis(ax, 'BN layer')
+        if top > 20:
+            ax.set_yscale('log')
+    axes[0].set_ylabel('variance shift max(real/moving, moving/real)')
+    axes[0].legend(fontsize=8)
+    fig.suptitle('Variance shift per BN layer (1 = none)')
+    return save_figure(fig, path)
+
+
+def _signal_lines(ax, signals: Mapping[str, SignalPropagation], field: str, log: bool = False) -> None:
+    for label, sig in signals.items():
+        values = [getattr(layer, field) for layer in sig.layers]
+        if log:  # a dead layer (exactly 0, e.g. a zero-initialised branch) has no place on a log axis: a gap
+            values = [v if v is not None and v > 0 else float('nan') for v in values]
+        ax.plot(values, marker='.', label=label)
+    if log:
+        ax.set_yscale('log')
+
+
+def plot_signal(signals: Mapping[str, SignalPropagation], path: str) -> str:
+    """Activation variance, mean cosine similarity between samples and stable rank across depth."""
+    if not signals:
+        raise ValueError('nothing to plot: no signal-propagation result given')
+    fig = Figure(figsize=(14, 3.8), layout='constrained')
+    axes = fig.subplots(1, 3)
+    for ax, field, title in zip(axes, ('activation_variance', 'cosine_similarity', 'stable_rank'),
+                                ('activation variance', 'mean cosine similarity between samples',
+                                 'stable rank of the samples\' Gram')):
+        _signal_lines(ax, signals, field, log=field == 'activation_variance')
+        ax.set_title(title)
+        _depth_axis(ax, 'layer')
+    axes[1].set_ylim(min(0.0, axes[1].get_ylim()[0]), 1.0)
+    axes[0].legend(fontsize=8)
+    fig.suptitle('Signal propagation at each layer output')
+    return save_figure(fig, path)
+
+
+def plot_gradient_norm(signals: Mapping[str, SignalPropagation], path: str) -> str:
+    """||dL/d(layer output)|| across depth."""
+    if not signals:
+        raise ValueError('nothing to plot: no signal-propagation result given')
+    fig = Figure(figsize=(6.5, 3.8), layout='constrained')
+    ax = fig.subplots()
+    _signal_lines(ax, signals, 'grad_norm', log=True)
+    ax.set_ylabel('gradient norm at the layer output')
+    _depth_axis(ax, 'layer')
+    ax.legend(fontsize=8)
+    ax.set_title('Gradient norm across depth (one backward pass per batch)')
+    return save_figure(fig, path)
+
+
+def plot_correlation(correlations: Mapping[str, Sequence[CorrelationResult]], path: str) -> str:
+    """Correlation before/after each dropout, and the measured vs predicted correlation and MI ratios."""
+    correlations = {label: list(results) for label, results in correlations.items() if results}
+    if not correlations:
+        raise ValueError('nothing to plot: no correlation result given (the models have no active dropout)')
+    fig = Figure(figsize=(14, 3.8), layout='constrained')
+    ax_abs, ax_corr, ax_mi = fig.subplots(1, 3)
+    for idx, (label, results) in enumerate(correlations.items()):
+        color = f'C{idx}'
+        xs: List[int] = list(range(len(results)))
+        ax_abs.plot(xs, [r.corr_before for r in results], marker='o', mfc='none', ls=':', color=color,
+                    label=f'{label}: before dropout')
+        ax_abs.plot(xs, [r.corr_after for r in results], marker='o', color=color, label=f'{label}: after')
+        ax_corr.plot(xs, [r.corr_ratio for r in results], marker='o', color=color, label=f'{label}: measured')
+        ax_corr.plot(xs, [r.corr_ratio_expected for r in results], ls='--', color=color,
+                     label=f'{label}: expected (measured means)')
+        ax_corr.plot(xs, [r.corr_ratio_zero_mean for r in results], ls=':', color=color,
+                     label=f'{label}: p_keep (zero mean)')
+        ax_mi.plot(xs, [r.mi_ratio if r.mi_ratio is not None else float('nan') for r in results], marker='o',
+                   color=color, label=f'{label}: measured')
+        expected = [r.mi_ratio_expected if r.mi_ratio_expected is not None else float('nan') for r in results]
+        ax_mi.plot(xs, expected, ls='--', color=color, label=f'{label}: p_keep^2')
+    ax_abs.set_title('mean |correlation| between units')
+    ax_corr.set_title('correlation ratio after/before')
+    ax_mi.set_title('mutual information ratio after/before')
+    for ax in (ax_abs, ax_corr, ax_mi):
+        _depth_axis(ax, 'dropout layer')
+        ax.legend(fontsize=7)
+    fig.suptitle('Dropout on real activations: correlation shrinks by p_keep, mutual information by p_keep^2 '
+                 '(zero-mean input, Chen et al.)', fontsize=10)
+    return save_figure(fig, path)

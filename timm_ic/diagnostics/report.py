@@ -1,0 +1,91 @@
+"""The JSON report (every number) and the printed table (summary and per-layer variance shift)."""
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from timm_ic.training.run_record import write_json_atomic
+
+from .run import ModelDiagnostics
+
+__all__ = ['build_report', 'write_report', 'format_table']
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf become null: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def build_report(results: Sequence[ModelDiagnostics], settings: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """{'settings': ..., 'models': {label: every measured number}} with NaN replaced by null."""
+    labels = [r.label for r in results]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'model labels must be unique in one report, got {labels}')
+    return _finite(dict(settings=dict(settings or {}), models={r.label: r.to_dict() for r in results}))
+
+
+def write_report(report: Mapping[str, Any], path: str) -> str:
+    """Write the report as JSON atomically (temporary file, then `os.replace`); returns `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json_atomic(path, dict(_finite(report)))
+    return path
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: '  '.join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
+
+
+def _g(value: Optional[float]) -> str:
+    return '-' if value is None or (isinstance(value, float) and not math.isfinite(value)) else f'{value:.4g}'
+
+
+def _mean(values: List[float]) -> Optional[float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def format_table(results: Sequence[ModelDiagnostics], per_layer: bool = True) -> str:
+    """Summary table (one row per model), then each model's per-BN-layer variance shift."""
+    header = ['model', 'BN', 'shift mean', 'shift max', 'recal. mean', 'recal. max', 'dropouts', 'corr ratio',
+              'expected', 'MI ratio', 'expected', 'act.var first/last', 'cos sim last', 'grad norm first/last']
+    rows = []
+    for r in results:
+        vs, rc, sig, corr = r.variance_shift, r.variance_shift_recalibrated, r.signal, r.correlation
+        first, last = (sig.layers[0], sig.layers[-1]) if sig and sig.layers else (None, None)
+        rows.append([
+            r.label, len(vs.layers) if vs else 0,
+            _g(vs.mean_shift if vs else None), _g(vs.max_shift if vs else None),
+            _g(rc.mean_shift if rc else None), _g(rc.max_shift if rc else None),
+            len(corr), _g(_mean([c.corr_ratio for c in corr])), _g(_mean([c.corr_ratio_expected for c in corr])),
+            _g(_mean([c.mi_ratio for c in corr])),
+            _g(_mean([c.mi_ratio_expected for c in corr if c.mi_ratio_expected is not None])),
+            f'{_g(first.activation_variance)}/{_g(last.activation_variance)}' if first else '-',
+            _g(last.cosine_similarity) if last else '-',
+            f'{_g(first.grad_norm)}/{_g(last.grad_norm)}' if first else '-',
+        ])
+    parts = ['Summary (shift: mean over BN layers of the channel-mean shift; ratios: mean over dropout layers)',
+             _table(header, rows)]
+    if per_layer:
+        for r in results:
+            if not r.variance_shift:
+                continue
+            recal = {layer.name: layer for layer in r.variance_shift_recalibrated.layers} \
+                if r.variance_shift_recalibrated else {}
+            layer_rows = [[layer.name, layer.num_channels, _g(layer.shift), _g(layer.shift_max),
+                           _g(layer.real_var), _g(layer.moving_var),
+                           _g(recal[layer.name].shift) if layer.name in recal else '-']
+                          for layer in r.variance_shift.layers]
+            parts += ['', f'Variance shift per BN layer: {r.label}',
+                      _table(['BN layer', 'channels', 'shift (mean)', 'shift (max)', 'real var', 'moving var',
+                              'recalibrated'], layer_rows)]
+    for r in results:
+        parts += [f'note ({r.label}): {note}' for note in r.notes]
+    return '\n'.join(parts)

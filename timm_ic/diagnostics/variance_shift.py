@@ -1,0 +1,166 @@
+"""Variance shift (Li et al. 2019) and BatchNorm recalibration.
+
+Dropout scales a unit's training-time variance by about 1/p_keep (more with a non-zero mean). A BN layer after it
+accumulates that inflated variance as `running_var` and keeps dividing by it at test time, when dropout is off.
+Per BN layer and channel the shift is `max(real_var / moving_var, moving_var / real_var)`, where real_var is the
+variance the layer's input really has at test time: training data through the network in eval mode (dropout off,
+BN on its running statistics, weights frozen). 1 means no shift.
+"""
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._common import (
+    ChannelMoments, autocast_context, bn_layers, check_num_batches, is_dropout, iter_batches, model_device_dtype,
+    preserved,
+)
+
+__all__ = ['LayerShift', 'VarianceShift', 'variance_shift', 'recalibrate_bn']
+
+
+@dataclass
+class LayerShift:
+    """Variance shift of one BN layer. `shift` is the mean over channels of the per-channel shift."""
+    name: str
+    num_channels: int
+    shift: float
+    shift_median: float
+    shift_max: float
+    real_var: float  # mean over channels of the test-time variance of the layer's input
+    moving_var: float  # mean over channels of running_var
+    channel_shift: List[float] = field(repr=False)
+
+
+@dataclass
+class VarianceShift:
+    """Per-layer variance shift, BN layers in the order the forward pass runs them."""
+    layers: List[LayerShift]
+    num_batches: int
+    num_samples: int
+    skipped: List[str]  # BN layers without running statistics (track_running_stats=False): nothing to shift
+
+    @property
+    def mean_shift(self) -> float:
+        """Mean over layers of each layer's (channel-mean) shift."""
+        return sum(layer.shift for layer in self.layers) / len(self.layers)
+
+    @property
+    def max_shift(self) -> float:
+        return max(layer.shift for layer in self.layers)
+
+    @property
+    def worst_layer(self) -> str:
+        return max(self.layers, key=lambda layer: layer.shift).name
+
+    def summary(self) -> Dict[str, Any]:
+        return dict(mean_shift=self.mean_shift, max_shift=self.max_shift, worst_layer=self.worst_layer,
+                    num_layers=len(self.layers), num_batches=self.num_batches, num_samples=self.num_samples,
+                    skipped=list(self.skipped))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(summary=self.summary(), layers=[asdict(layer) for layer in self.layers])
+
+
+def _tracked_bn_layers(model: nn.Module) -> List[tuple]:
+    layers = bn_layers(model)
+    if not layers:
+        raise ValueError(
+            f'{type(model).__name__} has no BatchNorm layer (nn.modules.batchnorm._BatchNorm): variance shift and '
+            'BN recalibration apply only to BatchNorm models')
+    return layers
+
+
+@torch.no_grad()
+def variance_shift(
+        model: nn.Module,
+        loader: Iterable,
+        num_batches: int = 8,
+        autocast: bool = False,
+) -> VarianceShift:
+    """Measure every BN layer's variance shift on up to `num_batches` training batches.
+
+    The whole model runs in eval mode (dropout off, BN on running statistics) under `torch.no_grad`; hooks,
+    train/eval flags and all parameters and buffers are left as they were.
+    """
+    check_num_batches(num_batches)
+    layers = _tracked_bn_layers(model)
+    tracked = {m: name for name, m in layers if m.running_var is not None}
+    skipped = [name for name, m in layers if m.running_var is None]
+    if not tracked:
+        raise ValueError('no BatchNorm layer tracks running statistics (all have track_running_stats=False): '
+                         'they normalise with batch statistics at test time too, so there is no shift to measure')
+    moments: Dict[nn.Module, ChannelMoments] = {}  # insertion order = order of execution
+    device, dtype = model_device_dtype(model)
+    num_samples = batches = 0
+
+    def record_input(module: nn.Module, args: tuple) -> None:
+        moments.setdefault(module, ChannelMoments()).update(args[0])
+
+    with preserved(model) as handles:
+        model.eval()
+        handles.extend(m.register_forward_pre_hook(record_input) for m in tracked)
+        for inputs, _ in iter_batches(loader, num_batches, device, dtype):
+            with autocast_context(device, autocast):
+                model(inputs)
+            num_samples += inputs.shape[0]
+            batches += 1
+
+    if not moments:
+        raise RuntimeError('no BatchNorm layer ran in the forward pass: check that the loader feeds this model')
+    results = []
+    for m, mom in moments.items():
+        # BN divides by sqrt(var + eps): the shift its output sees is between the eps-padded variances
+        real = mom.var() + m.eps
+        moving = m.running_var.detach().double().to(real.device) + m.eps
+        ratio = real / moving
+        per_channel = torch.maximum(ratio, 1.0 / ratio)
+        results.append(LayerShift(
+            name=tracked[m], num_channels=per_channel.numel(), shift=per_channel.mean().item(),
+            shift_median=per_channel.median().item(), shift_max=per_channel.max().item(),
+            real_var=(real - m.eps).mean().item(), moving_var=(moving - m.eps).mean().item(),
+            channel_shift=per_channel.tolist()))
+    never_run = [name for m, name in tracked.items() if m not in moments]
+    return VarianceShift(layers=results, num_batches=batches, num_samples=num_samples, skipped=skipped + never_run)
+
+
+@torch.no_grad()
+def recalibrate_bn(
+        model: nn.Module,
+        loader: Iterable,
+        num_batches: int = 8,
+        dropout: bool = False,
+        autocast: bool = False,
+) -> nn.Module:
+    """Re-estimate every BN layer's running statistics on up to `num_batches` batches, in place; returns `model`.
+
+    Each BN restarts its statistics and takes the cumulative average of the batches (`momentum=None`), with
+    its original momentum restored afterwards. Only BN buffers change: no parameter, no other buffer.
+
+    `dropout=False` (Li et al.'s remedy) runs dropout layers, and every other module, in eval mode, so the new
+    statistics are the test-time ones. `dropout=True` keeps dropout layers on, which reproduces the statistics
+    training itself accumulates (e.g. to give an untrained model realistic running statistics).
+    """
+    check_num_batches(num_batches)
+    layers = [m for _, m in _tracked_bn_layers(model) if m.track_running_stats]
+    momenta = {m: m.momentum for m in layers}
+    device, dtype = model_device_dtype(model)
+    with preserved(model):
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the batches seen
+        try:
+            # Not torch.optim.swa_utils.update_bn: it calls model.train(), which turns dropout (and drop-path)
+            # on, so the statistics would carry dropout's variance again; it also restores only the top-level
+            # train/eval flag. Here only BN layers (and dropouts when asked) are in train mode.
+            for m in model.modules():
+                m.training = isinstance(m, _BatchNorm) or (dropout and is_dropout(m))
+            for inputs, _ in iter_batches(loader, num_batches, device, dtype):
+                with autocast_context(device, autocast):
+                    model(inputs)
+        finally:
+            for m, momentum in momenta.items():
+                m.momentum = momentum
+    return model
