@@ -13,6 +13,7 @@ Layout of a built network, in forward order (timm's model API on top):
     final      norm-act after the last stage for pre-activation placements (their blocks end on a conv)
     head_drop_pre, global_pool, head_drop, fc
 """
+import contextlib
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -352,8 +353,9 @@ def build_placed_net(
     stem = skeleton.stem
     stem_conv = _last_conv(stem)
     if not p.preact:
-        stem_slots = slots.sequence([s for s in p.post_slots if s != 'drop'], stem_conv.out_channels,
-                                    (id(stem_conv), 'post'), with_drop=False)
+        with _located(p, 'stem'):
+            stem_slots = slots.sequence([s for s in p.post_slots if s != 'drop'], stem_conv.out_channels,
+                                        (id(stem_conv), 'post'), with_drop=False)
         stem = nn.Sequential(OrderedDict([('conv', stem), *stem_slots.named_children()]))
     else:
         stem = nn.Sequential(OrderedDict([('conv', stem)]))
@@ -362,15 +364,14 @@ def build_placed_net(
     for si, stage_specs in enumerate(skeleton.stages):
         blocks = []
         for bi, spec in enumerate(stage_specs):
-            try:
+            with _located(p, f'stages.{si}.{bi}'):
                 blocks.append(_block(spec, p, slots))
-            except ValueError as e:  # name the layer the setting conflicts with
-                raise ValueError(f'placement {p} cannot apply at stages.{si}.{bi}: {e}') from None
         stages.append(nn.Sequential(*blocks))
 
     num_features = _num_features(stages, stem_conv)
     if p.preact:  # the blocks end on a conv: normalize before the head
-        final = slots.sequence([s for s in p.pre_slots if s != 'drop'], num_features, ('final', 'pre'), False)
+        with _located(p, 'final'):
+            final = slots.sequence([s for s in p.pre_slots if s != 'drop'], num_features, ('final', 'pre'), False)
     else:
         final = nn.Identity()
 
@@ -385,6 +386,15 @@ def build_placed_net(
                 _zero_init_last_norm(m)
     model.feature_info = _feature_info(model, in_chans, feature_input_size)
     return model
+
+
+@contextlib.contextmanager
+def _located(p: Placement, where: str):
+    """Name the layer a setting conflicts with (e.g. groups that do not divide its width)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f'placement {p} cannot apply at {where}: {e}') from None
 
 
 def _block(spec: BlockSpec, p: Placement, slots: _Slots) -> nn.Module:

@@ -1,0 +1,246 @@
+"""The rewriter: placement fidelity from what actually runs, kept weights, errors, meta device, sizes."""
+from typing import Dict, List
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import timm_ic
+from timm_ic import Placement, rewrite
+from timm_ic.layers import Uout
+from timm_ic.models import PlacedNet, ResidualBlock
+
+DROPOUTS = (nn.Dropout, Uout)
+NORMS = (nn.BatchNorm2d,)
+ACTS = (nn.ReLU,)
+POOLS = (nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+class DataFlow:
+    """Which module produced each module's input, recorded with forward hooks during one real forward pass.
+
+    Leaf modules only, Identity skipped (it passes its input through, so the producer stays the real one).
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self.names = {m: n for n, m in model.named_modules()}
+        self.producer_of_input: Dict[str, str] = {}
+        self.order: List[str] = []
+        produced_by: Dict[int, str] = {id(x): 'input'}
+        keep = [x]  # hold every tensor so ids are never reused
+        handles = []
+
+        def hook(module, args, output):
+            name = self.names[module]
+            self.order.append(name)
+            self.producer_of_input[name] = produced_by.get(id(args[0]), '?')
+            produced_by[id(output)] = name
+            keep.append(output)
+
+        for m in model.modules():
+            if not list(m.children()) and not isinstance(m, nn.Identity):
+                handles.append(m.register_forward_hook(hook))
+        model.train()
+        model(x)
+        for h in handles:
+            h.remove()
+        self.modules = {n: m for m, n in self.names.items()}
+
+    def producer(self, name: str) -> nn.Module:
+        return self.modules.get(self.producer_of_input[name])
+
+    def chain(self, name: str, length: int) -> List[nn.Module]:
+        """The modules that fed `name`, nearest first; pooling and flattening are looked through."""
+        out = []
+        while len(out) < length:
+            name = self.producer_of_input.get(name, '?')
+            module = self.modules.get(name)
+            if not isinstance(module, (*POOLS, nn.Flatten)):
+                out.append(module)
+        return out
+
+
+SKELETONS = {
+    'cifar_basic': lambda p: timm.create_model('cifar_resnet20', placement=p),
+    'cifar_bottleneck': lambda p: timm.create_model('cifar_resnet164', placement=p),
+    'timm_resnet18': lambda p: rewrite(timm.create_model('resnet18'), p),
+    'timm_resnet50': lambda p: rewrite(timm.create_model('resnet50'), p),
+    'timm_resnetv2_50': lambda p: rewrite(timm.create_model('resnetv2_50'), p),
+    'densenet_bc': lambda p: timm.create_model('cifar_densenet_bc100', placement=p),
+}
+
+
+def run(skeleton: str, placement: str) -> (nn.Module, DataFlow):
+    torch.manual_seed(0)
+    model = SKELETONS[skeleton](placement)
+    size = 32 if skeleton.startswith(('cifar', 'densenet')) else 64
+    return model, DataFlow(model, torch.randn(2, 3, size, size))
+
+
+def weight_layers(model: nn.Module, flow: DataFlow):
+    stem = {n for n, _ in model.stem.named_modules(prefix='stem')}
+    return [n for n in flow.order if isinstance(flow.modules[n], (nn.Conv2d, nn.Linear)) and n not in stem]
+
+
+@pytest.mark.parametrize('skeleton', list(SKELETONS))
+def test_ic_every_weight_layer_but_the_stem_follows_act_norm_drop(skeleton):
+    model, flow = run(skeleton, 'ic')
+    layers = weight_layers(model, flow)
+    assert len(layers) > 10
+    for name in layers:
+        drop, norm, act = flow.chain(name, 3)  # the head pools between norm and dropout: looked through
+        assert isinstance(drop, nn.Dropout), (name, drop)
+        assert isinstance(norm, NORMS), (name, norm)
+        assert isinstance(act, ACTS), (name, act)
+
+
+@pytest.mark.parametrize('skeleton', ['cifar_basic', 'cifar_bottleneck', 'timm_resnet50', 'timm_resnetv2_50'])
+def test_kim_one_dropout_per_branch_after_last_norm_act_before_last_conv(skeleton):
+    model, flow = run(skeleton, 'kim')
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ResidualBlock)]
+    assert blocks
+    for block_name, block in blocks:
+        drops = [n for n in flow.order if n.startswith(block_name + '.') and isinstance(flow.modules[n], DROPOUTS)]
+        assert len(drops) == 1, (block_name, drops)
+        last_conv = f'{block_name}.units.{len(block.units) - 1}.conv'
+        drop, act, norm = flow.chain(last_conv, 3)
+        assert drop is flow.modules[drops[0]]
+        assert isinstance(act, ACTS) and isinstance(norm, NORMS)
+        later_norms = [n for n in flow.order[flow.order.index(drops[0]):]
+                       if n.startswith(block_name + '.') and isinstance(flow.modules[n], NORMS)]
+        assert not later_norms, f'{block_name}: a norm runs after the dropout inside the branch'
+    # head: dropout on the feature map, before global pooling
+    assert flow.producer('global_pool.pool') is model.head_drop_pre and isinstance(model.head_drop_pre, nn.Dropout)
+
+
+@pytest.mark.parametrize('skeleton', ['cifar_basic', 'timm_resnet50', 'densenet_bc'])
+def test_after_bn_no_dropout_runs_before_any_norm(skeleton):
+    model, flow = run(skeleton, 'after_bn')
+    norms = [i for i, n in enumerate(flow.order) if isinstance(flow.modules[n], NORMS)]
+    drops = [i for i, n in enumerate(flow.order) if isinstance(flow.modules[n], DROPOUTS)]
+    assert drops and norms and max(norms) < min(drops)
+    assert flow.producer('fc') is model.head_drop
+
+
+@pytest.mark.parametrize('skeleton', ['cifar_basic', 'cifar_bottleneck', 'timm_resnet18'])
+def test_before_bn_dropout_feeds_the_last_norm_of_each_block(skeleton):
+    model, flow = run(skeleton, 'before_bn')
+    for block_name, block in model.named_modules():
+        if isinstance(block, ResidualBlock):
+            last = f'{block_name}.units.{len(block.units) - 1}'
+            assert isinstance(flow.producer(f'{last}.post.norm'), nn.Dropout)
+            assert flow.producer(f'{last}.post.drop') is flow.modules[f'{last}.conv']
+
+
+def test_uout_placement_puts_uout_in_the_drop_slots():
+    model, flow = run('densenet_bc', 'pre:drop=uout,beta=0.1')
+    convs = weight_layers(model, flow)
+    assert all(isinstance(flow.producer(n), Uout) for n in convs if isinstance(flow.modules[n], nn.Conv2d))
+
+
+def test_post_rewrite_of_timm_resnet_is_exact():
+    torch.manual_seed(0)
+    source = timm.create_model('resnet50').eval()
+    model = rewrite(source, 'post').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+
+
+def test_pre_rewrite_of_timm_resnetv2_matches():
+    torch.manual_seed(0)
+    source = timm.create_model('resnetv2_50').eval()
+    for m in source.modules():  # non-trivial statistics, so that kept norms matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    model = rewrite(source, 'pre').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=1e-4, atol=1e-4)
+
+
+def test_rewrite_keeps_every_conv_and_the_classifier():
+    source = timm.create_model('resnet50')
+    model = rewrite(source, 'ic')
+    kept = {id(p) for p in model.parameters()}
+    convs = [m for m in source.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 53 and all(id(c.weight) in kept for c in convs)
+    assert model.fc is source.fc
+    # norms moved to the input side of each conv: new, fresh statistics
+    assert model.stages[0][0].units[0].pre.norm.num_features == 64
+    assert model.stages[0][0].units[0].pre.norm.running_var.eq(1).all()
+
+
+def test_rewrite_chain_round_trips_weights():
+    model = timm.create_model('cifar_resnet20')
+    convs = [id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    twice = rewrite(rewrite(model, 'ic'), 'post')
+    assert [id(m.weight) for m in twice.modules() if isinstance(m, nn.Conv2d)] == convs
+    assert str(twice.placement) == 'post'
+
+
+def test_rewritten_model_keeps_timm_api():
+    source = timm.create_model('resnet18', num_classes=7)
+    model = rewrite(source, 'kim')
+    x = torch.randn(2, 3, 64, 64)
+    assert model.forward_head(model.forward_features(x)).shape == (2, 7)
+    assert model.get_classifier() is model.fc and model.pretrained_cfg['classifier'] == 'fc'
+    assert model.pretrained_cfg['first_conv'] == 'stem.conv' and model.pretrained_cfg['architecture'] == 'resnet18'
+    assert [f['reduction'] for f in model.feature_info] == [2, 4, 8, 16, 32]
+    model.set_grad_checkpointing(True)
+    model.train()(x).mean().backward()
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+
+
+def test_rewrite_works_on_meta_device():
+    with torch.device('meta'):
+        source = timm.create_model('resnet152')
+    model = rewrite(source, 'ic:drop=uout,beta=0.2')
+    assert {p.device.type for p in model.parameters()} == {'meta'}
+    assert model(torch.empty(1, 3, 224, 224, device='meta')).shape == (1, 1000)
+
+
+def test_unsupported_model_names_the_supported_families():
+    with pytest.raises(ValueError, match='supported families: timm ResNet'):
+        rewrite(nn.Sequential(nn.Conv2d(3, 8, 3)), 'ic')
+    with torch.device('meta'):
+        vit = timm.create_model('vit_tiny_patch16_224')
+    with pytest.raises(ValueError, match='VisionTransformer'):
+        rewrite(vit, 'ic')
+
+
+def test_unsupported_block_features_are_refused_not_skipped():
+    with torch.device('meta'):
+        source = timm.create_model('resnet18', drop_block_rate=0.1)
+    with pytest.raises(ValueError, match='DropBlock'):
+        rewrite(source, 'ic')
+
+
+def test_placement_that_cannot_apply_names_the_setting_and_layer():
+    with pytest.raises(ValueError, match=r'cannot apply at stem: groups=48 does not divide 64 channels'):
+        rewrite(timm.create_model('resnet18'), 'post:norm=groupnorm,groups=48')
+    with pytest.raises(ValueError, match=r'cannot apply at stages\.0\.0: groups=48 does not divide 64 channels'):
+        rewrite(timm.create_model('resnet18'), 'pre:norm=groupnorm,groups=48')
+
+
+BASELINES = {
+    **{f'ic_resnet{d}': f'resnet{d}' for d in (18, 34, 50, 101, 152)},
+    'kim_resnet50': 'resnet50',
+    'uout_densenet121': 'densenet121',
+    **{f'ic_resnet{d}': f'cifar_resnet{d}' for d in (20, 56, 110, 164)},
+    **{f'cifar_preresnet{d}': f'cifar_resnet{d}' for d in (20, 56, 110, 164)},
+    'kim_preresnet110': 'cifar_resnet110',
+    **{f'{p}_wrn28_10': 'cifar_wrn28_10' for p in ('ic', 'kim', 'uout')},
+    'uout_densenet_bc100': 'cifar_densenet_bc100',
+}
+
+
+@pytest.mark.parametrize('name, baseline', sorted(BASELINES.items()))
+def test_parameter_count_within_one_percent_of_baseline(name, baseline):
+    with torch.device('meta'):
+        n = sum(p.numel() for p in timm.create_model(name).parameters())
+        b = sum(p.numel() for p in timm.create_model(baseline).parameters())
+    assert abs(n - b) / b < 0.01, (n, b)
