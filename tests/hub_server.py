@@ -255,9 +255,11 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(repo_id)
         if repo is None:
             return
+        if repo.resolve(revision) is None:
+            return self._error(404, f'Invalid rev id: {revision}', 'RevisionNotFound')
         files = [{'path': f['path'], 'uploadMode': 'lfs' if f['path'].endswith(_LFS_SUFFIXES) else 'regular',
                   'shouldIgnore': False, 'oid': None} for f in payload.get('files', [])]
-        return self._json(200, {'files': files, 'commitOid': repo.resolve('main')})
+        return self._json(200, {'files': files, 'commitOid': repo.resolve(revision)})
 
     def _lfs_batch(self, repo_id: str) -> None:
         payload = json.loads(self._body() or b'{}')

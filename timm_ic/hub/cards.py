@@ -284,6 +284,7 @@ def render_card(
         versions: Optional[Dict[str, str]] = None,
         registered_by_timm_ic: bool = True,
         run_status: Optional[str] = None,
+        load_kwargs: str = '',
 ) -> str:
     """The model card (README.md text) of one export, from hub_cards/template.md.
 
@@ -355,6 +356,7 @@ def render_card(
         metrics_text=metrics_text,
         eval_split=eval_split,
         load_name=load_name or f'hf-hub:{repo_name}',
+        load_kwargs=load_kwargs,
         feature_channels=feature_channels or 'per stage',
         recipe_text=_recipe_text(recipe, args),
         citations=[cards['papers'][p] for p in paper_ids if p in cards['papers']],

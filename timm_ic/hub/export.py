@@ -262,6 +262,34 @@ def _write_folder_atomically(out_dir: Path, write, overwrite: bool) -> None:
         raise
 
 
+def _check_tag_fits(tag: str, model: nn.Module, pretrained_cfg: Dict[str, Any], placement: Optional[str]) -> str:
+    """Weights published as a registry tag are loaded into `timm.create_model('<arch>.<tag>')`: the tag's
+    hub_cards cfg must describe them, and the architecture's default build must hold the same tensors.
+    Returns the extra create_model kwargs the card's examples need (the placement, when not the default)."""
+    import timm
+    from .cards import pretrained_cfgs
+    arch, _, tag_name = tag.partition('.')
+    tag_cfg = pretrained_cfgs(arch)[tag_name]
+    def as_tuple(value: Any) -> Any:
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+    for key in ('num_classes', 'input_size', 'mean', 'std'):
+        if key in tag_cfg and as_tuple(tag_cfg[key]) != as_tuple(pretrained_cfg.get(key)):
+            raise ValueError(f'{tag}: hub_cards gives {key}={tag_cfg[key]}, these weights have '
+                             f'{pretrained_cfg.get(key)}; fix the tag\'s dataset or cfg in models.yaml, or publish '
+                             'under a repo id without --tag (loaded with hf-hub:)')
+    default = timm.create_model(arch, num_classes=pretrained_cfg['num_classes'],
+                                in_chans=pretrained_cfg['input_size'][0])
+    expected = {k: tuple(v.shape) for k, v in default.state_dict().items()}
+    if expected != {k: tuple(v.shape) for k, v in model.state_dict().items()}:
+        raise ValueError(f'{tag} loads {arch} with its default placement {getattr(default, "placement", None)}, '
+                         f'whose tensors differ from these weights (placement {placement}); publish them under a '
+                         'repo id without --tag: hf-hub: loading rebuilds their exact placement')
+    default_placement = getattr(default, 'placement', None)
+    if placement and default_placement is not None and str(default_placement) != placement:
+        return f", placement='{placement}'"
+    return ''
+
+
 def export(
         model_or_run_dir: Union[nn.Module, str, Path],
         out_dir: Union[str, Path],
@@ -366,6 +394,7 @@ def export(
     placement_words = placement_obj.describe() if hasattr(placement_obj, 'describe') else (
         f'`{placement}`' if placement else 'timm\'s own layout of this architecture (no timm-ic placement)')
     repo_name = repo_id or tag or Path(out_dir).name
+    load_kwargs = _check_tag_fits(tag, model, pretrained_cfg, placement) if tag else ''
 
     stats = count_model_stats(model, pretrained_cfg['input_size'])
     card = render_card(
@@ -373,7 +402,7 @@ def export(
         stats=stats, input_size=pretrained_cfg['input_size'], num_classes=int(model.num_classes),
         feature_channels=_feature_channels(model), dataset=dataset_info, metrics=metrics, recipe=recipe,
         args=args, license=license, load_name=tag or (f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME'),
-        registered_by_timm_ic=type(model).__module__.startswith('timm_ic'),
+        registered_by_timm_ic=type(model).__module__.startswith('timm_ic'), load_kwargs=load_kwargs,
         description=description, versions=run.get('versions'), run_status=run.get('status'), eval_split=eval_split,
     )
     from timm_ic import __version__ as timm_ic_version

@@ -1,0 +1,455 @@
+"""Hub: export (safetensors + config.json + card), push, and pretrained loading, offline.
+
+A tiny ic_resnet20 is trained for a few SGD steps on the embedded digits and written as a train.py run folder.
+In-process tests check the export, its card, `local-dir:` loading and the error messages. The Hub tests
+push to `hub_server.FakeHub` (a loopback server speaking the Hub's HTTP protocol) from a fresh process,
+because huggingface_hub reads HF_ENDPOINT / HF_HUB_CACHE / HF_HUB_OFFLINE / HF_HUB_DISABLE_XET at import.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from huggingface_hub import ModelCard
+
+import timm_ic
+import timm_ic.hub as hub
+from hub_server import FakeHub, _model_index_errors
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARCH = 'ic_resnet20'
+PLACEMENT = 'ic:drop=uout,beta=0.1'
+TAG = f'{ARCH}.demo_digits'
+INPUT_SIZE = (1, 16, 16)
+
+
+def _digits_tensors(split: str):
+    from timm_ic.data import DigitsDataset
+    ds = DigitsDataset(split)
+    x = torch.tensor(ds.images, dtype=torch.float32).unsqueeze(1) / 255.0
+    x = F.interpolate(x, size=INPUT_SIZE[1:], mode='bilinear', align_corners=False)
+    return (x - 0.3053) / 0.3759, torch.tensor(ds.targets)
+
+
+def _folder_digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory) -> Path:
+    """A train.py-style run folder: run.json (schema timm_ic.run_record/1 subset) + best.safetensors, plus
+    reference inputs and logits of the trained model."""
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, num_classes=10, in_chans=1, placement=PLACEMENT)
+    x, y = _digits_tensors('train')
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for step in range(8):
+        idx = torch.randint(0, len(y), (64,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    xv, yv = _digits_tensors('val')
+    with torch.no_grad():
+        logits = model(xv)
+    top5 = logits.topk(5, dim=1).indices
+    top1_acc = (top5[:, 0] == yv).float().mean().item() * 100
+    top5_acc = (top5 == yv[:, None]).any(dim=1).float().mean().item() * 100
+    out = tmp_path_factory.mktemp('run')
+    safetensors.torch.save_file(model.state_dict(), str(out / 'best.safetensors'))
+    record = {
+        'schema': 'timm_ic.run_record/1', 'status': 'finished', 'model': ARCH, 'placement': str(model.placement),
+        'model_args': {'num_classes': 10, 'in_chans': 1, 'placement': PLACEMENT},
+        'num_classes': 10, 'in_chans': 1, 'label_names': [str(i) for i in range(10)],
+        'pretrained_cfg': dict(model.pretrained_cfg),
+        'data_config': {'input_size': list(INPUT_SIZE), 'interpolation': 'bilinear', 'mean': [0.3053],
+                        'std': [0.3759], 'crop_pct': 1.0, 'crop_mode': 'center'},
+        'dataset': {'name': 'digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation'},
+        'recipe': {'name': 'digits_demo', 'path': str(out / 'digits_demo.yaml'), 'values': {'lr': 0.05}},
+        'args': {'model': ARCH, 'lr': 0.05, 'output': str(out)},
+        'versions': {'timm': timm.__version__, 'torch': torch.__version__},
+        'best': {'epoch': 1, 'eval_top1': top1_acc, 'eval_top5': top5_acc, 'eval_loss': 1.0},
+    }
+    (out / 'run.json').write_text(json.dumps(record))
+    safetensors.torch.save_file({'x': xv[:16].contiguous(), 'logits': logits[:16].contiguous()},
+                                str(out / 'reference.safetensors'))
+    return out
+
+
+@pytest.fixture(scope='module')
+def reference(run_dir):
+    return safetensors.torch.load_file(str(run_dir / 'reference.safetensors'))
+
+
+@pytest.fixture(scope='module')
+def exported(run_dir, tmp_path_factory) -> Path:
+    return hub.export(run_dir, tmp_path_factory.mktemp('exports') / 'ic20', repo_id='testorg/ic_resnet20-digits')
+
+
+# ------------------------------------------------------------------------------------------------------------
+# export and card
+# ------------------------------------------------------------------------------------------------------------
+
+def test_export_config_rebuilds_the_exact_model(exported, run_dir):
+    assert sorted(p.name for p in exported.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((exported / 'config.json').read_text())
+    assert config['architecture'] == ARCH and config['num_classes'] == 10
+    assert config['label_names'] == [str(i) for i in range(10)]
+    placement = timm_ic.Placement.parse(config['model_args']['placement'])
+    assert placement == timm_ic.Placement.parse(PLACEMENT) and placement.drop == 'uout'
+    # only real PretrainedCfg fields: timm raises TypeError on others
+    fields = {f.name for f in dataclasses.fields(timm.models.PretrainedCfg)}
+    assert set(config['pretrained_cfg']) <= fields
+    assert config['pretrained_cfg']['input_size'] == list(INPUT_SIZE)
+    assert config['pretrained_cfg']['mean'] == [0.3053]
+    assert config['pretrained_cfg']['hf_hub_filename'] == 'model.safetensors'
+    # the weights are the run's, bit for bit
+    saved = safetensors.torch.load_file(str(exported / 'model.safetensors'))
+    trained = safetensors.torch.load_file(str(run_dir / 'best.safetensors'))
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+
+
+def test_card_parses_and_holds_only_measured_numbers(exported, run_dir):
+    text = (exported / 'README.md').read_text()
+    card = ModelCard(text)
+    record = json.loads((run_dir / 'run.json').read_text())
+    assert card.data.library_name == 'timm' and card.data.pipeline_tag == 'image-classification'
+    assert {'image-classification', 'timm', 'timm_ic', 'placement-ic'} <= set(card.data.tags)
+    assert card.data.license == 'apache-2.0'
+    assert card.data.datasets is None  # the digits are not a Hub dataset: no made-up id
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {'accuracy': round(record['best']['eval_top1'], 3),
+                       'top_5_accuracy': round(record['best']['eval_top5'], 3)}
+    assert _model_index_errors(card.data.to_dict()['model-index']) == []
+    model = timm.create_model(ARCH, num_classes=10, in_chans=1, placement=PLACEMENT)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    assert f'Params (M): {params_m:.3g}' in text
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, *INPUT_SIZE))
+    assert f'GMACs: {counter.get_total_flops() / 2e9:.3g}' in text
+    assert f'`{timm_ic.Placement.parse(PLACEMENT)}`' in text and model.placement.describe() in text
+    usage = text[text.index('## Model Usage'):]
+    assert usage.index('import timm_ic') < usage.index("timm.create_model('hf-hub:testorg/ic_resnet20-digits'")
+    for section in ('## Model Details', '### Feature Map Extraction', '### Image Embeddings',
+                    '## Training Recipe', '## Citation', 'arXiv:1905.05928'):
+        assert section in text
+    assert str(run_dir) not in text  # no local paths in a public card
+
+
+def test_card_names_real_hub_dataset(tmp_path):
+    model = timm.create_model(ARCH, num_classes=10)
+    out = hub.export(model, tmp_path / 'c10', dataset='c10', metrics={'top1': 12.5, 'top5': 51.0})
+    card = ModelCard((out / 'README.md').read_text())
+    assert card.data.datasets == ['uoft-cs/cifar10']
+    assert card.data.eval_results[0].dataset_type == 'uoft-cs/cifar10'
+    # no run record, no numbers: an export without metrics has no model-index
+    bare = hub.export(model, tmp_path / 'bare')
+    assert ModelCard((bare / 'README.md').read_text()).data.eval_results is None
+
+
+def test_export_is_atomic(exported, tmp_path, monkeypatch):
+    # a folder that is not an export is never replaced
+    other = tmp_path / 'notes'
+    other.mkdir()
+    (other / 'keep.txt').write_text('mine')
+    model = timm.create_model(ARCH, num_classes=10)
+    with pytest.raises(FileExistsError, match='holds no export'):
+        hub.export(model, other)
+    assert (other / 'keep.txt').read_text() == 'mine'
+    # a failure while writing leaves the previous export as it was, and no temporary folder behind
+    target = tmp_path / 'export'
+    hub.export(model, target)
+    before = _folder_digest(target)
+
+    def broken_save(*args, **kwargs):
+        raise OSError('disk full')
+    monkeypatch.setattr(safetensors.torch, 'save_file', broken_save)
+    with pytest.raises(OSError, match='disk full'):
+        hub.export(timm.create_model(ARCH, num_classes=10), target)
+    assert _folder_digest(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['export', 'notes']
+
+
+def test_run_record_errors_name_the_file(run_dir, tmp_path):
+    with pytest.raises(hub.RunRecordError, match='run.json not found'):
+        hub.export(tmp_path, tmp_path / 'out')
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    (bad / 'run.json').write_text('{"model": ')
+    with pytest.raises(hub.RunRecordError, match=r'run\.json is not valid JSON'):
+        hub.read_run(bad)
+    (bad / 'run.json').write_text('{"model": "ic_resnet20"}')
+    with pytest.raises(hub.RunRecordError, match='no weights'):
+        hub.read_run(bad)
+    # weights of another model than the record says
+    (bad / 'run.json').write_text(json.dumps({'model': 'ic_resnet56', 'num_classes': 10, 'in_chans': 1}))
+    (bad / 'best.safetensors').write_bytes((run_dir / 'best.safetensors').read_bytes())
+    with pytest.raises(hub.RunRecordError, match=r'best\.safetensors does not match'):
+        hub.export(bad, tmp_path / 'out')
+
+
+# ------------------------------------------------------------------------------------------------------------
+# local-dir loading and its errors
+# ------------------------------------------------------------------------------------------------------------
+
+def test_local_dir_rebuilds_model_with_timm_options(exported, reference):
+    model = timm.create_model(f'local-dir:{exported}', pretrained=True).eval()
+    assert model.placement == timm_ic.Placement.parse(PLACEMENT)
+    assert model.pretrained_cfg['label_names'] == [str(i) for i in range(10)]
+    with torch.no_grad():
+        assert torch.allclose(model(reference['x']), reference['logits'], atol=1e-5)
+    # a new head: the classifier is re-initialised, everything else is the export's
+    five = timm.create_model(f'local-dir:{exported}', pretrained=True, num_classes=5)
+    assert five.get_classifier().out_features == 5
+    assert torch.equal(five.stem.conv.weight, model.stem.conv.weight)
+    # 3 input channels from 1: timm adapts the first conv (repeats and rescales it)
+    rgb = timm.create_model(f'local-dir:{exported}', pretrained=True, in_chans=3).eval()
+    with torch.no_grad():
+        assert torch.allclose(rgb(reference['x'].expand(-1, 3, -1, -1)), reference['logits'], atol=1e-4)
+    features = timm.create_model(f'local-dir:{exported}', pretrained=True, features_only=True).eval()
+    with torch.no_grad():
+        maps = features(reference['x'])
+        expected = model.forward_intermediates(reference['x'], intermediates_only=True)
+    assert len(maps) == len(expected) and all(torch.allclose(a, b) for a, b in zip(maps, expected))
+
+
+@pytest.fixture
+def broken_copy(exported, tmp_path):
+    copy = tmp_path / 'copy'
+    copy.mkdir()
+    for p in exported.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    return copy
+
+
+def test_truncated_weights_name_the_file(broken_copy):
+    weights = broken_copy / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(hub.PretrainedWeightsError, match='corrupt or truncated') as e:
+        hub.create_model(f'local-dir:{broken_copy}', pretrained=True)
+    assert str(weights) in str(e.value)
+    # timm.create_model reaches timm-ic's entrypoint, which gives the same message
+    with pytest.raises(hub.PretrainedWeightsError, match='corrupt or truncated') as e:
+        timm.create_model(f'local-dir:{broken_copy}', pretrained=True)
+    assert str(weights) in str(e.value)
+
+
+def test_unknown_architecture_and_shape_mismatch_are_explained(broken_copy):
+    config_path = broken_copy / 'config.json'
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, 'architecture': 'no_such_net'}))
+    with pytest.raises(hub.PretrainedWeightsError, match="'no_such_net', which is not registered") as e:
+        hub.create_model(f'local-dir:{broken_copy}', pretrained=True)
+    assert str(config_path) in str(e.value)
+    # weights of a ResNet-20 under a config that says ResNet-56
+    config_path.write_text(json.dumps({**config, 'architecture': 'ic_resnet56'}))
+    for create in (hub.create_model, timm.create_model):
+        with pytest.raises(hub.PretrainedWeightsError, match='does not fit the model ic_resnet56') as e:
+            create(f'local-dir:{broken_copy}', pretrained=True)
+        assert str(broken_copy / 'model.safetensors') in str(e.value)
+
+
+def test_only_safetensors_are_loaded(broken_copy, tmp_path):
+    (broken_copy / 'model.safetensors').rename(broken_copy / 'pytorch_model.bin')
+    with pytest.raises(hub.PretrainedWeightsError, match='safetensors only'):
+        timm.create_model(f'local-dir:{broken_copy}', pretrained=True)
+    with pytest.raises(hub.PretrainedWeightsError, match='safetensors only'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.pth')))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pretrained tags from hub_cards
+# ------------------------------------------------------------------------------------------------------------
+
+def _write_cards(folder: Path, published: bool = False) -> Path:
+    cards = yaml.safe_load((REPO_ROOT / 'hub_cards' / 'models.yaml').read_text())
+    cards['models'] = {TAG: {'hf_hub_id': 'ic20-digits', 'published': published, 'dataset': 'digits',
+                             'recipe': 'digits_demo', 'license': 'apache-2.0'}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'models.yaml').write_text(yaml.safe_dump(cards))
+    return folder
+
+
+def test_pretrained_cfgs_follow_hub_cards_and_namespace(tmp_path, monkeypatch):
+    monkeypatch.setenv(hub.HUB_CARDS_ENV, str(_write_cards(tmp_path / 'cards')))
+    monkeypatch.delenv(hub.HUB_NAMESPACE_ENV, raising=False)
+    cfg = hub.pretrained_cfgs(ARCH)['demo_digits']
+    assert 'hf_hub_id' not in cfg  # never published: no hub id
+    assert cfg['input_size'] == INPUT_SIZE and cfg['num_classes'] == 10 and cfg['mean'] == (0.3053,)
+    monkeypatch.setenv(hub.HUB_NAMESPACE_ENV, 'my-team')  # read at call time
+    cfg = hub.pretrained_cfgs(ARCH)['demo_digits']
+    assert cfg['hf_hub_id'] == 'my-team/ic20-digits' and cfg['hf_hub_filename'] == 'model.safetensors'
+    assert hub.hub_repo_id(TAG) == 'my-team/ic20-digits'
+    monkeypatch.delenv(hub.HUB_NAMESPACE_ENV)
+    monkeypatch.setenv(hub.HUB_CARDS_ENV, str(_write_cards(tmp_path / 'published', published=True)))
+    assert hub.pretrained_cfgs(ARCH)['demo_digits']['hf_hub_id'] == 'timm-ic/ic20-digits'
+    assert hub.pretrained_cfgs('ic_resnet56') == {}
+    # a typo in the cards file is an error naming the file and the entry
+    cards = yaml.safe_load((tmp_path / 'published' / 'models.yaml').read_text())
+    cards['models'][TAG]['datset'] = 'digits'
+    (tmp_path / 'published' / 'models.yaml').write_text(yaml.safe_dump(cards))
+    with pytest.raises(ValueError, match=r"models\.yaml has problems:\n  ic_resnet20\.demo_digits: unknown fields"):
+        hub.pretrained_cfgs(ARCH)
+
+
+def test_repository_hub_cards_are_valid_and_registered():
+    cards = hub.load_hub_cards()
+    for name, entry in cards['models'].items():
+        arch = name.split('.')[0]
+        assert timm.is_model(arch), f'{name}: {arch} is not a registered model'
+        hub_id = cards['datasets'][entry['dataset']]['hub_id']
+        assert hub_id is None or hub_id.count('/') == 1
+        assert set(hub.cards.papers_for(arch)) <= set(cards['papers'])
+        # the registry's tags are exactly hub_cards' (the model files build their cfgs from it)
+        assert name in timm.list_models(arch, include_tags=True), f'{name} is not in timm registry'
+        assert entry['published'] or name not in timm.list_pretrained(arch) or os.environ.get(hub.HUB_NAMESPACE_ENV)
+
+
+def test_unpublished_tag_fails_at_once_saying_how_to_get_weights():
+    with pytest.raises(hub.PretrainedWeightsError) as e:
+        timm.create_model('ic_resnet50.sgd90_in1k', pretrained=True)
+    message = str(e.value)
+    assert 'never published' in message and 'train.py' in message and 'timm-ic push' in message
+    assert 'pretrained_cfg_overlay=dict(file=' in message and hub.HUB_NAMESPACE_ENV in message
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the Hub, end to end, in fresh processes
+# ------------------------------------------------------------------------------------------------------------
+
+_HUB_SCRIPT = textwrap.dedent('''
+    import json, sys, traceback
+    from pathlib import Path
+    import safetensors.torch, timm, torch
+    import timm_ic, timm_ic.hub as hub
+    export_dir, repo_id, dead_endpoint, out_file = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    ref = safetensors.torch.load_file(sys.argv[5])
+    results = {}
+
+    def logits_match(model):
+        with torch.no_grad():
+            return bool(torch.allclose(model.eval()(ref['x']), ref['logits'], atol=1e-5))
+
+    def attempt(key, fn):
+        try:
+            results[key] = fn()
+        except Exception as e:
+            results[key] = {'error': type(e).__name__, 'message': str(e)}
+
+    if sys.argv[6] == 'online':
+        attempt('push', lambda: hub.push(export_dir, repo_id).oid)
+        attempt('push_pr', lambda: hub.push(export_dir, repo_id, create_pr=True).pr_revision)
+        attempt('down', lambda: hub.push(export_dir, 'testorg/other', endpoint=dead_endpoint))
+        attempt('unauthorized', lambda: hub.push(export_dir, 'testorg/other', token='hf_wrong'))
+        attempt('no_revision', lambda: hub.push(export_dir, repo_id, revision='no-such-branch'))
+    attempt('by_tag', lambda: logits_match(timm.create_model('ic_resnet20.demo_digits', pretrained=True)))
+    attempt('by_hf_hub', lambda: logits_match(timm.create_model(f'hf-hub:{repo_id}', pretrained=True)))
+    attempt('hf_hub_new_head', lambda: timm.create_model(f'hf-hub:{repo_id}', pretrained=True,
+                                                         num_classes=3).get_classifier().out_features)
+    attempt('hf_hub_features', lambda: len(timm.create_model(f'hf-hub:{repo_id}', pretrained=True,
+                                                             features_only=True)(ref['x'])))
+    attempt('missing_repo', lambda: hub.create_model('hf-hub:testorg/never-pushed', pretrained=True))
+    Path(out_file).write_text(json.dumps(results))
+''')
+
+
+def _run_hub_script(tmp: Path, env_extra: dict, mode: str, export_dir: Path, reference_file: Path,
+                    dead_endpoint: str = 'http://127.0.0.1:9') -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING'))}
+    env.update({'HF_HUB_DISABLE_XET': '1', 'HF_HUB_CACHE': str(tmp / 'cache'), 'HF_HOME': str(tmp / 'home'),
+                'HF_HUB_DISABLE_TELEMETRY': '1', 'HF_HUB_DISABLE_PROGRESS_BARS': '1', **env_extra})
+    out_file = tmp / f'results-{mode}.json'
+    proc = subprocess.run(
+        [sys.executable, '-c', _HUB_SCRIPT, str(export_dir), 'testorg/ic20-digits', dead_endpoint, str(out_file),
+         str(reference_file), mode],
+        env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {**json.loads(out_file.read_text()), '_stdout': proc.stdout}
+
+
+@pytest.fixture(scope='module')
+def hub_session(run_dir, tmp_path_factory):
+    """Push the run to a fake Hub and load it back, online; then offline with the server stopped."""
+    tmp = tmp_path_factory.mktemp('hub')
+    cards = _write_cards(tmp / 'cards')
+    export_dir = hub.export(run_dir, tmp / 'export', repo_id='testorg/ic20-digits', tag=TAG)
+    with socket.socket() as s:  # a port nothing listens on: the 'network down' case
+        s.bind(('127.0.0.1', 0))
+        dead_endpoint = f'http://127.0.0.1:{s.getsockname()[1]}'
+    env = {hub.HUB_CARDS_ENV: str(cards), hub.HUB_NAMESPACE_ENV: 'testorg', 'HF_TOKEN': 'hf_fake_token'}
+    before = _folder_digest(export_dir)
+    with FakeHub(token='hf_fake_token') as server:
+        online = _run_hub_script(tmp, {**env, 'HF_ENDPOINT': server.url}, 'online', export_dir,
+                                 run_dir / 'reference.safetensors', dead_endpoint)
+        files = server.files('testorg/ic20-digits')
+        num_commits = len(server.repos['testorg/ic20-digits'].commits)
+        endpoint = server.url
+    # the server is gone: everything must come from the cache
+    offline = _run_hub_script(tmp, {**env, 'HF_ENDPOINT': endpoint, 'HF_HUB_OFFLINE': '1'}, 'offline',
+                              export_dir, run_dir / 'reference.safetensors')
+    return {'online': online, 'offline': offline, 'files': files, 'num_commits': num_commits,
+            'export_dir': export_dir, 'export_before': before}
+
+
+def test_push_then_load_by_registry_tag_and_hf_hub(hub_session):
+    online, files = hub_session['online'], hub_session['files']
+    assert isinstance(online['push'], str) and len(online['push']) == 40, online['push']
+    assert f"commit {online['push']}" in online['_stdout'] and '/testorg/ic20-digits' in online['_stdout']
+    export_dir = hub_session['export_dir']
+    assert {k: files[k] for k in ('model.safetensors', 'config.json', 'README.md')} == {
+        p.name: p.read_bytes() for p in export_dir.iterdir()}
+    assert online['push_pr'] == 'refs/pr/1'
+    assert online['by_tag'] is True, online['by_tag']
+    assert online['by_hf_hub'] is True, online['by_hf_hub']
+    assert online['hf_hub_new_head'] == 3 and online['hf_hub_features'] == 4
+    assert online['missing_repo']['error'] == 'PretrainedWeightsError'
+    assert 'hf-hub:testorg/never-pushed' in online['missing_repo']['message']
+
+
+def test_push_failures_say_why_and_keep_the_export(hub_session):
+    online = hub_session['online']
+    for key, words in (('down', ('could not reach the Hub',)),
+                       ('unauthorized', ('HTTP 401', 'hf auth login')),
+                       ('no_revision', ('HTTP 404', "'no-such-branch'", 'does not exist'))):
+        assert online[key]['error'] == 'HubPushError', online[key]
+        assert all(w in online[key]['message'] for w in words), online[key]['message']
+        assert 'is unchanged' in online[key]['message']
+    assert _folder_digest(hub_session['export_dir']) == hub_session['export_before']
+    assert hub_session['num_commits'] == 3  # the repo's initial commit, the push, the pull request
+
+
+def test_offline_load_from_cache(hub_session):
+    offline = hub_session['offline']
+    assert offline['by_tag'] is True, offline['by_tag']
+    assert offline['by_hf_hub'] is True, offline['by_hf_hub']
+    assert offline['missing_repo']['error'] == 'PretrainedWeightsError'
+    assert 'not in the local Hub cache' in offline['missing_repo']['message']
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------
+
+def test_cli_export_and_push_failure(run_dir, tmp_path, capsys):
+    from timm_ic.cli import main
+    out = tmp_path / 'cli_export'
+    assert main(['export', str(run_dir), str(out), '--repo-id', 'testorg/cli']) == 0
+    assert ModelCard((out / 'README.md').read_text()).data.model_name == 'testorg/cli'
+    assert main(['export', str(tmp_path / 'nothing'), str(tmp_path / 'x')]) == 2
+    assert 'is not a folder' in capsys.readouterr().err
+    assert main(['push', str(tmp_path / 'nothing'), 'testorg/cli']) == 1
+    assert 'nothing' in capsys.readouterr().err
