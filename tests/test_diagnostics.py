@@ -1,8 +1,9 @@
 """Diagnostics measure what the papers predict, on real (digits) activations, and leave the model as it was."""
-import argparse
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -19,7 +20,7 @@ from timm_ic.diagnostics import (
     plot_correlation, plot_gradient_norm, plot_signal, plot_variance_shift, recalibrate_bn,
     sample_cosine_similarity, signal_propagation, stable_rank, variance_shift, write_report,
 )
-from timm_ic.diagnostics import cli as diagnose_cli
+from timm_ic.cli import main
 
 BATCHES = 6
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -320,19 +321,19 @@ def test_figures_and_report(loader, tmp_path):
     assert entry['variance_shift']['layers'][0]['channel_shift']  # per-channel numbers are in the report
 
 
-def _run_cli(argv):
-    parser = argparse.ArgumentParser()
-    diagnose_cli.register(parser.add_subparsers(dest='command', required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_cli_diagnose_on_embedded_digits(tmp_path, capsys):
+def test_cli_diagnose_on_embedded_digits(tmp_path):
     out = tmp_path / 'diag'
-    assert _run_cli(['diagnose', '--model', 'cifar_resnet20', '--placement', 'before_bn', '--out', str(out),
-                     '--batches', '2', '--batch-size', '32', '--compare', 'after_bn', 'ic_resnet20']) == 0
-    printed = capsys.readouterr().out
-    assert 'cifar_resnet20 [before_bn]' in printed and 'Variance shift per BN layer' in printed
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_ic', 'diagnose', '--model', 'cifar_resnet20', '--placement', 'before_bn',
+         '--out', str(out), '--batches', '2', '--batch-size', '32', '--compare', 'after_bn', 'ic_resnet20'],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 'cifar_resnet20 [before_bn]' in proc.stdout and 'Variance shift per BN layer' in proc.stdout
+    assert 'diagnose' in proc.stderr  # the tqdm progress bar
     with open(out / 'report.json') as f:
         report = json.load(f)
     assert list(report['models']) == ['cifar_resnet20 [before_bn]', 'cifar_resnet20 [after_bn]', 'ic_resnet20']
@@ -342,26 +343,31 @@ def test_cli_diagnose_on_embedded_digits(tmp_path, capsys):
         _assert_png(str(out / name))
 
 
-def test_cli_loads_safetensors_and_rejects_other_checkpoints(tmp_path, capsys):
+def test_cli_loads_train_checkpoint_and_rejects_others(tmp_path, capsys):
     from safetensors.torch import save_file
     torch.manual_seed(1)
-    model = timm.create_model('cifar_resnet20', in_chans=1, num_classes=10)
+    model = timm.create_model('cifar_resnet20', placement='before_bn', in_chans=1, num_classes=10)
     for m in model.modules():  # recognisable statistics
         if isinstance(m, _BatchNorm):
             m.running_var.fill_(4.0)
-    weights = tmp_path / 'w.safetensors'
+    weights = tmp_path / 'best.safetensors'
     save_file(model.state_dict(), str(weights))
+    # the parts of train.py's run record that diagnose reads: the placement and the preprocessing
+    with open(tmp_path / 'run.json', 'w') as f:
+        json.dump(dict(model='cifar_resnet20', placement='before_bn', data_config=dict(
+            input_size=[1, 12, 12], interpolation='bilinear', mean=[0.3053], std=[0.3759], crop_pct=1.0,
+            crop_mode='center')), f)
     out = tmp_path / 'diag'
-    assert _run_cli(['diagnose', '--model', 'cifar_resnet20', '--checkpoint', str(weights), '--out', str(out),
-                     '--batches', '1', '--batch-size', '32', '--no-recalibrate']) == 0
+    assert main(['diagnose', '--model', 'cifar_resnet20', '--checkpoint', str(weights), '--out', str(out),
+                 '--batches', '1', '--batch-size', '32', '--no-recalibrate']) == 0
     with open(out / 'report.json') as f:
         entry = json.load(f)['models']['cifar_resnet20']
-    assert entry['weights'] == str(weights)
+    assert entry['weights'] == str(weights) and entry['placement'] == 'before_bn'
     assert all(layer['moving_var'] == pytest.approx(4.0) for layer in entry['variance_shift']['layers'])
 
     capsys.readouterr()
-    assert _run_cli(['diagnose', '--model', 'cifar_resnet20', '--checkpoint', str(tmp_path / 'w.pth'),
-                     '--out', str(out)]) == 2
+    assert main(['diagnose', '--model', 'cifar_resnet20', '--checkpoint', str(tmp_path / 'w.pth'),
+                 '--out', str(out)]) == 2
     assert 'safetensors' in capsys.readouterr().err
-    assert _run_cli(['diagnose', '--model', 'cifar_resnet20', '--compare', 'no_such_thing', '--out', str(out)]) == 2
+    assert main(['diagnose', '--model', 'cifar_resnet20', '--compare', 'no_such_thing', '--out', str(out)]) == 2
     assert 'neither a registered model name nor a placement' in capsys.readouterr().err

@@ -1,9 +1,10 @@
 """`timm-ic diagnose`: every diagnostic on one or more models, with figures, a JSON report and a table."""
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--batches', type=int, default=8, help='training batches read per diagnostic (default 8)')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--img-size', type=int, default=None,
-                   help="input size; default the model's (timm pretrained_cfg), 8 for the digits")
+                   help="input size; default the model's (timm pretrained_cfg), for the digits 16 as in train.py's "
+                   'digits_demo recipe')
     p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     p.add_argument('--bf16', action='store_true', help='run the forward passes under bf16 autocast')
     p.add_argument('--no-recalibrate', action='store_true', help='skip the variance shift after BN recalibration')
@@ -88,26 +90,45 @@ def parse_specs(args: argparse.Namespace) -> List[ModelSpec]:
     return specs
 
 
-def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Module, str]:
-    """The model and a description of its weights. A placement goes to the entrypoint when it takes one
-    (timm_ic models), else through `timm_ic.rewrite`."""
+def _run_record_beside(checkpoint: str) -> Dict[str, Any]:
+    """train.py's run.json next to its weights (placement, data config), or {} when there is none."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), 'run.json')
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Module, str, Optional[Dict[str, Any]]]:
+    """The model, a description of its weights, and its data config when a train.py run record says it.
+
+    A placement goes to the entrypoint when it takes one (timm_ic models), else through `timm_ic.rewrite`.
+    A checkpoint written by train.py brings its run.json: the placement it was trained with (unless the spec
+    gives one) and its preprocessing (input size, mean, std).
+    """
     import timm
     kwargs = dict(num_classes=num_classes, in_chans=in_chans)
-    pretrained = spec.model.startswith(_PRETRAINED_PREFIXES)
-    model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
-    if spec.placement is not None:
-        if getattr(model, 'placement', None) is not None:
-            model = timm.create_model(spec.model, pretrained=pretrained, placement=spec.placement, **kwargs)
-        else:
-            from timm_ic.rewriter import rewrite
-            model = rewrite(model, spec.placement)
-    weights = 'pretrained' if pretrained else 'init'
+    placement, data_config = spec.placement, None
     if spec.checkpoint:
         if not spec.checkpoint.endswith('.safetensors'):
             raise DiagnoseError(f'checkpoint {spec.checkpoint!r} is not a .safetensors file: only safetensors '
                                 'weights are loaded (convert with safetensors.torch.save_file(model.state_dict(), ...))')
         if not os.path.isfile(spec.checkpoint):
             raise DiagnoseError(f'checkpoint {spec.checkpoint} does not exist')
+        record = _run_record_beside(spec.checkpoint)
+        if record.get('model') == spec.model:
+            placement = placement if placement is not None else record.get('placement')
+            data_config = record.get('data_config')
+    pretrained = spec.model.startswith(_PRETRAINED_PREFIXES)
+    model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
+    if placement is not None:
+        if getattr(model, 'placement', None) is not None:
+            model = timm.create_model(spec.model, pretrained=pretrained, placement=placement, **kwargs)
+        else:
+            from timm_ic.rewriter import rewrite
+            model = rewrite(model, placement)
+    weights = 'pretrained' if pretrained else 'init'
+    if spec.checkpoint:
         from timm.models import load_checkpoint
         try:
             load_checkpoint(model, spec.checkpoint, strict=True)
@@ -115,35 +136,41 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
             raise DiagnoseError(f'{spec.checkpoint} does not fit {spec.label} with num_classes={num_classes}, '
                                 f'in_chans={in_chans}: {e}') from e
         weights = spec.checkpoint
-    return model, weights
+    return model, weights, data_config
 
 
-def _digits_transform(img_size: int, in_chans: int):
-    from torchvision import transforms
-    steps = [transforms.Grayscale(num_output_channels=in_chans)]
-    if img_size != 8:
-        steps.append(transforms.Resize(img_size))
-    # mean and std of the digits' pixels (scaled to [0, 1])
-    steps += [transforms.ToTensor(), transforms.Normalize([0.305] * in_chans, [0.376] * in_chans)]
-    return transforms.Compose(steps)
+def _digits_data_config(model: nn.Module, img_size: Optional[int]) -> Dict[str, Any]:
+    """The preprocessing of train.py's digits demo recipe (size, mean, std), so its checkpoints see what they
+    were trained on."""
+    from timm.data import resolve_data_config
+
+    from timm_ic.training.recipes import load_recipe
+    recipe = load_recipe('digits_demo')
+    size = img_size or recipe['input_size'][-1]
+    return resolve_data_config(dict(input_size=(1, size, size), crop_pct=recipe['crop_pct'],
+                                    mean=tuple(recipe['mean']), std=tuple(recipe['std'])), model=model)
 
 
 def build_dataset(data: Optional[str], model: Optional[nn.Module] = None, img_size: Optional[int] = None,
-                  in_chans: int = 3):
+                  data_config: Optional[Dict[str, Any]] = None):
     """The training split: embedded digits by default, else an ImageNet-layout folder (via
-    `timm.data.create_dataset`); with `model`, the eval transforms for that model."""
+    `timm.data.create_dataset`); with `model`, timm's eval transforms for it (or for `data_config`)."""
+    from timm.data import create_dataset, create_transform, resolve_data_config
     if data is None:
         from timm_ic.data import DigitsDataset
-        return DigitsDataset('train', transform=_digits_transform(img_size or 8, in_chans))
+        if model is None:
+            return DigitsDataset('train')
+        config = data_config or _digits_data_config(model, img_size)
+        return DigitsDataset('train', transform=create_transform(**config, is_training=False))
     if not os.path.isdir(data):
         raise DiagnoseError(f'--data {data} is not a folder: give an ImageNet-layout folder (DIR/train/<class>/*.jpg) '
                             'or leave --data out for the embedded digits')
-    from timm.data import create_dataset, create_transform, resolve_data_config
     dataset = create_dataset('', root=data, split='train')
     if len(dataset) == 0:
         raise DiagnoseError(f'no images found under {data}: it needs train/<class>/ image folders')
     if model is not None:
-        config = resolve_data_config({'input_size': (3, img_size, img_size)} if img_size else {}, model=model)
+        config = data_config or resolve_data_config(
+            {'input_size': (3, img_size, img_size)} if img_size else {}, model=model)
         dataset.transform = create_transform(**config, is_training=False)
     return dataset
 
@@ -193,8 +220,8 @@ def _diagnose(args: argparse.Namespace) -> int:
             if any(r.label == label for r in results):
                 label = f'{label} #{sum(r.label.startswith(label) for r in results) + 1}'
             bar.set_postfix_str(f'{label}: build')
-            model, weights = build_model(spec, num_classes, in_chans)
-            dataset = build_dataset(args.data, model, args.img_size, in_chans)
+            model, weights, data_config = build_model(spec, num_classes, in_chans)
+            dataset = build_dataset(args.data, model, args.img_size, data_config)
             if len(dataset) < args.batch_size:
                 raise DiagnoseError(f'the data has {len(dataset)} images, fewer than --batch-size {args.batch_size}')
             # one fixed random sample of the training data for every diagnostic and model: recalibrated

@@ -138,11 +138,12 @@ def mutual_information(units: torch.Tensor, n_bins: int = 8) -> float:
         raise ValueError(f'need at least 2 samples of 2 units, got shape {tuple(units.shape)}')
     symbols = n_bins + 1
     codes = _quantize(units, n_bins)
+    # every pair's joint histogram at once: one-hot codes (m, c*symbols), then their Gram matrix of counts
+    # (float32 counts are exact below 2^24 samples)
+    one_hot = torch.nn.functional.one_hot(codes, symbols).reshape(m, c * symbols).float()
+    counts = (one_hot.t() @ one_hot).view(c, symbols, c, symbols).permute(0, 2, 1, 3)
     i, j = torch.triu_indices(c, c, offset=1, device=units.device)
-    pairs = i.numel()
-    joint_codes = codes[:, i] * symbols + codes[:, j] + torch.arange(pairs, device=units.device) * symbols ** 2
-    joint = torch.bincount(joint_codes.flatten(), minlength=pairs * symbols ** 2).view(pairs, symbols, symbols)
-    joint = joint.double() / m
+    joint = counts[i, j].double() / m
     pa, pb = joint.sum(dim=2), joint.sum(dim=1)
     terms = joint * (joint.log() - pa[:, :, None].log() - pb[:, None, :].log())
     mi = torch.nan_to_num(terms, nan=0.0).sum(dim=(1, 2))
