@@ -27,7 +27,8 @@ run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus
     num_classes, in_chans, label_names (index order, or null)
     pretrained_cfg            the model's pretrained_cfg (dict)
     data_config               resolved input_size, interpolation, mean, std, crop_pct, crop_mode
-    dataset                   {name, data_dir, train_split, val_split, train_samples, val_samples}
+    dataset                   {key ('digits' or null), name, data_dir, hub_id (hfds) , train_split, val_split,
+                               train_samples, val_samples}
     recipe                    {name, path, values} or null; values include notes such as `_source`, `_unknown`
     args                      every resolved option of this script
     versions                  {python, torch, timm, accelerate, timm_ic}
@@ -35,7 +36,7 @@ run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus
                                train_samples_per_rank (list, summed over this run's epochs)}
     epochs                    list of {epoch (1-based), train_loss, lr, eval_loss, eval_top1, eval_top5 (percent),
                                eval_samples, train_img_per_s, epoch_time_s, train_samples_per_rank}
-    best                      {epoch, eval_top1, eval_top5, eval_loss} of the best eval_top1, or null
+    metrics                   {epoch, top1, top5, loss} of the best top-1 epoch (= best.safetensors), or null
     weights                   {best, last} file names, ema (bool)
     skipped_images            unreadable-image reads skipped with --bad-images skip
     started_at, updated_at    UTC ISO times
@@ -66,7 +67,7 @@ from tqdm.auto import tqdm
 
 import timm_ic  # registers the timm-ic models with timm
 from timm_ic.training import (
-    RUN_RECORD_SCHEMA, DataError, RecipeError, build_datasets, check_num_classes, find_latest_checkpoint,
+    RUN_RECORD_SCHEMA, DataError, RecipeError, SeededAugmentation, build_datasets, check_num_classes, find_latest_checkpoint,
     library_versions, list_recipes, load_recipe, load_train_state, save_checkpoint, save_weights, write_json_atomic,
 )
 from timm_ic.training.checkpoint import TRAIN_STATE_FILE
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dataset', default='', help='digits | folder | hfds/NAME | wds/NAME')
     group.add_argument('--train-split', default='train')
     group.add_argument('--val-split', default='validation')
+    group.add_argument('--input-key', default=None, help="hfds/wds image field (e.g. 'img' for CIFAR on the Hub)")
+    group.add_argument('--target-key', default=None, help='hfds/wds label field')
     group.add_argument('--bad-images', choices=('fail', 'skip'), default='fail',
                        help='on an unreadable image: stop with its name, or skip it and count it')
     group.add_argument('--workers', type=int, default=4, help='data-loading worker processes per process')
@@ -126,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='ic_resnet20', help='any timm model name, timm-ic ones included')
-    group.add_argument('--placement', default=None, help="timm-ic placement, e.g. 'ic:drop=uout,beta=0.1'")
+    group.add_argument('--placement', default=None,
+                       help="timm-ic placement, e.g. 'ic:drop=uout,beta=0.1'; '' keeps the model's own")
     group.add_argument('--pretrained', action='store_true', help='start from the Hub weights of --model')
     group.add_argument('--initial-weights', default=None, help='start from this .safetensors file')
     group.add_argument('--num-classes', type=int, default=None,
@@ -212,7 +216,7 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int, log:
         if not args.initial_weights.endswith('.safetensors') or not os.path.isfile(args.initial_weights):
             raise UsageError(f'--initial-weights {args.initial_weights}: give an existing .safetensors file.')
         kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(args.initial_weights))
-    if args.placement is not None:
+    if args.placement:
         kwargs['placement'] = args.placement
     try:
         model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
@@ -287,8 +291,6 @@ def train_one_epoch(
                mininterval=1.0, disable=not accelerator.is_local_main_process)
     start = time.perf_counter()
     for inputs, targets in loader:
-        if batches_done >= num_batches:
-            break
         if mixup_fn is not None:
             inputs, targets = mixup_fn(inputs, targets)
         if channels_last:
@@ -319,6 +321,8 @@ def train_one_epoch(
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
                             img_s=f'{samples * accelerator.num_processes / max(elapsed, 1e-9):.0f}', refresh=False)
+        if batches_done >= num_batches:  # --limit-train-batches
+            break
     elapsed = time.perf_counter() - start
     bar.close()
     check_finite(accelerator, nonfinite, loss_sum, epoch, num_updates)
@@ -439,7 +443,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         step_scheduler_with_optimizer=False,  # timm schedulers are stepped by hand, per optimizer update
     )
     log = accelerator.print
-    set_seed(args.seed)
+    set_seed(args.seed, device_specific=True)  # per-process dropout draws; DDP copies rank 0's initial weights
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -451,7 +455,8 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         raise UsageError(f'--in-chans {in_chans}: images can be read with 1, 3 or 4 channels.')
     train_ds, val_ds, label_names = build_datasets(
         args.dataset, args.data_dir, args.train_split, args.val_split, input_img_mode=img_modes[in_chans],
-        bad_images=args.bad_images, seed=args.seed, batch_size=args.batch_size)
+        bad_images=args.bad_images, seed=args.seed, batch_size=args.batch_size,
+        input_key=args.input_key, target_key=args.target_key)
     source = args.dataset or args.data_dir or 'digits'
     num_classes = check_num_classes(args.num_classes, label_names, source)
 
@@ -464,6 +469,8 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
 
     iterable = isinstance(train_ds, IterableDataset)
+    if not iterable:  # augmentation draws from per-sample seeds: exact mid-epoch resume, any worker count
+        train_ds = SeededAugmentation(train_ds, args.seed)
     loader_generator = torch.Generator().manual_seed(args.seed)  # keeps loader seeding off the global RNG
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=not iterable, drop_last=True,
                               num_workers=args.workers, persistent_workers=args.workers > 0,
@@ -538,7 +545,9 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         'label_names': label_names,
         'pretrained_cfg': dict(getattr(unwrapped, 'pretrained_cfg', {}) or {}),
         'data_config': data_config,
-        'dataset': {'name': args.dataset or ('folder' if args.data_dir else 'digits'), 'data_dir': args.data_dir,
+        'dataset': {'key': 'digits' if source == 'digits' else None,
+                    'name': args.dataset or ('folder' if args.data_dir else 'digits'), 'data_dir': args.data_dir,
+                    'hub_id': args.dataset[5:] if args.dataset.startswith('hfds/') else None,
                     'train_split': args.train_split, 'val_split': args.val_split,
                     'train_samples': None if iterable else len(train_ds),
                     'val_samples': None if iterable else len(val_ds)},
@@ -556,7 +565,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     def write_record(status: str) -> None:
         if not accelerator.is_main_process:
             return
-        record.update(status=status, epochs=progress['history'], best=progress['best'],
+        record.update(status=status, epochs=progress['history'], metrics=progress['best'],
                       skipped_images=getattr(train_ds, 'skipped', 0) + getattr(val_ds, 'skipped', 0),
                       updated_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
         record['distributed']['train_samples_per_rank'] = progress['samples_per_rank']
@@ -570,6 +579,8 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     try:
         for epoch in range(progress['epoch'], args.epochs):
             train_loader.set_epoch(epoch)
+            if not iterable:
+                train_ds.set_epoch(epoch)
             start_batch = progress['batches_done'] if epoch == progress['epoch'] else 0
             loader = accelerator.skip_first_batches(train_loader, start_batch) if start_batch else train_loader
 
@@ -596,9 +607,10 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                    'train_img_per_s': train_metrics['img_per_s'], 'epoch_time_s': train_metrics['time_s'],
                    'train_samples_per_rank': ranks}
             progress['history'].append(row)
-            is_best = progress['best'] is None or row['eval_top1'] > progress['best']['eval_top1']
+            is_best = progress['best'] is None or row['eval_top1'] > progress['best']['top1']
             if is_best:
-                progress['best'] = {k: row[k] for k in ('epoch', 'eval_top1', 'eval_top5', 'eval_loss')}
+                progress['best'] = {'epoch': row['epoch'], 'top1': row['eval_top1'], 'top5': row['eval_top5'],
+                                    'loss': row['eval_loss']}
             log(f'epoch {epoch + 1}/{args.epochs}  train_loss {row["train_loss"]:.4f}  '
                 f'val_loss {row["eval_loss"]:.4f}  top1 {row["eval_top1"]:.2f}  top5 {row["eval_top5"]:.2f}  '
                 f'lr {lr:.3g}  {row["train_img_per_s"]:.0f} img/s  {row["epoch_time_s"]:.1f}s'
@@ -625,7 +637,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     accelerator.end_training()
     best = progress['best']
     if best is not None:
-        log(f'done: best top1 {best["eval_top1"]:.2f} (epoch {best["epoch"]}); weights, checkpoints and '
+        log(f'done: best top1 {best["top1"]:.2f} (epoch {best["epoch"]}); weights, checkpoints and '
             f'run.json in {output_dir}')
     if args.push_to_hub and accelerator.is_main_process:
         from timm_ic.hub import push_run

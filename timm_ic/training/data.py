@@ -10,6 +10,7 @@ Sources, all through `timm.data.create_dataset` except the embedded default:
 import logging
 import multiprocessing
 import os
+import random
 from typing import Callable, List, Optional, Tuple
 
 import torch.utils.data
@@ -103,6 +104,50 @@ class CheckedImageDataset(torch.utils.data.Dataset):
         return img, target
 
 
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Draws each training sample's random augmentation from its own seed, a function of (seed, epoch, index).
+
+    The global RNGs are left as they were, so data loading does not disturb dropout or Mixup draws, and a sample
+    looks the same whichever process or worker loads it and however far ahead the loader prefetches: a run
+    resumed mid-epoch sees exactly the batches the uninterrupted run saw. Call `set_epoch` at every epoch start.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+        # shared with data-loader workers, persistent ones included, so they follow set_epoch
+        self._epoch = multiprocessing.Value('l', 0, lock=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
+    @property
+    def transform(self) -> Optional[Callable]:
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform: Optional[Callable]) -> None:
+        self.dataset.transform = transform
+
+    @property
+    def skipped(self) -> int:
+        return getattr(self.dataset, 'skipped', 0)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        seed = hash((self.seed, int(self._epoch.value), int(index))) & 0x7FFF_FFFF_FFFF_FFFF
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # timm's transforms draw from torch's and Python's RNGs
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+
+
 def _find_split_dir(root: str, split: str, synonyms: Tuple[str, ...]) -> Optional[str]:
     for name in (split,) + synonyms:
         path = os.path.join(root, name)
@@ -178,6 +223,8 @@ def build_datasets(
         bad_images: str = 'fail',
         seed: int = 42,
         batch_size: int = 1,
+        input_key: Optional[str] = None,
+        target_key: Optional[str] = None,
 ) -> Tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, Optional[List[str]]]:
     """Train and validation data sets (transforms unset) and the label names, checking the input first."""
     name = dataset or ''
@@ -197,16 +244,19 @@ def build_datasets(
         val_ds = create_dataset('', root=val_dir, split='validation', search_split=False,
                                 class_map=dict(train_ds.reader.class_to_idx), input_img_mode=input_img_mode)
     elif prefix == 'hfds':
-        train_ds = create_dataset(name, root=data_dir, split=train_split, input_img_mode=input_img_mode)
-        val_ds = create_dataset(name, root=data_dir, split=val_split, input_img_mode=input_img_mode)
+        # a local copy works too: hfds/<folder> is handed to datasets.load_dataset as its path
+        keys = {k: v for k, v in (('input_key', input_key), ('target_key', target_key)) if v}
+        train_ds = create_dataset(name, root=data_dir, split=train_split, input_img_mode=input_img_mode, **keys)
+        val_ds = create_dataset(name, root=data_dir, split=val_split, input_img_mode=input_img_mode, **keys)
     elif prefix == 'wds':
         if not data_dir:
             raise DataError(f'--dataset {name} needs --data-dir pointing at the folder with the .tar shards.')
         # is_training shuffles shards and samples; the seed keeps every process on the same shard order
+        keys = {k: v for k, v in (('input_key', input_key), ('target_key', target_key)) if v}
         train_ds = create_dataset(name, root=data_dir, split=train_split, is_training=True, seed=seed,
-                                  batch_size=batch_size, input_img_mode=input_img_mode)
+                                  batch_size=batch_size, input_img_mode=input_img_mode, **keys)
         val_ds = create_dataset(name, root=data_dir, split=val_split, batch_size=batch_size,
-                                input_img_mode=input_img_mode)
+                                input_img_mode=input_img_mode, **keys)
     else:
         raise DataError(
             f'unknown --dataset {name!r}: use digits (the default), folder (with --data-dir), hfds/NAME '

@@ -1,0 +1,280 @@
+"""train.py end to end on the embedded digits and on small image folders: outputs, recipes, input errors,
+non-finite loss, and an exact resume after SIGKILL."""
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+
+import timm_ic
+from timm_ic.training import (
+    find_latest_checkpoint, list_checkpoints, load_recipe, list_recipes, prune_checkpoints, save_weights,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+# a quick configuration: 8x8 digits as they are, small batches, few batches per epoch
+FAST = ['--input-size', '1', '8', '8', '--batch-size', '32', '--log-interval', '5']
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location('train_script', REPO / 'train.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_train_module()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every in-process run builds its own Accelerator; Accelerate keeps process-wide singletons.
+
+    One intra-op thread: these tiny models run fastest so, and on a shared 2-core machine more threads
+    only contend (measured: about 50x slower under load).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+def _write_folder(root: Path, classes=('a', 'b', 'c'), per_class=6, splits=('train', 'val')) -> Path:
+    """An ImageNet-layout folder of small RGB images whose colour channel encodes the class."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 60, size=(12, 12, 3), dtype=np.uint8)
+                pixels[..., c % 3] += 180
+                Image.fromarray(pixels, 'RGB').save(folder / f'{i}.png')
+    return root
+
+
+def _run(argv, capsys=None):
+    code = train.main([str(a) for a in argv])
+    err = capsys.readouterr().err if capsys is not None else ''
+    return code, err
+
+
+def test_digits_run_writes_weights_record_summary_and_learns(tmp_path):
+    out = tmp_path / 'run'
+    code, _ = _run(['--output', out, '--epochs', 3, '--checkpoint-limit', 2, *FAST])
+    assert code == 0
+    record = json.loads((out / 'run.json').read_text())
+    assert record['schema'] == 'timm_ic.run_record/1' and record['status'] == 'finished'
+    assert record['model'] == 'ic_resnet20' and record['recipe']['name'] == 'digits_demo'
+    assert record['label_names'] == [str(i) for i in range(10)]
+    assert set(record['versions']) >= {'torch', 'timm', 'accelerate', 'timm_ic'}
+    assert [row['epoch'] for row in record['epochs']] == [1, 2, 3]
+    assert all(row['eval_samples'] == 364 for row in record['epochs'])  # the whole digits val split
+    # the placement recorded is the model's own, and the weights load back into the model it names
+    model = timm.create_model(record['model'], **record['model_args'])
+    assert record['placement'] == str(model.placement)
+    model.load_state_dict(load_file(out / 'best.safetensors'))
+    model.load_state_dict(load_file(out / 'last.safetensors'))
+    # 3 short epochs already beat chance (10%) clearly on the validation split
+    assert record['metrics']['top1'] > 40, record['epochs']
+    assert record['metrics']['top1'] == max(row['eval_top1'] for row in record['epochs'])
+    with open(out / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r['epoch']) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]['eval_top1']) == pytest.approx(record['epochs'][-1]['eval_top1'])
+    assert len(list_checkpoints(out / 'checkpoints')) == 2  # pruned to --checkpoint-limit
+    assert not list(out.glob('.tmp-*')) and not list((out / 'checkpoints').glob('.tmp-*'))
+
+
+def test_recipe_values_are_overridden_by_explicit_flags():
+    args = train.parse_args(['--recipe', 'cifar_resnet110', '--lr', '0.05', '--data-dir', 'x'])
+    assert args.lr == 0.05  # the flag wins
+    assert args.epochs == 164 and args.sched == 'multistep' and args.decay_milestones == [82, 123]  # the recipe
+    assert args.model == 'cifar_resnet110'
+    default = train.parse_args([])
+    assert default.recipe == 'digits_demo' and default.model == 'ic_resnet20' and default.in_chans == 1
+    assert train.parse_args(['--data-dir', 'x']).recipe is None  # real data: no demo recipe sneaks in
+
+
+def test_bundled_recipes_are_valid_and_name_known_models():
+    parser = train.build_parser()
+    dests = {a.dest for a in parser._actions}
+    assert {'cifar_wrn28_10', 'cifar_resnet110', 'imagenet_resnet50', 'digits_demo'} <= set(list_recipes())
+    for name in list_recipes():
+        recipe = load_recipe(name, valid_keys=dests)
+        assert timm.is_model(recipe['model']), name
+        assert recipe.get('_source'), f'{name} must say where its settings come from'
+        if recipe.get('placement'):
+            timm_ic.Placement.parse(recipe['placement'])
+
+
+def test_unknown_recipe_lists_the_valid_ones(capsys):
+    code, err = _run(['--recipe', 'cifar_resnet_111'], capsys)
+    assert code == 2
+    assert "unknown recipe 'cifar_resnet_111'" in err and 'cifar_resnet110' in err and 'digits_demo' in err
+
+
+def test_recipe_with_unknown_option_is_refused(tmp_path, capsys):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('lrr: 0.1\n')
+    code, err = _run(['--recipe', bad], capsys)
+    assert code == 2 and "unknown option(s) lrr" in err
+
+
+def test_unknown_model_lists_close_matches(tmp_path, capsys):
+    code, err = _run(['--model', 'ic_resnet2', '--output', tmp_path / 'o'], capsys)
+    assert code == 2
+    assert "unknown model 'ic_resnet2'" in err and 'ic_resnet20' in err
+
+
+@pytest.mark.parametrize('layout, message', [
+    ('missing', 'does not exist'),
+    ('empty', 'is empty'),
+    ('no_val', 'has no val/ folder'),
+    ('empty_class', 'class folder(s) with no images'),
+])
+def test_bad_data_folders_fail_fast_with_the_reason(tmp_path, capsys, layout, message):
+    root = tmp_path / 'data'
+    if layout == 'empty':
+        root.mkdir()
+    elif layout == 'no_val':
+        _write_folder(root, splits=('train',))
+    elif layout == 'empty_class':
+        _write_folder(root)
+        (root / 'train' / 'd').mkdir()
+    code, err = _run(['--data-dir', root, '--output', tmp_path / 'o'], capsys)
+    assert code == 2 and message in err, err
+    if layout == 'empty_class':
+        assert 'train/d' not in err and ': d.' in err  # names the folder
+    assert not (tmp_path / 'o' / 'run.json').exists()
+
+
+def test_num_classes_mismatch_is_refused(tmp_path, capsys):
+    code, err = _run(['--data-dir', _write_folder(tmp_path / 'data'), '--num-classes', '5',
+                      '--output', tmp_path / 'o'], capsys)
+    assert code == 2 and '--num-classes 5 does not match the data' in err and 'has 3 classes (a, b, c)' in err
+
+
+FOLDER_RUN = ['--model', 'ic_resnet20', '--img-size', '12', '--batch-size', '4', '--epochs', '1', '--workers', '0',
+              '--log-interval', '2']
+
+
+def test_unreadable_image_fails_or_is_skipped_and_counted(tmp_path, capsys):
+    root = _write_folder(tmp_path / 'data')
+    (root / 'train' / 'b' / 'broken.png').write_bytes(b'not a png at all')
+    code, err = _run(['--data-dir', root, '--output', tmp_path / 'fail', *FOLDER_RUN], capsys)
+    assert code == 2 and 'unreadable image' in err and 'broken.png' in err and '--bad-images skip' in err
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    code, err = _run(['--data-dir', root, '--output', tmp_path / 'skip', '--bad-images', 'skip', *FOLDER_RUN], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / 'skip' / 'run.json').read_text())
+    assert record['skipped_images'] == 1  # one epoch: the broken file was met exactly once
+    assert record['label_names'] == ['a', 'b', 'c'] and record['num_classes'] == 3
+    assert record['dataset']['train_samples'] == 19 and record['epochs'][0]['eval_samples'] == 18
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    calls = {'n': 0}
+    original = torch.nn.CrossEntropyLoss.forward
+
+    def nan_from_fifth_batch(self, input, target):
+        calls['n'] += 1
+        loss = original(self, input, target)
+        return loss * float('nan') if calls['n'] >= 5 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', nan_from_fifth_batch)
+    out = tmp_path / 'run'
+    code, err = _run(['--output', out, '--checkpoint-every', '2', '--log-interval', '1', '--epochs', '2',
+                      '--input-size', '1', '8', '8', '--batch-size', '32'], capsys)
+    assert code == 3 and 'loss became non-finite' in err and '--resume auto' in err
+    record = json.loads((out / 'run.json').read_text())
+    assert record['status'] == 'stopped: non-finite loss'
+    checkpoints = list_checkpoints(out / 'checkpoints')
+    assert [c.name for c in checkpoints] == ['checkpoint-000000002', 'checkpoint-000000004']  # none after the NaN
+    weights = load_file(checkpoints[-1] / 'model.safetensors')
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_checkpoint_pruning_and_atomic_weights(tmp_path):
+    ckpts = tmp_path / 'checkpoints'
+    for n in (3, 1, 2, 10):
+        (ckpts / f'checkpoint-{n:09d}').mkdir(parents=True)
+        (ckpts / f'checkpoint-{n:09d}' / 'train_state.json').write_text('{}')
+    (ckpts / 'checkpoint-000000011').mkdir()  # no train_state.json: an incomplete folder is never "latest"
+    (ckpts / '.tmp-checkpoint-000000012').mkdir()  # a crash mid-save
+    assert find_latest_checkpoint(ckpts).name == 'checkpoint-000000010'
+    prune_checkpoints(ckpts, keep=2)
+    assert [p.name for p in list_checkpoints(ckpts)] == ['checkpoint-000000003', 'checkpoint-000000010']
+    assert not (ckpts / '.tmp-checkpoint-000000012').exists()
+    save_weights({'w': torch.arange(4.0)[::2]}, tmp_path / 'w.safetensors')  # non-contiguous view is fine
+    assert torch.equal(load_file(tmp_path / 'w.safetensors')['w'], torch.tensor([0.0, 2.0]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'w.safetensors']
+
+
+def test_push_to_hub_calls_push_run_with_the_output_folder(tmp_path, monkeypatch):
+    import timm_ic.hub
+    calls = []
+    monkeypatch.setattr(timm_ic.hub, 'push_run', lambda run_dir, repo_id, **kw: calls.append((run_dir, repo_id)),
+                        raising=False)
+    out = tmp_path / 'run'
+    code, _ = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '2', '--push-to-hub', 'me/digits',
+                    *FAST])
+    assert code == 0 and calls == [(str(out), 'me/digits')]
+
+
+def _subprocess_env():
+    # one thread and no data workers: the same arithmetic in every run, so results can be compared exactly
+    return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
+
+
+def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
+    common = [sys.executable, str(REPO / 'train.py'), '--epochs', '2', '--batch-size', '32', '--limit-train-batches',
+              '24', '--checkpoint-every', '3', '--workers', '0', '--seed', '7', '--log-interval', '100']
+    reference, interrupted = tmp_path / 'reference', tmp_path / 'interrupted'
+    subprocess.run(common + ['--output', str(reference)], check=True, env=_subprocess_env(), cwd=tmp_path,
+                   capture_output=True, timeout=300)
+
+    proc = subprocess.Popen(common + ['--output', str(interrupted)], env=_subprocess_env(), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = interrupted / 'checkpoints' / 'checkpoint-000000027'  # epoch 2, batch 3 of 24
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    latest = find_latest_checkpoint(interrupted / 'checkpoints')
+    state = json.loads((latest / 'train_state.json').read_text())
+    assert state['num_updates'] < 48 and state['epoch'] == 1 and 0 < state['batches_done'] < 24  # mid-epoch
+    assert json.loads((interrupted / 'run.json').read_text())['status'] == 'running'
+
+    resumed = subprocess.run(common + ['--output', str(interrupted), '--resume', 'auto'], env=_subprocess_env(),
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'resuming from {latest}' in resumed.stdout
+    for name in ('last.safetensors', 'best.safetensors'):
+        expected, got = load_file(reference / name), load_file(interrupted / name)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), f'{name}: {key} differs after the resume'
+    ref_record = json.loads((reference / 'run.json').read_text())
+    res_record = json.loads((interrupted / 'run.json').read_text())
+    assert [r['eval_top1'] for r in ref_record['epochs']] == [r['eval_top1'] for r in res_record['epochs']]
