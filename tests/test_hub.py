@@ -316,7 +316,7 @@ def test_repository_hub_cards_are_valid_and_registered():
         assert set(hub.cards.papers_for(arch)) <= set(cards['papers'])
         # the registry's tags are exactly hub_cards' (the model files build their cfgs from it)
         assert name in timm.list_models(arch, include_tags=True), f'{name} is not in timm registry'
-        assert entry['published'] or name not in timm.list_pretrained(arch) or os.environ.get(hub.HUB_NAMESPACE_ENV)
+        assert entry['published'] or name not in timm.list_pretrained(f'{arch}.*') or os.environ.get(hub.HUB_NAMESPACE_ENV)
 
 
 def test_unpublished_tag_fails_at_once_saying_how_to_get_weights():
@@ -356,6 +356,7 @@ _HUB_SCRIPT = textwrap.dedent('''
         attempt('down', lambda: hub.push(export_dir, 'testorg/other', endpoint=dead_endpoint))
         attempt('unauthorized', lambda: hub.push(export_dir, 'testorg/other', token='hf_wrong'))
         attempt('no_revision', lambda: hub.push(export_dir, repo_id, revision='no-such-branch'))
+        attempt('push_run', lambda: hub.push_run(sys.argv[7], 'testorg/from-run').oid)
     attempt('by_tag', lambda: logits_match(timm.create_model('ic_resnet20.demo_digits', pretrained=True)))
     attempt('by_hf_hub', lambda: logits_match(timm.create_model(f'hf-hub:{repo_id}', pretrained=True)))
     attempt('hf_hub_new_head', lambda: timm.create_model(f'hf-hub:{repo_id}', pretrained=True,
@@ -367,15 +368,16 @@ _HUB_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _run_hub_script(tmp: Path, env_extra: dict, mode: str, export_dir: Path, reference_file: Path,
+def _run_hub_script(tmp: Path, env_extra: dict, mode: str, export_dir: Path, run_dir: Path,
                     dead_endpoint: str = 'http://127.0.0.1:9') -> dict:
+    reference_file = run_dir / 'reference.safetensors'
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING'))}
     env.update({'HF_HUB_DISABLE_XET': '1', 'HF_HUB_CACHE': str(tmp / 'cache'), 'HF_HOME': str(tmp / 'home'),
                 'HF_HUB_DISABLE_TELEMETRY': '1', 'HF_HUB_DISABLE_PROGRESS_BARS': '1', **env_extra})
     out_file = tmp / f'results-{mode}.json'
     proc = subprocess.run(
         [sys.executable, '-c', _HUB_SCRIPT, str(export_dir), 'testorg/ic20-digits', dead_endpoint, str(out_file),
-         str(reference_file), mode],
+         str(reference_file), mode, str(run_dir)],
         env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {**json.loads(out_file.read_text()), '_stdout': proc.stdout}
@@ -393,15 +395,16 @@ def hub_session(run_dir, tmp_path_factory):
     env = {hub.HUB_CARDS_ENV: str(cards), hub.HUB_NAMESPACE_ENV: 'testorg', 'HF_TOKEN': 'hf_fake_token'}
     before = _folder_digest(export_dir)
     with FakeHub(token='hf_fake_token') as server:
-        online = _run_hub_script(tmp, {**env, 'HF_ENDPOINT': server.url}, 'online', export_dir,
-                                 run_dir / 'reference.safetensors', dead_endpoint)
+        online = _run_hub_script(tmp, {**env, 'HF_ENDPOINT': server.url}, 'online', export_dir, run_dir,
+                                 dead_endpoint)
         files = server.files('testorg/ic20-digits')
+        run_files = server.files('testorg/from-run')
         num_commits = len(server.repos['testorg/ic20-digits'].commits)
         endpoint = server.url
     # the server is gone: everything must come from the cache
     offline = _run_hub_script(tmp, {**env, 'HF_ENDPOINT': endpoint, 'HF_HUB_OFFLINE': '1'}, 'offline',
-                              export_dir, run_dir / 'reference.safetensors')
-    return {'online': online, 'offline': offline, 'files': files, 'num_commits': num_commits,
+                              export_dir, run_dir)
+    return {'online': online, 'offline': offline, 'files': files, 'num_commits': num_commits, 'run_files': run_files,
             'export_dir': export_dir, 'export_before': before}
 
 
@@ -413,6 +416,10 @@ def test_push_then_load_by_registry_tag_and_hf_hub(hub_session):
     assert {k: files[k] for k in ('model.safetensors', 'config.json', 'README.md')} == {
         p.name: p.read_bytes() for p in export_dir.iterdir()}
     assert online['push_pr'] == 'refs/pr/1'
+    # train.py --push-to-hub: the run folder exported to run_dir/hub_export, then pushed
+    assert isinstance(online['push_run'], str), online['push_run']
+    assert hub_session['run_files']['model.safetensors'] == files['model.safetensors']
+    assert b'testorg/from-run' in hub_session['run_files']['README.md']
     assert online['by_tag'] is True, online['by_tag']
     assert online['by_hf_hub'] is True, online['by_hf_hub']
     assert online['hf_hub_new_head'] == 3 and online['hf_hub_features'] == 4

@@ -7,6 +7,7 @@ to use other card data, e.g. a team's own zoo or a test's.
 """
 import copy
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -31,6 +32,8 @@ _CFG_FIELDS = frozenset({
 })
 _ENTRY_FIELDS = frozenset({'hf_hub_id', 'published', 'dataset', 'recipe', 'license', 'cfg', 'description'})
 _SAFE_WEIGHTS_NAME = 'model.safetensors'
+# a copy inside the package (if packaging puts one there), then the repository's (editable installs)
+_DEFAULT_DIRS = (Path(__file__).resolve().parent / 'hub_cards', Path(__file__).resolve().parents[2] / 'hub_cards')
 
 
 def hub_cards_dir() -> Path:
@@ -39,7 +42,10 @@ def hub_cards_dir() -> Path:
     if override:
         path = Path(override).expanduser()
         return path.parent if path.suffix in ('.yaml', '.yml') else path
-    return Path(__file__).resolve().parents[2] / 'hub_cards'
+    for path in _DEFAULT_DIRS:
+        if path.is_dir():
+            return path
+    return _DEFAULT_DIRS[-1]
 
 
 def _models_yaml() -> Path:
@@ -124,6 +130,11 @@ def pretrained_cfgs(arch: str) -> Dict[str, Dict[str, Any]]:
     Use in a model file: `generate_default_cfgs({'arch.untrained': _cfg(),
     **{f'arch.{tag}': _cfg(**cfg) for tag, cfg in pretrained_cfgs('arch').items()}})`.
     """
+    if not os.environ.get(HUB_CARDS_ENV) and not _models_yaml().is_file():
+        # an installation without hub_cards/ still imports; it just has no pretrained tags
+        warnings.warn(f'{_models_yaml()} not found: timm-ic models have no pretrained tags. Set {HUB_CARDS_ENV} '
+                      'to a hub_cards folder, or install timm-ic from its repository (pip install -e .)')
+        return {}
     cards = load_hub_cards()
     custom_namespace = os.environ.get(HUB_NAMESPACE_ENV)
     namespace = custom_namespace or cards['default_namespace']
@@ -158,7 +169,13 @@ def add_pretrained_tags(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, 
             name = f'{arch}.{tag}'
             if name in out:
                 raise ValueError(f'{name} is both a model file cfg and a hub_cards tag: keep it in hub_cards only')
-            out[name] = {**arch_cfg, **tag_cfg}
+            cfg = {**arch_cfg, **tag_cfg}
+            base_size, base_pool = arch_cfg.get('input_size'), arch_cfg.get('pool_size')
+            if 'pool_size' not in tag_cfg and base_size and base_pool and len(base_pool) == 2:
+                # the final feature map scales with the input: (8, 8) at 32x32 is (4, 4) at 16x16
+                cfg['pool_size'] = tuple(max(1, p * t // b) for p, t, b in
+                                         zip(base_pool, cfg['input_size'][1:], base_size[1:]))
+            out[name] = cfg
     return out
 
 
@@ -335,7 +352,7 @@ def render_card(
             f'{k} {v}' for k, v in sorted(versions.items())) + '.'
     template = hub_cards_dir() / 'template.md'
     if not template.is_file():  # a custom TIMM_IC_HUB_CARDS folder may hold only models.yaml
-        template = Path(__file__).resolve().parents[2] / 'hub_cards' / 'template.md'
+        template = next((d / 'template.md' for d in _DEFAULT_DIRS if (d / 'template.md').is_file()), template)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template),
