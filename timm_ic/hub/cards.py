@@ -343,7 +343,7 @@ def render_card(
                              if metrics and metrics.get(k) is not None)
     if not metrics_text and metrics is not None:
         metrics_text = 'no accuracy recorded'
-    description = (description or f'A `{architecture}` image classifier with timm-ic\'s placement of '
+    description = (description or f'Image classifier `{architecture}`: timm-ic\'s placement of '
                    f'normalization and dropout, {num_classes} classes.')
     if run_status not in (None, 'finished'):
         description += f'\n\nThe training run had not finished when these weights were exported (status: {run_status}).'
