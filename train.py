@@ -55,7 +55,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -378,7 +378,7 @@ def write_summary_csv(path: Path, history: List[Dict[str, Any]]) -> None:
         os.replace(tmp, path)
 
 
-def resolve_output_and_resume(args: argparse.Namespace, state: PartialState) -> Tuple[Path, Optional[Path]]:
+def resolve_output_and_resume(args: argparse.Namespace) -> Tuple[Path, Optional[Path]]:
     """The output folder (the same on every process) and the checkpoint to resume from, if any."""
     resume_from = None
     output = args.output
@@ -429,20 +429,21 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UsageError(f'Mixup/CutMix pair samples within a batch: --batch-size must be even, not {args.batch_size}.')
 
-    state = PartialState(cpu=args.cpu)  # the process group exists before the Accelerator: output name agreement
-    output_dir, resume_from = resolve_output_and_resume(args, state)
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         log_with=args.log_with,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / 'logs')),
+        project_config=ProjectConfiguration(),  # folders set below, once all processes agree on them
         # the shuffle order is a function of (seed, epoch): a resumed run sees exactly the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         dynamo_backend='inductor' if args.compile else None,
         step_scheduler_with_optimizer=False,  # timm schedulers are stepped by hand, per optimizer update
     )
     log = accelerator.print
+    output_dir, resume_from = resolve_output_and_resume(args)
+    accelerator.project_configuration.set_directories(str(output_dir))
+    accelerator.project_configuration.logging_dir = str(output_dir / 'logs')
     set_seed(args.seed, device_specific=True)  # per-process dropout draws; DDP copies rank 0's initial weights
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

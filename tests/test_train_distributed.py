@@ -1,0 +1,46 @@
+"""Two CPU processes (gloo) train as one job: `accelerate launch --multi_gpu --num_processes 2` with
+ACCELERATE_USE_CPU=1 (`--cpu --num_processes 2` would start one process only)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from timm_ic.training import list_checkpoints
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = 16
+DIGITS_TRAIN, DIGITS_VAL = 1433, 364
+
+
+def test_two_cpu_processes_split_the_data_and_gather_the_metrics(tmp_path):
+    out = tmp_path / 'run'
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', GLOO_SOCKET_IFNAME='lo', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--main_process_port', '0', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           str(REPO / 'train.py'), '--output', str(out), '--epochs', '1', '--input-size', '1', '8', '8',
+           '--batch-size', str(BATCH), '--workers', '0', '--checkpoint-every', '20']
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    record = json.loads((out / 'run.json').read_text())
+    assert record['distributed']['world_size'] == 2
+    assert record['distributed']['distributed_type'] == 'MULTI_CPU'
+    # each process took its own half of the shuffled batches: per process, batches of BATCH, as many as
+    # fit in the data set when two are taken at a time
+    per_rank = (DIGITS_TRAIN // (2 * BATCH)) * BATCH
+    assert record['distributed']['train_samples_per_rank'] == [per_rank, per_rank]
+    assert record['epochs'][0]['train_samples_per_rank'] == [per_rank, per_rank]
+    # evaluation gathered both halves, without the samples duplicated to even out the last batch
+    assert record['epochs'][0]['eval_samples'] == DIGITS_VAL
+    assert record['epochs'][0]['eval_top1'] > 10  # one short epoch: better than chance
+    # one set of files, written by the main process: one summary line, one record, one model per checkpoint
+    assert result.stdout.count('epoch 1/1  train_loss') == 1
+    assert sorted(p.name for p in out.iterdir()) == ['best.safetensors', 'checkpoints', 'last.safetensors',
+                                                     'run.json', 'summary.csv']
+    checkpoints = list_checkpoints(out / 'checkpoints')
+    updates_per_epoch = DIGITS_TRAIN // (2 * BATCH)
+    assert [c.name for c in checkpoints] == [f'checkpoint-{n:09d}' for n in (20, 40, updates_per_epoch)]
+    names = sorted(p.name for p in checkpoints[-1].iterdir())
+    assert names.count('model.safetensors') == 1
+    assert {'random_states_0.pkl', 'random_states_1.pkl'} <= set(names)  # both processes' RNGs, for resuming
