@@ -26,6 +26,15 @@ BATCHES = 6
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Small tensors: a second intra-op thread only adds synchronisation, worst on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='module')
 def loader():
     """Fixed batches of real images: the digits, normalised, 64 per batch, always in the same order."""
@@ -61,9 +70,9 @@ def bns_right_after_dropout(model: nn.Module):
     return names
 
 
-def train_like_statistics(model: nn.Module, loader) -> nn.Module:
+def train_like_statistics(model: nn.Module, loader, num_batches: int = BATCHES) -> nn.Module:
     """What training accumulates: running statistics with dropout on (weights untouched)."""
-    return recalibrate_bn(model, loader, num_batches=BATCHES, dropout=True)
+    return recalibrate_bn(model, loader, num_batches=num_batches, dropout=True)
 
 
 # --- variance shift and recalibration -------------------------------------------------------------------------
@@ -289,8 +298,8 @@ def _assert_png(path: str) -> None:
 
 
 def test_figures_and_report(loader, tmp_path):
-    models = {'before_bn': train_like_statistics(cifar_net('before_bn'), loader),
-              'ic': train_like_statistics(cifar_net('ic:drop_rate=0.2'), loader)}
+    models = {'before_bn': train_like_statistics(cifar_net('before_bn'), loader, 2),
+              'ic': train_like_statistics(cifar_net('ic:drop_rate=0.2'), loader, 2)}
     results = [diagnose_model(m, loader, num_batches=2, label=label) for label, m in models.items()]
     by_label = {r.label: r for r in results}
     paths = [
@@ -326,17 +335,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_cli_diagnose_on_embedded_digits(tmp_path):
     out = tmp_path / 'diag'
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
     proc = subprocess.run(
         [sys.executable, '-m', 'timm_ic', 'diagnose', '--model', 'cifar_resnet20', '--placement', 'before_bn',
-         '--out', str(out), '--batches', '2', '--batch-size', '32', '--compare', 'after_bn', 'ic_resnet20'],
+         '--out', str(out), '--batches', '2', '--batch-size', '32', '--compare', 'after_bn'],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert 'cifar_resnet20 [before_bn]' in proc.stdout and 'Variance shift per BN layer' in proc.stdout
     assert 'diagnose' in proc.stderr  # the tqdm progress bar
     with open(out / 'report.json') as f:
         report = json.load(f)
-    assert list(report['models']) == ['cifar_resnet20 [before_bn]', 'cifar_resnet20 [after_bn]', 'ic_resnet20']
+    assert list(report['models']) == ['cifar_resnet20 [before_bn]', 'cifar_resnet20 [after_bn]']
     shifts = {k: m['variance_shift']['summary']['mean_shift'] for k, m in report['models'].items()}
     assert shifts['cifar_resnet20 [before_bn]'] > 1.3 > shifts['cifar_resnet20 [after_bn]']
     for name in ('variance_shift.png', 'signal.png', 'gradient_norm.png', 'correlation.png'):
@@ -359,11 +368,14 @@ def test_cli_loads_train_checkpoint_and_rejects_others(tmp_path, capsys):
             crop_mode='center')), f)
     out = tmp_path / 'diag'
     assert main(['diagnose', '--model', 'cifar_resnet20', '--checkpoint', str(weights), '--out', str(out),
-                 '--batches', '1', '--batch-size', '32', '--no-recalibrate']) == 0
+                 '--batches', '1', '--batch-size', '32', '--no-recalibrate',
+                 '--compare', f'cifar_resnet20@{weights}']) == 0
     with open(out / 'report.json') as f:
-        entry = json.load(f)['models']['cifar_resnet20']
-    assert entry['weights'] == str(weights) and entry['placement'] == 'before_bn'
-    assert all(layer['moving_var'] == pytest.approx(4.0) for layer in entry['variance_shift']['layers'])
+        models = json.load(f)['models']
+    assert list(models) == ['cifar_resnet20', 'cifar_resnet20 #2']
+    for entry in models.values():
+        assert entry['weights'] == str(weights) and entry['placement'] == 'before_bn'
+        assert all(layer['moving_var'] == pytest.approx(4.0) for layer in entry['variance_shift']['layers'])
 
     capsys.readouterr()
     assert main(['diagnose', '--model', 'cifar_resnet20', '--checkpoint', str(tmp_path / 'w.pth'),
@@ -371,3 +383,5 @@ def test_cli_loads_train_checkpoint_and_rejects_others(tmp_path, capsys):
     assert 'safetensors' in capsys.readouterr().err
     assert main(['diagnose', '--model', 'cifar_resnet20', '--compare', 'no_such_thing', '--out', str(out)]) == 2
     assert 'neither a registered model name nor a placement' in capsys.readouterr().err
+    assert main(['diagnose', '--model', 'cifar_resnet20', '--placement', 'bogus', '--out', str(out)]) == 2
+    assert "--placement 'bogus' is not a placement" in capsys.readouterr().err

@@ -66,27 +66,29 @@ def _check_model_name(name: str) -> None:
                             "ic_resnet20, cifar_resnet20, ...; see timm.list_models('*resnet*'))")
 
 
-def _parse_placement(text: str):
-    from timm_ic.placement import Placement
-    return Placement.parse(text)
+def _parse_placement(text: str, flag: str):
+    from timm_ic.placement import PRESETS, Placement
+    try:
+        return Placement.parse(text)
+    except (ValueError, TypeError) as e:
+        what = 'neither a registered model name nor a placement' if flag == '--compare' else 'not a placement'
+        raise DiagnoseError(f'{flag} {text!r} is {what} ({e}); a placement is a preset ({", ".join(PRESETS)}) '
+                            'with optional overrides, e.g. "ic:drop=uout,beta=0.1"') from e
 
 
 def parse_specs(args: argparse.Namespace) -> List[ModelSpec]:
-    """--model (with --placement/--checkpoint) first, then each --compare entry: a model name or a placement."""
-    _check_model_name(args.model)
-    specs = [ModelSpec(args.model, _parse_placement(args.placement) if args.placement else None, args.checkpoint)]
+    """--model (with --placement/--checkpoint) first, then each --compare entry: a model name or a placement,
+    optionally followed by @FILE.safetensors."""
     import timm
+    _check_model_name(args.model)
+    placement = _parse_placement(args.placement, '--placement') if args.placement else None
+    specs = [ModelSpec(args.model, placement, args.checkpoint)]
     for entry in args.compare:
         what, _, checkpoint = entry.partition('@')
         if timm.is_model(what) or what.startswith(_PRETRAINED_PREFIXES):
             specs.append(ModelSpec(what, None, checkpoint or None))
-            continue
-        try:
-            placement = _parse_placement(what)
-        except (ValueError, TypeError) as e:
-            raise DiagnoseError(f'--compare {entry!r} is neither a registered model name nor a placement ({e}); '
-                                'give a timm model name or a placement like before_bn, after_bn, ic') from e
-        specs.append(ModelSpec(args.model, placement, checkpoint or None))
+        else:
+            specs.append(ModelSpec(args.model, _parse_placement(what, '--compare'), checkpoint or None))
     return specs
 
 
