@@ -138,14 +138,17 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         seed = hash((self.seed, int(self._epoch.value), int(index))) & 0x7FFF_FFFF_FFFF_FFFF
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):  # timm's transforms draw from torch's and Python's RNGs
-            torch.manual_seed(seed)
-            random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
+        # timm's transforms draw from torch's and Python's global RNGs: seed both, then put them back.
+        # The CPU generator directly: torch.manual_seed / fork_rng cost ~100 us a sample, this ~10 us.
+        generator = torch.default_generator
+        torch_state, python_state = generator.get_state(), random.getstate()
+        generator.manual_seed(seed)
+        random.seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(torch_state)
+            random.setstate(python_state)
 
 
 def _find_split_dir(root: str, split: str, synonyms: Tuple[str, ...]) -> Optional[str]:
