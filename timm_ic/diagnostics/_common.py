@@ -84,20 +84,6 @@ def autocast_context(device: torch.device, enabled: bool) -> contextlib.Abstract
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def set_training(model: nn.Module, bn: bool, dropout: bool, other: bool) -> None:
-    """Set train/eval per module kind: BatchNorm layers, dropout layers, everything else.
-
-    `training` is set on each module directly (not via `.train()`, which recurses into children).
-    """
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            m.training = bn
-        elif is_dropout(m):
-            m.training = dropout
-        else:
-            m.training = other
-
-
 @contextlib.contextmanager
 def preserved(model: nn.Module, bn_buffers: bool = False) -> Iterator[List[RemovableHandle]]:
     """Restore every module's train/eval flag on exit and remove the hook handles appended to the yielded list.

@@ -235,9 +235,9 @@ def _diagnose(args: argparse.Namespace) -> int:
             model.to(device)
             if weights == 'init' and bn_layers(model):
                 # untrained running statistics (mean 0, var 1) say nothing: estimate them as training would
-                recalibrate_bn(model, loader, num_batches=args.batches, dropout=True, autocast=args.bf16)
-                weights = ('init; BN running statistics estimated over the diagnostic batches with dropout on, '
-                           'as training accumulates them')
+                recalibrate_bn(model, loader, num_batches=args.batches, train_mode=True, autocast=args.bf16)
+                weights = ('init; BN running statistics estimated over the diagnostic batches in train mode '
+                           '(dropout on), as training accumulates them')
             bar.update(1)
 
             def step_done(step: str, _label: str = label) -> None:

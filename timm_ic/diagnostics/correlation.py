@@ -39,6 +39,9 @@ class CorrelationResult:
     input_abs_mean_over_std: float  # mean over units of |mu| / sigma: 0 for perfectly centred units
     corr_before: float
     corr_after: float
+    # mean |r| of independent units from num_samples samples, sqrt(2 / (pi * num_samples)): a corr_before near it
+    # is sampling noise, which dropout does not shrink (e.g. a head dropout on a few pooled feature vectors)
+    corr_noise_floor: float
     corr_ratio: float
     corr_ratio_zero_mean: float  # what theory predicts for centred units: p_keep (dropout), 3/(3+beta^2) (Uout)
     corr_ratio_expected: float  # theory with the measured means
@@ -258,7 +261,8 @@ def correlation_reduction(
             layer=name, drop=type(m).__name__, p_keep=p_keep, beta=getattr(m, 'beta', None),
             follows_bn=after_bn.get(m, False), num_units=cov.shape[0], num_samples=moments[m][0].n,
             input_abs_mean_over_std=(mean.abs() / std)[std > 0].mean().item(),
-            corr_before=corr_before, corr_after=corr_after, corr_ratio=corr_after / corr_before,
+            corr_before=corr_before, corr_after=corr_after,
+            corr_noise_floor=math.sqrt(2 / (math.pi * moments[m][0].n)), corr_ratio=corr_after / corr_before,
             corr_ratio_zero_mean=1.0 / k, corr_ratio_expected=_expected_ratio(mean, cov, k),
             mi_units=mi_b.shape[1], mi_samples=mi_b.shape[0], mi_before=mi_before, mi_after=mi_after,
             mi_ratio=mi_ratio,

@@ -14,8 +14,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._common import (
-    ChannelMoments, autocast_context, bn_layers, check_num_batches, is_dropout, iter_batches, model_device_dtype,
-    preserved,
+    ChannelMoments, autocast_context, bn_layers, check_num_batches, iter_batches, model_device_dtype, preserved,
 )
 
 __all__ = ['LayerShift', 'VarianceShift', 'variance_shift', 'recalibrate_bn']
@@ -131,7 +130,7 @@ def recalibrate_bn(
         model: nn.Module,
         loader: Iterable,
         num_batches: int = 8,
-        dropout: bool = False,
+        train_mode: bool = False,
         autocast: bool = False,
 ) -> nn.Module:
     """Re-estimate every BN layer's running statistics on up to `num_batches` batches, in place; returns `model`.
@@ -139,9 +138,10 @@ def recalibrate_bn(
     Each BN restarts its statistics and takes the cumulative average of the batches (`momentum=None`), with
     its original momentum restored afterwards. Only BN buffers change: no parameter, no other buffer.
 
-    `dropout=False` (Li et al.'s remedy) runs dropout layers, and every other module, in eval mode, so the new
-    statistics are the test-time ones. `dropout=True` keeps dropout layers on, which reproduces the statistics
-    training itself accumulates (e.g. to give an untrained model realistic running statistics).
+    `train_mode=False` (Li et al.'s remedy) runs only the BN layers in train mode; dropout, drop-path and every
+    other module run as at test time, so the new statistics are the test-time ones. `train_mode=True` runs the
+    whole model in train mode, dropout on, which reproduces the statistics training itself accumulates (e.g. to
+    give an untrained model realistic running statistics).
     """
     check_num_batches(num_batches)
     layers = [m for _, m in _tracked_bn_layers(model) if m.track_running_stats]
@@ -154,9 +154,9 @@ def recalibrate_bn(
         try:
             # Not torch.optim.swa_utils.update_bn: it calls model.train(), which turns dropout (and drop-path)
             # on, so the statistics would carry dropout's variance again; it also restores only the top-level
-            # train/eval flag. Here only BN layers (and dropouts when asked) are in train mode.
+            # train/eval flag. Here only BN layers are in train mode (all modules with train_mode=True).
             for m in model.modules():
-                m.training = isinstance(m, _BatchNorm) or (dropout and is_dropout(m))
+                m.training = train_mode or isinstance(m, _BatchNorm)
             for inputs, _ in iter_batches(loader, num_batches, device, dtype):
                 with autocast_context(device, autocast):
                     model(inputs)
