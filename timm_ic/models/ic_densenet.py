@@ -11,6 +11,7 @@ from functools import partial
 import torch.nn as nn
 from timm.models import generate_default_cfgs
 
+from ..hub import add_pretrained_tags
 from ..placement import Placement
 from ..rewriter import extract_skeleton
 from ._registry import register_model
@@ -56,11 +57,11 @@ def timm_densenet_skeleton(growth_rate: int = 32, block_config=(6, 12, 24, 16), 
     return extract_skeleton(DenseNet(growth_rate, tuple(block_config), in_chans=in_chans, num_classes=0))[0]
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(add_pretrained_tags({
     'cifar_densenet_bc100.untrained': _cifar_cfg(),
     'uout_densenet_bc100.untrained': _cifar_cfg(),
     'uout_densenet121.untrained': _imagenet_cfg(),
-})
+}))
 
 
 @register_model

@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs
 
+from ..hub import add_pretrained_tags
 from ..placement import Placement
 from ..rewriter import extract_skeleton
 from ._registry import register_model
@@ -103,7 +104,7 @@ def _imagenet_cfg(**kwargs):
 # WRN's own dropout position (between the convs, after BN-ReLU) with Uout instead of Bernoulli dropout
 UOUT_WRN = str(Placement.preset('pre', drop='uout', beta=0.1, drop_units='last'))
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(add_pretrained_tags({
     **{f'ic_resnet{d}.untrained': _imagenet_cfg() for d in (18, 34, 50, 101, 152)},
     'kim_resnet50.untrained': _imagenet_cfg(),
     **{f'{prefix}{d}.untrained': _cifar_cfg() for prefix in ('cifar_resnet', 'cifar_preresnet', 'ic_resnet')
@@ -113,7 +114,7 @@ default_cfgs = generate_default_cfgs({
     'ic_wrn28_10.untrained': _cifar_cfg(),
     'kim_wrn28_10.untrained': _cifar_cfg(),
     'uout_wrn28_10.untrained': _cifar_cfg(),
-})
+}))
 # the CIFAR 'ic_resnet20/56/110/164' share a prefix with the ImageNet 'ic_resnet18/34/50/101/152': depths tell them apart
 
 

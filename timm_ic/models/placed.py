@@ -504,14 +504,15 @@ def create_placed_model(
         feature_input_size: Tuple[int, int],
         **kwargs,
 ) -> PlacedNet:
-    """timm's `build_model_with_cfg` for a PlacedNet: cfg defaults, pretrained weights, features_only.
+    """timm's `build_model_with_cfg` for a PlacedNet (with the Hub's pretrained checks): cfg defaults,
+    pretrained weights, features_only.
 
     `kwargs` are timm's usual ones (num_classes, in_chans, drop_rate, global_pool, features_only,
     out_indices, pretrained_cfg_overlay) plus `placement=` (a Placement or its string) and skeleton options.
     """
-    from timm.models import build_model_with_cfg
+    from ..hub import build_model_with_checks
     placement = kwargs.pop('placement', None) or default_placement
-    return build_model_with_cfg(
+    return build_model_with_checks(
         _build_from_skeleton, variant, pretrained,
         feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_stages + 1))),
         skeleton_fn=skeleton_fn, placement=placement, feature_input_size=feature_input_size, **kwargs)
