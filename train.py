@@ -55,8 +55,8 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -429,21 +429,22 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UsageError(f'Mixup/CutMix pair samples within a batch: --batch-size must be even, not {args.batch_size}.')
 
+    # the process group first (as the Accelerator would set it up), so that all processes agree on the
+    # output folder, which the trackers need when the Accelerator is built
+    PartialState(cpu=args.cpu or parse_flag_from_env('ACCELERATE_USE_CPU'))
+    output_dir, resume_from = resolve_output_and_resume(args)
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         log_with=args.log_with,
-        project_config=ProjectConfiguration(),  # folders set below, once all processes agree on them
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / 'logs')),
         # the shuffle order is a function of (seed, epoch): a resumed run sees exactly the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         dynamo_backend='inductor' if args.compile else None,
         step_scheduler_with_optimizer=False,  # timm schedulers are stepped by hand, per optimizer update
     )
     log = accelerator.print
-    output_dir, resume_from = resolve_output_and_resume(args)
-    accelerator.project_configuration.set_directories(str(output_dir))
-    accelerator.project_configuration.logging_dir = str(output_dir / 'logs')
     set_seed(args.seed, device_specific=True)  # per-process dropout draws; DDP copies rank 0's initial weights
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -548,7 +549,8 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         'data_config': data_config,
         'dataset': {'key': 'digits' if source == 'digits' else None,
                     'name': args.dataset or ('folder' if args.data_dir else 'digits'), 'data_dir': args.data_dir,
-                    'hub_id': args.dataset[5:] if args.dataset.startswith('hfds/') else None,
+                    'hub_id': args.dataset[5:] if args.dataset.startswith('hfds/') and not os.path.exists(
+                        args.dataset[5:]) else None,
                     'train_split': args.train_split, 'val_split': args.val_split,
                     'train_samples': None if iterable else len(train_ds),
                     'val_samples': None if iterable else len(val_ds)},

@@ -278,3 +278,55 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
     ref_record = json.loads((reference / 'run.json').read_text())
     res_record = json.loads((interrupted / 'run.json').read_text())
     assert [r['eval_top1'] for r in ref_record['epochs']] == [r['eval_top1'] for r in res_record['epochs']]
+
+
+def test_training_options_run_together(tmp_path):
+    """bf16, channels-last, EMA, Mixup+CutMix with smoothing, accumulation, clipping, a placement, TensorBoard."""
+    out = tmp_path / 'run'
+    code, _ = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '4', '--grad-accum-steps', '2',
+                    '--mixed-precision', 'bf16', '--channels-last', '--ema-decay', '0.9', '--mixup', '0.2',
+                    '--cutmix', '1.0', '--smoothing', '0.1', '--clip-grad', '1.0', '--log-with', 'tensorboard',
+                    '--placement', 'ic:drop=uout,beta=0.1', *FAST])
+    assert code == 0
+    record = json.loads((out / 'run.json').read_text())
+    assert record['distributed']['mixed_precision'] == 'bf16' and record['weights']['ema'] is True
+    assert record['placement'] == str(timm_ic.Placement.parse('ic:drop=uout,beta=0.1'))
+    assert np.isfinite(record['epochs'][0]['train_loss'])
+    assert [c.name for c in list_checkpoints(out / 'checkpoints')] == ['checkpoint-000000002']  # 4 batches / 2
+    assert list((out / 'logs').rglob('events.out.tfevents.*'))
+
+
+def test_placement_on_a_timm_model_is_refused(tmp_path, capsys):
+    code, err = _run(['--model', 'resnet10t', '--placement', 'ic', '--output', tmp_path / 'o', *FAST], capsys)
+    assert code == 2 and '--placement works with timm-ic models' in err
+
+
+def test_fine_tune_from_initial_weights_reinitialises_the_classifier(tmp_path, capsys):
+    source = timm.create_model('ic_resnet20', num_classes=10, in_chans=1)
+    save_weights(source.state_dict(), tmp_path / 'digits.safetensors')
+    root = _write_folder(tmp_path / 'data')
+    out = tmp_path / 'run'
+    # lr 0: the weights stay as loaded, so what was loaded can be checked exactly
+    code = train.main([str(a) for a in ['--data-dir', root, '--in-chans', '1', '--initial-weights',
+                                        tmp_path / 'digits.safetensors', '--lr', '0', '--warmup-lr', '0',
+                                        '--output', out, *FOLDER_RUN]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert 'classifier is re-initialised for 3 classes (the pretrained weights have 10)' in captured.out
+    tuned = load_file(out / 'last.safetensors')
+    conv = source.pretrained_cfg['first_conv'] + '.weight'
+    assert torch.equal(tuned[conv], source.state_dict()[conv])
+    assert tuned['fc.weight'].shape[0] == 3
+
+
+def test_hugging_face_dataset_from_a_local_copy(tmp_path):
+    root = _write_folder(tmp_path / 'hf', splits=('train', 'validation'))
+    out = tmp_path / 'run'
+    env = dict(_subprocess_env(), HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+    result = subprocess.run([sys.executable, str(REPO / 'train.py'), '--dataset', f'hfds/{root}', '--data-dir',
+                             str(tmp_path / 'cache'), '--output', str(out), *FOLDER_RUN],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / 'run.json').read_text())
+    assert record['label_names'] == ['a', 'b', 'c'] and record['dataset']['train_samples'] == 18
+    assert record['epochs'][0]['eval_samples'] == 18
