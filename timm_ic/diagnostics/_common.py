@@ -31,7 +31,8 @@ def is_active_dropout(module: nn.Module) -> bool:
 
 
 def bn_layers(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
-    """(name, module) of every BatchNorm layer (any `_BatchNorm`: BatchNorm1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d)."""
+    """(name, module) of every BatchNorm layer: any `_BatchNorm` (BatchNorm1d/2d/3d, SyncBatchNorm, timm's
+    BatchNormAct2d)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
@@ -74,7 +75,8 @@ def iter_batches(
         seen += 1
         yield inputs, targets
     if seen == 0:
-        raise ValueError('the loader yielded no batch: give it a non-empty dataset (and drop_last=False if it is small)')
+        raise ValueError('the loader yielded no batch: give it a non-empty dataset '
+                         '(and drop_last=False if it is small)')
 
 
 def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

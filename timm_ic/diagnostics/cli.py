@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__ + ' Without --checkpoint the weights are at initialisation and BN running statistics '
         'are first estimated with dropout on (what training accumulates), so the variance shift is that of the '
         'architecture.')
-    p.add_argument('--model', required=True, help='timm model name (e.g. ic_resnet20, resnet18) or hf-hub:/local-dir: id')
+    p.add_argument('--model', required=True,
+                   help='timm model name (e.g. ic_resnet20, resnet18) or hf-hub:/local-dir: id')
     p.add_argument('--placement', default=None, help='placement for --model (e.g. before_bn, "ic:drop=uout,beta=0.1")')
     p.add_argument('--checkpoint', default=None, help='weights for --model: a .safetensors file')
     p.add_argument('--compare', nargs='+', default=[], metavar='NAME_OR_PLACEMENT[@FILE.safetensors]',
@@ -113,8 +114,8 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
     placement, data_config = spec.placement, None
     if spec.checkpoint:
         if not spec.checkpoint.endswith('.safetensors'):
-            raise DiagnoseError(f'checkpoint {spec.checkpoint!r} is not a .safetensors file: only safetensors '
-                                'weights are loaded (convert with safetensors.torch.save_file(model.state_dict(), ...))')
+            raise DiagnoseError(f'checkpoint {spec.checkpoint!r} is not a .safetensors file: only safetensors weights '
+                                'are loaded (convert: safetensors.torch.save_file(model.state_dict(), path))')
         if not os.path.isfile(spec.checkpoint):
             raise DiagnoseError(f'checkpoint {spec.checkpoint} does not exist')
         record = _run_record_beside(spec.checkpoint)

@@ -62,19 +62,21 @@ def format_table(results: Sequence[ModelDiagnostics], per_layer: bool = True) ->
         first, last = (sig.layers[0], sig.layers[-1]) if sig and sig.layers else (None, None)
         # layers whose correlation is well above the sampling-noise floor: elsewhere the ratio measures noise
         used = [c for c in corr if c.corr_before == c.corr_before and c.corr_before > 3 * c.corr_noise_floor]
+        # MI: Bernoulli dropouts only, the ones with a prediction (p_keep^2); Uout's are in the JSON
+        with_mi = [c for c in used if c.mi_ratio is not None and c.mi_ratio_expected is not None]
         rows.append([
             r.label, len(vs.layers) if vs else 0,
             _g(vs.mean_shift if vs else None), _g(vs.max_shift if vs else None),
             _g(rc.mean_shift if rc else None), _g(rc.max_shift if rc else None),
             f'{len(used)}/{len(corr)}', _g(_mean([c.corr_ratio for c in used])),
-            _g(_mean([c.corr_ratio_expected for c in used])), _g(_mean([c.mi_ratio for c in used])),
-            _g(_mean([c.mi_ratio_expected for c in used if c.mi_ratio_expected is not None])),
+            _g(_mean([c.corr_ratio_expected for c in used])),
+            _g(_mean([c.mi_ratio for c in with_mi])), _g(_mean([c.mi_ratio_expected for c in with_mi])),
             f'{_g(first.activation_variance)}/{_g(last.activation_variance)}' if first else '-',
             _g(last.cosine_similarity) if last else '-',
             f'{_g(first.grad_norm)}/{_g(last.grad_norm)}' if first else '-',
         ])
     parts = ['Summary (shift: mean over BN layers of the channel-mean shift; ratios: mean over the dropout layers '
-             'whose input correlation is over 3x its sampling-noise floor)',
+             'whose input correlation is over 3x its sampling-noise floor, MI over the Bernoulli ones among them)',
              _table(header, rows)]
     if per_layer:
         for r in results:

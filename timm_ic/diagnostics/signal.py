@@ -8,7 +8,7 @@ Per weight layer (conv by default), at its output:
 - gradient norm ||dL/d(output)|| of the batch's mean loss, from one backward pass per batch.
 """
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,7 @@ variance the layer's input really has at test time: training data through the ne
 BN on its running statistics, weights frozen). 1 means no shift.
 """
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
 import torch
 import torch.nn as nn
