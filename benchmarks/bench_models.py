@@ -1,0 +1,117 @@
+"""Speed of each placement against its same-skeleton baseline, measured in one run.
+
+For every (model, baseline) pair: inference images/s (eval, no grad) and training images/s
+(forward + backward + SGD step), both models on the same input, interleaved repeats, median of the
+repeats; prints each model's ratio to its baseline (1.00 = as fast). Also times `timm_ic.rewrite`
+of resnet152 (real weights, then meta device).
+
+    python benchmarks/bench_models.py                       # CPU, CIFAR pairs + ImageNet ResNet-50 at 112px
+    python benchmarks/bench_models.py --device cuda --amp --batch-size 128 --image-size 224
+"""
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+
+import timm_ic
+
+PAIRS = [
+    ('ic_resnet20', 'cifar_resnet20'),
+    ('cifar_preresnet56', 'cifar_resnet56'),
+    ('ic_resnet56', 'cifar_resnet56'),
+    ('kim_preresnet110', 'cifar_resnet110'),
+    ('ic_wrn28_10', 'cifar_wrn28_10'),
+    ('uout_densenet_bc100', 'cifar_densenet_bc100'),
+    ('ic_resnet50', 'resnet50'),
+    ('kim_resnet50', 'resnet50'),
+]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_step(fn, device, steps: int) -> float:
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def measure(name: str, x: torch.Tensor, steps: int, amp: bool):
+    device = x.device
+    model = timm.create_model(name, num_classes=10).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    target = torch.randint(0, 10, (x.shape[0],), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+    def infer():
+        with torch.no_grad(), autocast:
+            model(x)
+
+    def train():
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.eval()
+    infer()  # warm-up
+    model.train()
+    train()
+    return model, infer, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--image-size', type=int, default=112, help='input size for the ImageNet models')
+    parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--amp', action='store_true', help='bf16 autocast')
+    parser.add_argument('--only', nargs='*', help='model names to keep')
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    print(f'device {device}, batch {args.batch_size}, steps {args.steps} x {args.repeats} repeats, amp {args.amp}')
+    print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>6s} {"train img/s":>12s} {"ratio":>6s}')
+    for name, baseline in PAIRS:
+        if args.only and name not in args.only:
+            continue
+        size = 32 if timm.get_pretrained_cfg(baseline).input_size[-1] == 32 else args.image_size
+        x = torch.randn(args.batch_size, 3, size, size, device=device)
+        runs = {n: measure(n, x, args.steps, args.amp) for n in (name, baseline)}
+        times = {n: {'infer': [], 'train': []} for n in runs}
+        for _ in range(args.repeats):  # interleaved, so drift hits both alike
+            for n, (model, infer, train) in runs.items():
+                model.eval()
+                times[n]['infer'].append(time_step(infer, device, args.steps))
+                model.train()
+                times[n]['train'].append(time_step(train, device, args.steps))
+        rate = {n: {k: args.batch_size / statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+        print(f'{name:24s} {baseline:22s} {rate[name]["infer"]:12.1f} {rate[name]["infer"] / rate[baseline]["infer"]:6.2f}'
+              f' {rate[name]["train"]:12.1f} {rate[name]["train"] / rate[baseline]["train"]:6.2f}')
+        del runs
+
+    source = timm.create_model('resnet152')
+    t = time.perf_counter()
+    timm_ic.rewrite(source, 'ic')
+    real = time.perf_counter() - t
+    with torch.device('meta'):
+        source = timm.create_model('resnet152')
+    t = time.perf_counter()
+    timm_ic.rewrite(source, 'ic')
+    meta = time.perf_counter() - t
+    print(f'rewrite resnet152 -> ic: {real:.3f} s (real weights), {meta:.3f} s (meta device)')
+
+
+if __name__ == '__main__':
+    main()
