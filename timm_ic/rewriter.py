@@ -48,10 +48,10 @@ def _split_stem(children: List[Tuple[str, nn.Module]]) -> Tuple[nn.Module, nn.Mo
     if last is None:
         raise _unsupported('a stem without a conv')
     weights = children[:last + 1]
-    rest = [(n, m) for n, m in children[last + 1:]]
+    rest = children[last + 1:]
     norm = rest[0][1] if rest and isinstance(rest[0][1], nn.modules.batchnorm._BatchNorm) else None
-    pool = [(n, m) for n, m in rest if not isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.Identity))
-            and 'norm' not in type(m).__name__.lower() and 'act' not in n]
+    # what follows the stem's norm(-act) is its pooling (and the padding before it)
+    pool = [(n, m) for n, m in rest if not isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.Identity))]
     stem = weights[0][1] if len(weights) == 1 else nn.Sequential(OrderedDict(weights))
     stem_pool = nn.Sequential(OrderedDict(pool)) if len(pool) > 1 else (pool[0][1] if pool else nn.Identity())
     return stem, stem_pool, norm
@@ -224,7 +224,7 @@ def extract_skeleton(model: nn.Module) -> Tuple[Skeleton, Dict]:
     if isinstance(model, ResNet):
         return _timm_resnet(model)
     if isinstance(model, ResNetV2):
-        if not isinstance(model.norm, nn.modules.batchnorm._BatchNorm) and _is_identity(model.norm):
+        if _is_identity(model.norm):
             raise _unsupported('ResNetV2 without pre-activation (its blocks are post-activation Bottlenecks)')
         return _timm_resnetv2(model)
     if isinstance(model, DenseNet):
@@ -244,9 +244,6 @@ def rewrite(
     (the message names the supported families or the setting and the layer).
     """
     placement = Placement.parse(placement)
-    if isinstance(model, nn.Module) and hasattr(model, 'pretrained_cfg') and getattr(model, 'feature_info', None) \
-            and not hasattr(model, 'forward_head'):
-        raise _unsupported('features_only wrappers: rewrite the model, then build features from it')
     skeleton, facts = extract_skeleton(model)
     stem_conv = _last_conv(skeleton.stem)
     first = [m for m in skeleton.stem.modules() if isinstance(m, nn.Conv2d)][0]
