@@ -409,6 +409,13 @@ def resolve_output_and_resume(args: argparse.Namespace) -> Tuple[Path, Optional[
     return output_dir, resume_from
 
 
+def _num_samples(dataset) -> Optional[int]:
+    try:
+        return len(dataset)
+    except TypeError:  # an iterable data set without a length
+        return None
+
+
 def tracker_config(args: argparse.Namespace) -> Dict[str, Any]:
     """Options as scalars, which is what every tracker accepts as hyper-parameters."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
@@ -466,6 +473,9 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     model = create_model(args, num_classes, in_chans, log)
     data_config, train_ds.transform, val_ds.transform = resolve_transforms(args, model, in_chans)
     if args.sync_bn and accelerator.num_processes > 1:
+        if accelerator.device.type == 'cpu':
+            raise UsageError('--sync-bn needs GPU processes (PyTorch\'s SyncBatchNorm runs on GPU modules only); '
+                             'drop it for CPU runs.')
         model = timm.layers.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -527,7 +537,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     if accelerator.is_main_process:
         log(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
             f'{num_classes} classes, input {tuple(data_config["input_size"])}; data {source}: '
-            f'{len(train_ds) if not iterable else "?"} train / {len(val_ds) if not iterable else "?"} val; '
+            f'{_num_samples(train_ds) or "?"} train / {_num_samples(val_ds) or "?"} val; '
             f'{accelerator.num_processes} process(es) on {accelerator.device}, '
             f'mixed precision {accelerator.mixed_precision}; output {output_dir}')
     accelerator.init_trackers('timm_ic', config=tracker_config(args))
@@ -552,8 +562,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                     'hub_id': args.dataset[5:] if args.dataset.startswith('hfds/') and not os.path.exists(
                         args.dataset[5:]) else None,
                     'train_split': args.train_split, 'val_split': args.val_split,
-                    'train_samples': None if iterable else len(train_ds),
-                    'val_samples': None if iterable else len(val_ds)},
+                    'train_samples': _num_samples(train_ds), 'val_samples': _num_samples(val_ds)},
         'recipe': None if args.recipe is None else {'name': args.recipe, 'path': recipe_path(args.recipe),
                                                      'values': args.recipe_values},
         'args': {k: v for k, v in vars(args).items() if k != 'recipe_values'},

@@ -330,3 +330,45 @@ def test_hugging_face_dataset_from_a_local_copy(tmp_path):
     record = json.loads((out / 'run.json').read_text())
     assert record['label_names'] == ['a', 'b', 'c'] and record['dataset']['train_samples'] == 18
     assert record['epochs'][0]['eval_samples'] == 18
+
+
+def _write_shards(root: Path, per_class: int = 8) -> Path:
+    """WebDataset shards in timm's layout: one .tar per split (`<key>.png` + `<key>.cls`) and `_info.json`."""
+    import io
+    import tarfile
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    info = {'name': 'toy', 'splits': {}}
+    for split in ('train', 'validation'):
+        filename = f'toy-{split}-0000.tar'
+        with tarfile.open(root / filename, 'w') as tar:
+            for c in range(3):
+                for i in range(per_class):
+                    pixels = rng.integers(0, 60, size=(12, 12, 3), dtype=np.uint8)
+                    pixels[..., c] += 180
+                    png = io.BytesIO()
+                    Image.fromarray(pixels, 'RGB').save(png, 'PNG')
+                    for ext, data in (('png', png.getvalue()), ('cls', str(c).encode())):
+                        member = tarfile.TarInfo(f'{split}_{c}_{i}.{ext}')
+                        member.size = len(data)
+                        tar.addfile(member, io.BytesIO(data))
+        n = 3 * per_class
+        info['splits'][split] = {'name': split, 'num_samples': n, 'filenames': [filename], 'shard_lengths': [n]}
+    (root / '_info.json').write_text(json.dumps(info))
+    return root
+
+
+def test_webdataset_shards(tmp_path, capsys):
+    shards = _write_shards(tmp_path / 'shards')
+    code, err = _run(['--dataset', 'wds/toy', '--data-dir', shards, '--output', tmp_path / 'o', *FOLDER_RUN], capsys)
+    assert code == 2 and 'pass --num-classes N' in err  # shards carry no class names
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path / 'run'
+    code, err = _run(['--dataset', 'wds/toy', '--data-dir', shards, '--num-classes', '3', '--output', out,
+                      *FOLDER_RUN], capsys)
+    assert code == 0, err
+    record = json.loads((out / 'run.json').read_text())
+    assert record['dataset']['train_samples'] == 24 and record['epochs'][0]['eval_samples'] == 24
+    assert record['distributed']['train_samples_per_rank'] == [24]  # 6 batches of 4
