@@ -1,6 +1,7 @@
 """Diagnostics measure what the papers predict, on real (digits) activations, and leave the model as it was."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -213,6 +214,8 @@ def test_similarity_and_stable_rank_extremes():
     orthogonal = torch.eye(8).view(8, 8, 1, 1)
     assert sample_cosine_similarity(orthogonal) == pytest.approx(0.0)
     assert stable_rank(orthogonal) == pytest.approx(8.0)
+    dead = torch.zeros(8, 3, 4, 4)  # e.g. a zero-initialised residual branch: undefined, not 'orthogonal'
+    assert math.isnan(sample_cosine_similarity(dead)) and math.isnan(stable_rank(dead))
 
 
 # --- the model is left as it was -------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def plot_variance_shift(
         if top > 20:
             ax.set_yscale('log')
     axes[0].set_ylabel('variance shift max(real/moving, moving/real)')
-    axes[0].legend(fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc='outside lower center', ncols=2, fontsize=8)
     fig.suptitle('Variance shift per BN layer (1 = none)')
     return save_figure(fig, path)
 
@@ -91,7 +92,8 @@ def plot_signal(signals: Mapping[str, SignalPropagation], path: str) -> str:
         ax.set_title(title)
         _depth_axis(ax, 'layer')
     axes[1].set_ylim(min(0.0, axes[1].get_ylim()[0]), 1.0)
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc='outside lower center', ncols=min(4, len(signals)),
+               fontsize=8)
     fig.suptitle('Signal propagation at each layer output')
     return save_figure(fig, path)
 
@@ -111,33 +113,37 @@ def plot_gradient_norm(signals: Mapping[str, SignalPropagation], path: str) -> s
 
 
 def plot_correlation(correlations: Mapping[str, Sequence[CorrelationResult]], path: str) -> str:
-    """Correlation before/after each dropout, and the measured vs predicted correlation and MI ratios."""
+    """Correlation before/after each dropout, and the measured vs predicted correlation and MI ratios.
+
+    Colours are models; markers are measurements (hollow: before dropout), lines are predictions.
+    """
     correlations = {label: list(results) for label, results in correlations.items() if results}
     if not correlations:
         raise ValueError('nothing to plot: no correlation result given (the models have no active dropout)')
-    fig = Figure(figsize=(14, 3.8), layout='constrained')
+    fig = Figure(figsize=(14, 4.2), layout='constrained')
     ax_abs, ax_corr, ax_mi = fig.subplots(1, 3)
+    nan = float('nan')
     for idx, (label, results) in enumerate(correlations.items()):
         color = f'C{idx}'
         xs: List[int] = list(range(len(results)))
-        ax_abs.plot(xs, [r.corr_before for r in results], marker='o', mfc='none', ls=':', color=color,
-                    label=f'{label}: before dropout')
-        ax_abs.plot(xs, [r.corr_after for r in results], marker='o', color=color, label=f'{label}: after')
-        ax_corr.plot(xs, [r.corr_ratio for r in results], marker='o', color=color, label=f'{label}: measured')
-        ax_corr.plot(xs, [r.corr_ratio_expected for r in results], ls='--', color=color,
-                     label=f'{label}: expected (measured means)')
-        ax_corr.plot(xs, [r.corr_ratio_zero_mean for r in results], ls=':', color=color,
-                     label=f'{label}: p_keep (zero mean)')
-        ax_mi.plot(xs, [r.mi_ratio if r.mi_ratio is not None else float('nan') for r in results], marker='o',
-                   color=color, label=f'{label}: measured')
-        expected = [r.mi_ratio_expected if r.mi_ratio_expected is not None else float('nan') for r in results]
-        ax_mi.plot(xs, expected, ls='--', color=color, label=f'{label}: p_keep^2')
-    ax_abs.set_title('mean |correlation| between units')
-    ax_corr.set_title('correlation ratio after/before')
-    ax_mi.set_title('mutual information ratio after/before')
+        ax_abs.plot(xs, [r.corr_before for r in results], marker='o', mfc='none', ls='none', color=color)
+        ax_abs.plot(xs, [r.corr_after for r in results], marker='o', ls='none', color=color, label=label)
+        ax_abs.plot(xs, [r.corr_noise_floor for r in results], ls=':', lw=0.8, color=color)
+        ax_corr.plot(xs, [r.corr_ratio for r in results], marker='o', ls='none', color=color)
+        ax_corr.plot(xs, [r.corr_ratio_expected for r in results], ls='-', lw=1, color=color)
+        ax_corr.plot(xs, [r.corr_ratio_zero_mean for r in results], ls=':', lw=1, color=color)
+        ax_mi.plot(xs, [r.mi_ratio if r.mi_ratio is not None else nan for r in results], marker='o', ls='none',
+                   color=color)
+        ax_mi.plot(xs, [r.mi_ratio_expected if r.mi_ratio_expected is not None else nan for r in results],
+                   ls='-', lw=1, color=color)
+    ax_abs.set_title('mean |correlation| between units\n(o before dropout, \u25CF after, dotted: noise floor)',
+                     fontsize=9)
+    ax_corr.set_title('correlation ratio after/before (\u25CF measured)\n'
+                      'line: predicted from measured means, dotted: p_keep (zero mean)', fontsize=9)
+    ax_mi.set_title('mutual information ratio after/before (\u25CF measured)\nline: p_keep^2', fontsize=9)
     for ax in (ax_abs, ax_corr, ax_mi):
         _depth_axis(ax, 'dropout layer')
-        ax.legend(fontsize=7)
+    fig.legend(loc='outside lower center', ncols=min(4, len(correlations)), fontsize=8)
     fig.suptitle('Dropout on real activations: correlation shrinks by p_keep, mutual information by p_keep^2 '
                  '(zero-mean input, Chen et al.)', fontsize=10)
     return save_figure(fig, path)

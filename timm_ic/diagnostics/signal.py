@@ -33,10 +33,12 @@ def _normalised_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_cosine_similarity(x: torch.Tensor) -> float:
-    """Mean cosine similarity between distinct samples of a batch (N >= 2)."""
+    """Mean cosine similarity between distinct samples of a batch (N >= 2); NaN for an all-zero (dead) output."""
     n = x.shape[0]
     if n < 2:
         raise ValueError('cosine similarity between samples needs a batch of at least 2')
+    if not x.detach().any():
+        return float('nan')
     gram = _normalised_gram(x)
     return ((gram.sum() - gram.diagonal().sum()) / (n * (n - 1))).item()
 
