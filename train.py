@@ -206,8 +206,13 @@ def check_model_name(name: str) -> None:
                      f'python -c "import timm, timm_ic; print(timm.list_models(\'*resnet*\'))".')
 
 
-def create_model(args: argparse.Namespace, num_classes: int, in_chans: int, log: Callable[[str], None]) -> nn.Module:
-    """`timm.create_model` with the command line's options; `--placement` reaches timm-ic models as a kwarg."""
+def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
+                 log: Callable[[str], None]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """`timm.create_model` with the command line's options, and the kwargs that rebuild it (for the run record).
+
+    `--placement` reaches timm-ic models as a kwarg; `--initial-weights` loads through timm's own pretrained
+    path (`pretrained_cfg_overlay=dict(file=...)`), which adapts `in_chans` and drops a classifier of another size.
+    """
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans)
     if args.drop_rate is not None:
         kwargs['drop_rate'] = args.drop_rate
@@ -225,14 +230,18 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int, log:
             raise
         raise UsageError(f'--placement works with timm-ic models (ic_*, cifar_*, kim_*, uout_*), not with '
                          f'{args.model!r}; for timm models use timm_ic.rewrite(model, placement) in Python.') from e
+    except RuntimeError as e:
+        if not pretrained:
+            raise
+        source = args.initial_weights or f'the pretrained weights of {args.model}'
+        raise UsageError(f'could not load {source}: {e}') from e
     if pretrained:
         source_classes = model.pretrained_cfg.get('num_classes')
         if source_classes and source_classes != num_classes:
             log(f'fine-tuning: the classifier is re-initialised for {num_classes} classes '
                 f'(the pretrained weights have {source_classes}).')
     model_args = {k: v for k, v in kwargs.items() if k != 'pretrained_cfg_overlay'}
-    model.run_model_args = model_args  # for the run record
-    return model
+    return model, model_args
 
 
 def resolve_transforms(args: argparse.Namespace, model: nn.Module, in_chans: int) -> Tuple[Dict, Callable, Callable]:
@@ -317,7 +326,7 @@ def train_one_epoch(
                 on_update(num_updates, batches_done, nonfinite)
         bar.update(1)
         if batches_done % log_interval == 0 or batches_done == num_batches:
-            check_finite(accelerator, nonfinite, loss, epoch, num_updates)
+            check_finite(accelerator, nonfinite, epoch, num_updates)
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
                             img_s=f'{samples * accelerator.num_processes / max(elapsed, 1e-9):.0f}', refresh=False)
@@ -325,7 +334,7 @@ def train_one_epoch(
             break
     elapsed = time.perf_counter() - start
     bar.close()
-    check_finite(accelerator, nonfinite, loss_sum, epoch, num_updates)
+    check_finite(accelerator, nonfinite, epoch, num_updates)
     done = max(batches_done - start_batch, 1)
     metrics = {
         'loss': accelerator.reduce(loss_sum / done, reduction='mean').item(),
@@ -336,8 +345,7 @@ def train_one_epoch(
     return metrics, num_updates
 
 
-def check_finite(accelerator: Accelerator, nonfinite: torch.Tensor, loss: torch.Tensor, epoch: int,
-                 num_updates: int) -> None:
+def check_finite(accelerator: Accelerator, nonfinite: torch.Tensor, epoch: int, num_updates: int) -> None:
     """Raise `NonFiniteLossError` if any process has seen a non-finite loss (all processes agree)."""
     if accelerator.reduce(nonfinite.clone(), reduction='sum').item() > 0:
         raise NonFiniteLossError(
@@ -470,7 +478,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     num_classes = check_num_classes(args.num_classes, label_names, source)
 
     # model
-    model = create_model(args, num_classes, in_chans, log)
+    model, model_args = create_model(args, num_classes, in_chans, log)
     data_config, train_ds.transform, val_ds.transform = resolve_transforms(args, model, in_chans)
     if args.sync_bn and accelerator.num_processes > 1:
         if accelerator.device.type == 'cpu':
@@ -551,7 +559,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         'status': 'running',
         'model': args.model,
         'placement': str(placement) if placement is not None else None,
-        'model_args': getattr(unwrapped, 'run_model_args', {}),
+        'model_args': model_args,
         'num_classes': num_classes,
         'in_chans': in_chans,
         'label_names': label_names,
@@ -600,7 +608,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                 nonlocal num_updates
                 num_updates = updates
                 if args.checkpoint_every and updates % args.checkpoint_every == 0 and batches_done < num_batches:
-                    check_finite(accelerator, nonfinite, nonfinite, epoch, updates)  # never save a broken model
+                    check_finite(accelerator, nonfinite, epoch, updates)  # never save a broken model
                     checkpoint(epoch, batches_done)
 
             train_metrics, num_updates = train_one_epoch(
