@@ -212,6 +212,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     weights = load_file(checkpoints[-1] / 'model.safetensors')
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
+    # the fix applied (here: the injected NaN removed), the run continues from that checkpoint, named explicitly
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', original)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    code = train.main([str(a) for a in ['--resume', checkpoints[-1], '--epochs', '2', '--input-size', '1', '8', '8',
+                                        '--batch-size', '32']])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f'resuming from {checkpoints[-1]} (epoch 1, batch 4, 4 updates done)' in captured.out
+    record = json.loads((out / 'run.json').read_text())  # the output folder is the checkpoint's run
+    assert record['status'] == 'finished' and [r['epoch'] for r in record['epochs']] == [1, 2]
+
 
 def test_checkpoint_pruning_and_atomic_weights(tmp_path):
     ckpts = tmp_path / 'checkpoints'
