@@ -384,3 +384,31 @@ def test_webdataset_shards(tmp_path, capsys):
     record = json.loads((out / 'run.json').read_text())
     assert record['dataset']['train_samples'] == 24 and record['epochs'][0]['eval_samples'] == 24
     assert record['distributed']['train_samples_per_rank'] == [24]  # 6 batches of 4
+
+
+def test_crash_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    original = Accelerator.save_state
+    saves = {'n': 0}
+
+    def crash_on_second_save(self, output_dir=None, **kwargs):
+        saves['n'] += 1
+        if saves['n'] == 2:  # half-written: one file there, then the process "dies"
+            (Path(output_dir) / 'model.safetensors').write_bytes(b'\0' * 10)
+            raise KeyboardInterrupt('simulated crash mid-save')
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, 'save_state', crash_on_second_save)
+    out = tmp_path / 'run'
+    argv = ['--output', out, '--epochs', '1', '--checkpoint-every', '2', '--limit-train-batches', '8', *FAST]
+    with pytest.raises(KeyboardInterrupt):
+        train.main([str(a) for a in argv])
+    assert [c.name for c in list_checkpoints(out / 'checkpoints')] == ['checkpoint-000000002']
+    assert (out / 'checkpoints' / '.tmp-checkpoint-000000004').is_dir()  # the torn save, never published
+
+    monkeypatch.setattr(Accelerator, 'save_state', original)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert train.main([str(a) for a in argv + ['--resume', 'auto']]) == 0
+    assert not list((out / 'checkpoints').glob('.tmp-*'))  # cleaned up by the next successful save
+    assert json.loads((out / 'run.json').read_text())['status'] == 'finished'
