@@ -62,6 +62,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, update_summary
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
@@ -321,7 +322,7 @@ def train_one_epoch(
             num_updates += 1
             lr_scheduler.step_update(num_updates=num_updates)
             if model_ema is not None:
-                model_ema.update(accelerator.unwrap_model(model), step=num_updates)
+                model_ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=num_updates)
             if on_update is not None:
                 on_update(num_updates, batches_done, nonfinite)
         bar.update(1)
@@ -515,7 +516,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     accelerator.register_for_checkpointing(lr_scheduler)
     model_ema = None
     if args.ema_decay > 0:
-        model_ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.ema_decay)
+        model_ema = ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False), decay=args.ema_decay)
         accelerator.register_for_checkpointing(model_ema)
 
     mixup_fn = None
@@ -550,7 +551,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
             f'mixed precision {accelerator.mixed_precision}; output {output_dir}')
     accelerator.init_trackers('timm_ic', config=tracker_config(args))
 
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     eval_model = model_ema if model_ema is not None else model
     checkpoint_dir = output_dir / 'checkpoints'
     placement = getattr(unwrapped, 'placement', None)
@@ -639,6 +640,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                              'eval/top1': row['eval_top1'], 'eval/top5': row['eval_top5']}, step=num_updates)
 
             weights = accelerator.get_state_dict(eval_model.module if model_ema is not None else model)
+            consume_prefix_in_state_dict_if_present(weights, '_orig_mod.')  # --compile's wrapper, not the model's
             if accelerator.is_main_process:
                 metadata = {'format': 'pt', 'model': args.model, 'epoch': str(epoch + 1)}
                 save_weights(weights, output_dir / 'last.safetensors', metadata)

@@ -412,3 +412,15 @@ def test_crash_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, monkeyp
     assert train.main([str(a) for a in argv + ['--resume', 'auto']]) == 0
     assert not list((out / 'checkpoints').glob('.tmp-*'))  # cleaned up by the next successful save
     assert json.loads((out / 'run.json').read_text())['status'] == 'finished'
+
+
+def test_compiled_training_saves_plain_weights(tmp_path):
+    import shutil
+    if shutil.which(os.environ.get('CXX', 'g++')) is None:
+        pytest.skip('torch.compile on CPU needs a C++ compiler')
+    out = tmp_path / 'run'
+    code, _ = _run(['--output', out, '--compile', '--ema-decay', '0.9', '--epochs', '1', '--limit-train-batches', '2',
+                    *FAST])
+    assert code == 0
+    model = timm.create_model('ic_resnet20', num_classes=10, in_chans=1)
+    model.load_state_dict(load_file(out / 'last.safetensors'))  # no `_orig_mod.` prefixes from the compiled wrapper
