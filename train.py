@@ -12,6 +12,10 @@ Options come from three places, later ones winning: this script's defaults, a `-
 `digits_demo` recipe is used. `--batch-size` is per process: the global batch is
 batch_size x processes x grad_accum_steps.
 
+`--resume` continues exactly where a checkpoint stopped (mid-epoch too; on CPU with the same options and
+process count, bit for bit): optimizer, schedule, EMA, RNG states and the data order are restored, and options
+that would change the run (anything but output, logging, workers and checkpointing ones) are refused.
+
 Output folder (`--output`, default `output/train/<date-time>-<model>-<data>`), written by the main process:
     checkpoints/checkpoint-<updates>/   Accelerate state + train_state.json; atomic, newest --checkpoint-limit kept
     last.safetensors, best.safetensors  weights of the evaluated model (the EMA when --ema-decay > 0), atomic
@@ -43,6 +47,7 @@ run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus
 """
 import argparse
 import difflib
+import json
 import math
 import os
 import sys
@@ -71,11 +76,15 @@ from timm_ic.training import (
     RUN_RECORD_SCHEMA, DataError, RecipeError, SeededAugmentation, build_datasets, check_num_classes, find_latest_checkpoint,
     library_versions, list_recipes, load_recipe, load_train_state, save_checkpoint, save_weights, write_json_atomic,
 )
+from timm_ic.training.run_record import to_jsonable
 from timm_ic.training.checkpoint import TRAIN_STATE_FILE
 from timm_ic.training.data import BadImageError
 from timm_ic.training.recipes import recipe_path
 
 DEFAULT_RECIPE = 'digits_demo'
+# options a resumed run may change; any other difference from the checkpoint's options is refused
+RESUME_MAY_CHANGE = ('output', 'resume', 'recipe', 'recipe_values', 'log_with', 'log_interval', 'workers',
+                     'checkpoint_every', 'checkpoint_limit', 'push_to_hub', 'bad_images', 'cpu')
 
 
 class UsageError(ValueError):
@@ -425,6 +434,24 @@ def _num_samples(dataset) -> Optional[int]:
         return None
 
 
+def resume_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The options a checkpoint must be resumed with, as they read back from JSON."""
+    options = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
+    return json.loads(json.dumps(to_jsonable(options)))
+
+
+def check_resume_options(args: argparse.Namespace, saved: Optional[Dict[str, Any]], checkpoint: Path) -> None:
+    """Refuse to resume with options that would make the continued run a different one."""
+    if not saved:
+        return
+    current = resume_options(args)
+    changed = [f'--{k.replace("_", "-")} {saved.get(k)!r} -> {current.get(k)!r}'
+               for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if changed:
+        raise UsageError(f'{checkpoint} was saved with other options ({"; ".join(changed)}). Resume with the '
+                         f'options of that run, or start a new run from its weights with --initial-weights.')
+
+
 def tracker_config(args: argparse.Namespace) -> Dict[str, Any]:
     """Options as scalars, which is what every tracker accepts as hyper-parameters."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
@@ -534,8 +561,13 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     progress: Dict[str, Any] = {'epoch': 0, 'batches_done': 0, 'num_updates': 0, 'history': [], 'best': None,
                                 'samples_per_rank': [0] * accelerator.num_processes}
     if resume_from is not None:
+        saved = load_train_state(resume_from)
+        if len(saved['samples_per_rank']) != accelerator.num_processes:
+            raise UsageError(f'{resume_from} was saved by {len(saved["samples_per_rank"])} process(es); resume it '
+                             f'with as many (this run has {accelerator.num_processes}).')
+        check_resume_options(args, saved.pop('options', None), resume_from)
         accelerator.load_state(str(resume_from))
-        progress.update(load_train_state(resume_from))
+        progress.update(saved)
         log(f'resuming from {resume_from} (epoch {progress["epoch"] + 1}, batch {progress["batches_done"]}, '
             f'{progress["num_updates"]} updates done)')
     elif args.resume == 'auto':
@@ -594,7 +626,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
 
     def checkpoint(epoch: int, batches_done: int) -> Path:
         state = {k: progress[k] for k in ('history', 'best', 'samples_per_rank')}
-        state.update(epoch=epoch, batches_done=batches_done, num_updates=num_updates)
+        state.update(epoch=epoch, batches_done=batches_done, num_updates=num_updates, options=resume_options(args))
         return save_checkpoint(accelerator, checkpoint_dir, num_updates, state, keep=args.checkpoint_limit)
 
     try:

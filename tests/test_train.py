@@ -386,7 +386,7 @@ def test_webdataset_shards(tmp_path, capsys):
     assert record['distributed']['train_samples_per_rank'] == [24]  # 6 batches of 4
 
 
-def test_crash_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
+def test_crash_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
     from accelerate import Accelerator
     original = Accelerator.save_state
     saves = {'n': 0}
@@ -407,6 +407,12 @@ def test_crash_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, monkeyp
     assert (out / 'checkpoints' / '.tmp-checkpoint-000000004').is_dir()  # the torn save, never published
 
     monkeypatch.setattr(Accelerator, 'save_state', original)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    # resuming with other options would silently make it another run: refused, naming the option
+    assert train.main([str(a) for a in argv + ['--resume', 'auto', '--batch-size', '16']]) == 2
+    assert '--batch-size 32 -> 16' in capsys.readouterr().err
+
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     assert train.main([str(a) for a in argv + ['--resume', 'auto']]) == 0
