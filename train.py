@@ -12,9 +12,9 @@ Options come from three places, later ones winning: this script's defaults, a `-
 `digits_demo` recipe is used. `--batch-size` is per process: the global batch is
 batch_size x processes x grad_accum_steps.
 
-`--resume` continues exactly where a checkpoint stopped (mid-epoch too; on CPU with the same options and
-process count, bit for bit): optimizer, schedule, EMA, RNG states and the data order are restored, and options
-that would change the run (anything but output, logging, workers and checkpointing ones) are refused.
+`--resume` continues where a checkpoint stopped, mid-epoch too: optimizer, schedule, EMA, RNG states and the
+data order are restored (the tests show bit-identical final weights on CPU, one thread, no data workers), and
+options that would change the run (anything but output, logging, workers and checkpointing ones) are refused.
 
 Output folder (`--output`, default `output/train/<date-time>-<model>-<data>`), written by the main process:
     checkpoints/checkpoint-<updates>/   Accelerate state + train_state.json; atomic, newest --checkpoint-limit kept
