@@ -27,13 +27,7 @@ BATCHES = 6
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Small tensors: a second intra-op thread only adds synchronisation, worst on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

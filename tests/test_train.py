@@ -39,20 +39,13 @@ train = _load_train_module()
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Every in-process run builds its own Accelerator; Accelerate keeps process-wide singletons.
-
-    One intra-op thread: these tiny models run fastest so, and on a shared 2-core machine more threads
-    only contend (measured: about 50x slower under load).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_accelerate_state(one_thread):
+    """Every in-process run builds its own Accelerator; Accelerate keeps process-wide singletons."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def _write_folder(root: Path, classes=('a', 'b', 'c'), per_class=6, splits=('train', 'val')) -> Path:
