@@ -32,7 +32,19 @@ class BadImageError(RuntimeError):
     """An image file could not be decoded and `--bad-images fail` is in force."""
 
 
-class CheckedImageDataset(torch.utils.data.Dataset):
+class _DatasetWrapper(torch.utils.data.Dataset):
+    """A dataset around `self.dataset` whose `transform` is the wrapped one's, so timm's loaders can set it."""
+
+    @property
+    def transform(self) -> Optional[Callable]:
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform: Optional[Callable]) -> None:
+        self.dataset.transform = transform
+
+
+class CheckedImageDataset(_DatasetWrapper):
     """A timm `ImageDataset` whose unreadable images either stop the run or are skipped and counted.
 
     timm's own `ImageDataset` silently moves on to the next sample; here `on_bad='fail'` raises
@@ -52,14 +64,6 @@ class CheckedImageDataset(torch.utils.data.Dataset):
     def skipped(self) -> int:
         """How many unreadable-image reads were skipped so far (every epoch counts again)."""
         return int(self._skipped.value)
-
-    @property
-    def transform(self) -> Optional[Callable]:
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, transform: Optional[Callable]) -> None:
-        self.dataset.transform = transform
 
     @property
     def reader(self):
@@ -104,7 +108,7 @@ class CheckedImageDataset(torch.utils.data.Dataset):
         return img, target
 
 
-class SeededAugmentation(torch.utils.data.Dataset):
+class SeededAugmentation(_DatasetWrapper):
     """Draws each training sample's random augmentation from its own seed, a function of (seed, epoch, index).
 
     torch's global RNG is left as it was, so data loading does not disturb dropout draws, and a sample
@@ -120,14 +124,6 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = int(epoch)
-
-    @property
-    def transform(self) -> Optional[Callable]:
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, transform: Optional[Callable]) -> None:
-        self.dataset.transform = transform
 
     @property
     def skipped(self) -> int:
