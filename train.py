@@ -461,11 +461,6 @@ def tracker_config(args: argparse.Namespace) -> Dict[str, Any]:
 def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     """Train and evaluate as the options say; returns the run record (also written to run.json)."""
     started_at = datetime.now(timezone.utc).isoformat(timespec='seconds')
-    if args.push_to_hub:  # fail before training, not after it
-        try:
-            from timm_ic.hub import push_run  # noqa: F401
-        except ImportError as e:
-            raise UsageError(f'--push-to-hub needs timm_ic.hub.push_run, which this installation lacks ({e}).') from e
     check_model_name(args.model)
     if args.grad_accum_steps < 1 or args.batch_size < 1 or args.epochs < 1:
         raise UsageError('--batch-size, --epochs and --grad-accum-steps must be at least 1.')

@@ -6,10 +6,9 @@ import timm
 import torch
 import torch.nn as nn
 
-import timm_ic
-from timm_ic import Placement, rewrite
+from timm_ic import rewrite
 from timm_ic.layers import Uout
-from timm_ic.models import PlacedNet, ResidualBlock
+from timm_ic.models import ResidualBlock
 
 DROPOUTS = (nn.Dropout, Uout)
 NORMS = (nn.BatchNorm2d,)

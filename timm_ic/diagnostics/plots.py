@@ -2,13 +2,12 @@
 
 Uses matplotlib's object-oriented API (`Figure`, Agg canvas): no pyplot, no global backend switch, no display.
 """
-import os
-import tempfile
 from typing import List, Mapping, Optional, Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .._atomic import atomic_file
 from .correlation import CorrelationResult
 from .signal import SignalPropagation
 from .variance_shift import VarianceShift
@@ -18,16 +17,8 @@ __all__ = ['save_figure', 'plot_variance_shift', 'plot_signal', 'plot_gradient_n
 
 def save_figure(fig: Figure, path: str) -> str:
     """Write `fig` as PNG atomically (temporary file in the same folder, then `os.replace`); returns `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix='.png.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            fig.savefig(f, format='png', dpi=110, bbox_inches='tight')
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
     return path
 
 

@@ -32,9 +32,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
+from .._atomic import publish_folder
 from .cards import card_entry, count_model_stats, load_hub_cards, papers_for, render_card
 
 __all__ = ['export', 'read_run', 'model_from_run', 'RUN_RECORD', 'RUN_WEIGHTS', 'EXPORT_FILES']
@@ -250,13 +250,7 @@ def _write_folder_atomically(out_dir: Path, write, overwrite: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', suffix='.tmp', dir=out_dir.parent))
     try:
         write(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', suffix='.old', dir=out_dir.parent))
-            os.replace(out_dir, old / 'export')
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from accelerate import Accelerator
 
+from .._atomic import publish_folder, save_safetensors_atomic
+
 CHECKPOINT_PREFIX = 'checkpoint-'
 TRAIN_STATE_FILE = 'train_state.json'
 _CHECKPOINT_RE = re.compile(rf'^{CHECKPOINT_PREFIX}(\d+)$')
@@ -53,11 +55,6 @@ def prune_checkpoints(checkpoint_dir: os.PathLike, keep: int) -> List[Path]:
     return removed
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, 'rb') as f:
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(
         accelerator: Accelerator,
         checkpoint_dir: os.PathLike,
@@ -80,18 +77,8 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state_file = tmp / TRAIN_STATE_FILE
-        state_file.write_text(json.dumps(train_state, indent=1))
-        for path in tmp.iterdir():  # the rename below must not publish files still in the page cache only
-            if path.is_file():
-                _fsync_file(path)
-        if final.exists():  # the same update count saved again (e.g. after a resume): replace it
-            stale = checkpoint_dir / f'.tmp-stale-{final.name}'
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
+        publish_folder(tmp, final)  # the same update count saved again (e.g. after a resume) is replaced
         prune_checkpoints(checkpoint_dir, keep)
     accelerator.wait_for_everyone()
     return final
@@ -104,15 +91,5 @@ def load_train_state(checkpoint: os.PathLike) -> Dict[str, Any]:
 
 def save_weights(state_dict: Dict[str, torch.Tensor], path: os.PathLike,
                  metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write a state dict as safetensors atomically (temporary file, then `os.replace`)."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    tmp = path.with_name(f'.tmp-{path.name}')
-    # safetensors refuses shared or non-contiguous storage: store independent contiguous copies
-    tensors = {k: v.detach().to('cpu').contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # a shareable file like any other, not the private mode save_file leaves
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    """Write a state dict as safetensors atomically."""
+    save_safetensors_atomic(state_dict, path, metadata)

@@ -1,9 +1,9 @@
 """The run record `run.json` that `train.py` writes into its output folder (schema in train.py's docstring)."""
-import json
 import os
 import platform
-from pathlib import Path
 from typing import Any, Dict
+
+from .._atomic import write_json_atomic as _write_json_atomic
 
 RUN_RECORD_SCHEMA = 'timm_ic.run_record/1'
 
@@ -36,11 +36,5 @@ def to_jsonable(value: Any) -> Any:
 
 
 def write_json_atomic(path: os.PathLike, data: Dict[str, Any]) -> None:
-    """Write `data` as JSON via a temporary file and `os.replace`, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f'.tmp-{path.name}')
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(to_jsonable(data), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `data` (made JSON-able) atomically, so readers never see half a file."""
+    _write_json_atomic(path, to_jsonable(data))
