@@ -37,4 +37,6 @@ def test_publish_folder_replaces_the_old_folder_whole(tmp_path):
     publish_folder(new, final)
     assert [p.name for p in final.iterdir()] == ['config.json']
     assert sorted(p.name for p in tmp_path.iterdir()) == ['export']
-    assert stat.S_IMODE(final.stat().st_mode) & 0o055  # readable by others like any folder, not mkdtemp's 0700
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o777 & ~umask  # like any new folder, not mkdtemp's 0700
