@@ -135,7 +135,7 @@ def test_ws_conv_keeps_weights():
     assert w.shape == (8, 36)
 
 
-@pytest.mark.parametrize('name', ['uout', 'ic', 'norm_variancenorm'])
+@pytest.mark.parametrize('name', sorted(ALL_LAYERS))
 def test_layers_compile(name):
     torch.manual_seed(0)
     layer = ALL_LAYERS[name]().eval()

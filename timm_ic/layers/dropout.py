@@ -39,8 +39,8 @@ class Uout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.beta == 0.0:
             return x
-        r = torch.empty_like(x).uniform_(-self.beta, self.beta)
-        return x + x * r
+        # x + x * r with r ~ U(-beta, beta), as one multiply: 1 + r ~ U(1 - beta, 1 + beta)
+        return x * torch.empty_like(x).uniform_(1.0 - self.beta, 1.0 + self.beta)
 
     def extra_repr(self) -> str:
         return f'beta={self.beta}'
