@@ -138,9 +138,10 @@ def test_uout_placement_puts_uout_in_the_drop_slots():
     assert all(isinstance(flow.producer(n), Uout) for n in convs if isinstance(flow.modules[n], nn.Conv2d))
 
 
-def test_post_rewrite_of_timm_resnet_is_exact():
+@pytest.mark.parametrize('name', ['resnet50', 'resnext50_32x4d', 'wide_resnet50_2', 'seresnet50', 'resnet26d'])
+def test_post_rewrite_of_timm_resnet_is_exact(name):
     torch.manual_seed(0)
-    source = timm.create_model('resnet50').eval()
+    source = timm.create_model(name).eval()
     model = rewrite(source, 'post').eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
