@@ -348,6 +348,9 @@ def test_cli_diagnose_on_embedded_digits(tmp_path):
     assert list(report['models']) == ['cifar_resnet20 [before_bn]', 'cifar_resnet20 [after_bn]']
     shifts = {k: m['variance_shift']['summary']['mean_shift'] for k, m in report['models'].items()}
     assert shifts['cifar_resnet20 [before_bn]'] > 1.3 > shifts['cifar_resnet20 [after_bn]']
+    for entry in report['models'].values():  # at init every residual branch carries signal, none is zeroed
+        assert 'zero_init_last=False' in entry['weights']
+        assert all(layer['grad_norm'] > 0 for layer in entry['signal']['layers'])
     for name in ('variance_shift.png', 'signal.png', 'gradient_norm.png', 'correlation.png'):
         _assert_png(str(out / name))
 

@@ -123,7 +123,16 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
             placement = placement if placement is not None else record.get('placement')
             data_config = record.get('data_config')
     pretrained = spec.model.startswith(_PRETRAINED_PREFIXES)
-    model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
+    if not pretrained and not spec.checkpoint:
+        # timm zero-initialises the last norm of each residual branch for training from scratch; at init that
+        # silences every branch (zero gradient, constant units) and the signal measures would see the skip alone
+        kwargs['zero_init_last'] = False
+    try:
+        model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
+    except TypeError:  # a family without residual branches (or without the option)
+        if kwargs.pop('zero_init_last', None) is None:
+            raise
+        model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
     if placement is not None:
         if getattr(model, 'placement', None) is not None:
             model = timm.create_model(spec.model, pretrained=pretrained, placement=placement, **kwargs)
@@ -131,6 +140,8 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
             from timm_ic.rewriter import rewrite
             model = rewrite(model, placement)
     weights = 'pretrained' if pretrained else 'init'
+    if 'zero_init_last' in kwargs:
+        weights += ' (residual branches not zero-initialised: zero_init_last=False)'
     if spec.checkpoint:
         from timm.models import load_checkpoint
         try:
@@ -234,11 +245,11 @@ def _diagnose(args: argparse.Namespace) -> int:
                 torch.utils.data.Subset(dataset, chosen[:args.batches * args.batch_size].tolist()),
                 batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=args.workers)
             model.to(device)
-            if weights == 'init' and bn_layers(model):
+            if weights.startswith('init') and bn_layers(model):
                 # untrained running statistics (mean 0, var 1) say nothing: estimate them as training would
                 recalibrate_bn(model, loader, num_batches=args.batches, train_mode=True, autocast=args.bf16)
-                weights = ('init; BN running statistics estimated over the diagnostic batches in train mode '
-                           '(dropout on), as training accumulates them')
+                weights += ('; BN running statistics estimated over the diagnostic batches in train mode '
+                            '(dropout on), as training accumulates them')
             bar.update(1)
 
             def step_done(step: str, _label: str = label) -> None:
