@@ -67,6 +67,7 @@ SKELETONS = {
     'timm_resnet50': lambda p: rewrite(timm.create_model('resnet50'), p),
     'timm_resnetv2_50': lambda p: rewrite(timm.create_model('resnetv2_50'), p),
     'densenet_bc': lambda p: timm.create_model('cifar_densenet_bc100', placement=p),
+    'timm_densenet121': lambda p: rewrite(timm.create_model('densenet121'), p),
 }
 
 
@@ -148,9 +149,11 @@ def test_post_rewrite_of_timm_resnet_is_exact(name):
         assert torch.equal(model(x), source(x))
 
 
-def test_pre_rewrite_of_timm_resnetv2_matches():
+@pytest.mark.parametrize('name', ['resnetv2_50', 'densenet121'])
+def test_pre_rewrite_of_timm_preact_family_matches(name):
+    # both are pre-activation already; DenseNet's stem keeps its own norm-act before the pool
     torch.manual_seed(0)
-    source = timm.create_model('resnetv2_50').eval()
+    source = timm.create_model(name).eval()
     for m in source.modules():  # non-trivial statistics, so that kept norms matter
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -168,6 +171,7 @@ def test_rewrite_keeps_every_conv_and_the_classifier():
     convs = [m for m in source.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 53 and all(id(c.weight) in kept for c in convs)
     assert model.fc is source.fc
+    assert model.stem.norm is source.bn1  # the stem's norm stays after the stem conv, before the pool
     # norms moved to the input side of each conv: new, fresh statistics
     assert model.stages[0][0].units[0].pre.norm.num_features == 64
     assert model.stages[0][0].units[0].pre.norm.running_var.eq(1).all()
@@ -223,7 +227,7 @@ def test_placement_that_cannot_apply_names_the_setting_and_layer():
     with pytest.raises(ValueError, match=r'cannot apply at stem: groups=48 does not divide 64 channels'):
         rewrite(timm.create_model('resnet18'), 'post:norm=groupnorm,groups=48')
     with pytest.raises(ValueError, match=r'cannot apply at stages\.0\.0: groups=48 does not divide 64 channels'):
-        rewrite(timm.create_model('resnet18'), 'pre:norm=groupnorm,groups=48')
+        rewrite(timm.create_model('resnetv2_50'), 'pre:norm=groupnorm,groups=48')
 
 
 BASELINES = {

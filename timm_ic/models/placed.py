@@ -349,14 +349,16 @@ def build_placed_net(
     p = Placement.parse(placement)
     slots = _Slots(p, skeleton.source_norms)
 
-    # stem: post-activation normalizes the stem conv; pre-activation leaves it to the first unit
+    # stem: post-activation normalizes the stem conv. Pre-activation leaves that to the first unit, except
+    # where the source stem has its own norm-act before the pool (timm's ResNet and DenseNet): it stays
     stem = skeleton.stem
     stem_conv = _last_conv(stem)
-    if not p.preact:
+    stem_key = (id(stem_conv), 'post')
+    if not p.preact or stem_key in skeleton.source_norms:
+        stem_slots = [s for s in p.post_slots if s != 'drop'] if not p.preact else ['norm', 'act']
         with _located(p, 'stem'):
-            stem_slots = slots.sequence([s for s in p.post_slots if s != 'drop'], stem_conv.out_channels,
-                                        (id(stem_conv), 'post'), with_drop=False)
-        stem = nn.Sequential(OrderedDict([('conv', stem), *stem_slots.named_children()]))
+            stem_post = slots.sequence(stem_slots, stem_conv.out_channels, stem_key, with_drop=False)
+        stem = nn.Sequential(OrderedDict([('conv', stem), *stem_post.named_children()]))
     else:
         stem = nn.Sequential(OrderedDict([('conv', stem)]))
 
