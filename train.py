@@ -61,6 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -93,6 +94,10 @@ class UsageError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class PushError(RuntimeError):
+    """--push-to-hub failed after training; the output folder is complete."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('output, checkpoints and logging')
     group.add_argument('--output', default=None, help='output folder')
-    group.add_argument('--resume', default=None,
-                       help="'auto' (latest checkpoint in --output, if any) or a checkpoint / output folder")
+    group.add_argument('--resume', default=None, nargs='?', const='auto',
+                       help="'auto' (the default when given alone: latest checkpoint in --output, if any) or a "
+                            "checkpoint / output folder")
     group.add_argument('--checkpoint-every', type=int, default=0,
                        help='also checkpoint every N optimizer updates (0: at epoch ends only)')
     group.add_argument('--checkpoint-limit', type=int, default=3, help='checkpoints kept')
@@ -231,6 +237,9 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
         if not args.initial_weights.endswith('.safetensors') or not os.path.isfile(args.initial_weights):
             raise UsageError(f'--initial-weights {args.initial_weights}: give an existing .safetensors file.')
         kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(args.initial_weights))
+        file_classes = initial_weights_classes(args.initial_weights, args.model)
+        if file_classes:  # timm keeps the file's classifier only when its size is the one asked for
+            kwargs['pretrained_cfg_overlay']['num_classes'] = file_classes
     if args.placement:
         kwargs['placement'] = args.placement
     try:
@@ -245,6 +254,8 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
             raise
         source = args.initial_weights or f'the pretrained weights of {args.model}'
         raise UsageError(f'could not load {source}: {e}') from e
+    if args.initial_weights:
+        check_initial_weights(model, args.initial_weights, args.model)
     if pretrained:
         source_classes = model.pretrained_cfg.get('num_classes')
         if source_classes and source_classes != num_classes:
@@ -252,6 +263,32 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
                 f'(the pretrained weights have {source_classes}).')
     model_args = {k: v for k, v in kwargs.items() if k != 'pretrained_cfg_overlay'}
     return model, model_args
+
+
+def _classifier_name(model_name: str) -> Optional[str]:
+    cfg = timm.get_pretrained_cfg(model_name) if timm.is_model(model_name) else None
+    return cfg.classifier if cfg is not None and isinstance(cfg.classifier, str) else None
+
+
+def initial_weights_classes(path: str, model_name: str) -> Optional[int]:
+    """Rows of the classifier in a weights file (read from its header), or None if it has none we know."""
+    from safetensors import safe_open
+    key = f'{_classifier_name(model_name)}.weight'
+    with safe_open(path, 'pt') as f:
+        return f.get_slice(key).get_shape()[0] if key in f.keys() else None
+
+
+def check_initial_weights(model: nn.Module, path: str, model_name: str) -> None:
+    """Refuse weights of another architecture: timm loads a file non-strictly when it drops the classifier."""
+    from safetensors import safe_open
+    with safe_open(path, 'pt') as f:
+        file_keys = set(f.keys())
+    classifier = _classifier_name(model_name) or model.pretrained_cfg.get('classifier') or ''
+    differ = sorted(k for k in file_keys ^ set(model.state_dict()) if not k.startswith(f'{classifier}.'))
+    if differ:
+        raise UsageError(f'--initial-weights {path} does not fit --model {model_name}: {len(differ)} weight names '
+                         f'differ (e.g. {", ".join(differ[:3])}); give the --model (and --placement) the file was '
+                         f'trained with.')
 
 
 def resolve_transforms(args: argparse.Namespace, model: nn.Module, in_chans: int) -> Tuple[Dict, Callable, Callable]:
@@ -277,6 +314,21 @@ def resolve_transforms(args: argparse.Namespace, model: nn.Module, in_chans: int
     return data_config, train_transform, eval_transform
 
 
+def prepare_loader(accelerator: Accelerator, loader: DataLoader, workers: int) -> DataLoader:
+    """Accelerate's loader: each process takes its share of the batches, on its device.
+
+    An iterable data set (WebDataset shards) is already split by timm's reader, which gives each process its own
+    shards in equal sample counts (as timm's train.py expects): Accelerate only moves its batches to the device,
+    as it would for one process, instead of splitting them again.
+    """
+    if not isinstance(loader.dataset, IterableDataset):
+        return accelerator.prepare(loader)
+    if hasattr(loader.dataset, 'set_loader_cfg'):
+        loader.dataset.set_loader_cfg(num_workers=workers)  # its per-worker sample counts depend on it
+    return prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True,
+                               dispatch_batches=False, non_blocking=True)
+
+
 def train_one_epoch(
         epoch: int,
         model: nn.Module,
@@ -288,6 +340,7 @@ def train_one_epoch(
         num_updates: int,
         num_batches: int,
         start_batch: int = 0,
+        start_totals: Tuple[float, int] = (0.0, 0),
         mixup_fn: Optional[Mixup] = None,
         model_ema: Optional[ModelEmaV3] = None,
         clip_grad: Optional[float] = None,
@@ -296,18 +349,20 @@ def train_one_epoch(
         on_update: Optional[Callable[[int, int, torch.Tensor], None]] = None,
         desc: str = '',
 ) -> Tuple[Dict[str, float], int]:
-    """One pass over `loader` (at most `num_batches` batches, the first `start_batch` already done).
+    """One pass over `loader` (at most `num_batches` batches, the first `start_batch` already done, with
+    `start_totals` = (loss sum, samples) of those).
 
     Returns the epoch's metrics and the new optimizer-update count. `on_update(num_updates, batches_done,
-    nonfinite)` runs after every optimizer update (checkpointing); `nonfinite` counts non-finite losses so far.
+    nonfinite, totals)` runs after every optimizer update (checkpointing); `nonfinite` counts non-finite losses
+    so far, `totals` is (loss sum tensor, samples) of this process so far.
     """
     model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_sum = torch.full((), start_totals[0], device=accelerator.device)
     nonfinite = torch.zeros((), device=accelerator.device, dtype=torch.long)
-    samples = 0
+    samples = start_samples = start_totals[1]
     batches_done = start_batch
     bar = tqdm(total=num_batches, initial=start_batch, desc=desc, dynamic_ncols=True, leave=False,
-               mininterval=1.0, disable=not accelerator.is_local_main_process)
+               mininterval=1.0, disable=not accelerator.is_main_process)  # one bar per job, not per node
     start = time.perf_counter()
     for inputs, targets in loader:
         if mixup_fn is not None:
@@ -333,22 +388,22 @@ def train_one_epoch(
             if model_ema is not None:
                 model_ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=num_updates)
             if on_update is not None:
-                on_update(num_updates, batches_done, nonfinite)
+                on_update(num_updates, batches_done, nonfinite, (loss_sum, samples))
         bar.update(1)
         if batches_done % log_interval == 0 or batches_done == num_batches:
             check_finite(accelerator, nonfinite, epoch, num_updates)
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
-                            img_s=f'{samples * accelerator.num_processes / max(elapsed, 1e-9):.0f}', refresh=False)
+                            img_s=f'{(samples - start_samples) * accelerator.num_processes / max(elapsed, 1e-9):.0f}',
+                            refresh=False)
         if batches_done >= num_batches:  # --limit-train-batches
             break
     elapsed = time.perf_counter() - start
     bar.close()
     check_finite(accelerator, nonfinite, epoch, num_updates)
-    done = max(batches_done - start_batch, 1)
     metrics = {
-        'loss': accelerator.reduce(loss_sum / done, reduction='mean').item(),
-        'img_per_s': samples * accelerator.num_processes / max(elapsed, 1e-9),
+        'loss': accelerator.reduce(loss_sum / max(batches_done, 1), reduction='mean').item(),
+        'img_per_s': (samples - start_samples) * accelerator.num_processes / max(elapsed, 1e-9),
         'samples': samples,
         'time_s': elapsed,
     }
@@ -370,15 +425,19 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, top-1 hits, top-5 hits, n
     top_k = (1, min(5, num_classes))
+    own_shards = isinstance(loader.dataset, IterableDataset)  # see prepare_loader: no process reads another's data
     for inputs, targets in loader:
         outputs = model(inputs)
-        # gather_for_metrics drops the samples duplicated to even out the last batch across processes
-        outputs, targets = accelerator.gather_for_metrics((outputs, targets))
+        if not own_shards:
+            # gather_for_metrics drops the samples duplicated to even out the last batch across processes
+            outputs, targets = accelerator.gather_for_metrics((outputs, targets))
         n = targets.shape[0]
         top1, top5 = accuracy(outputs, targets, topk=top_k)
         totals += torch.stack([F.cross_entropy(outputs.float(), targets, reduction='sum').double(),
                                top1.double() * n / 100, top5.double() * n / 100,
                                torch.tensor(n, dtype=torch.float64, device=totals.device)])
+    if own_shards:
+        totals = accelerator.reduce(totals, reduction='sum')
     loss_sum, hits1, hits5, n = totals.tolist()
     n = max(n, 1)
     return {'loss': loss_sum / n, 'top1': 100 * hits1 / n, 'top5': 100 * hits5 / n, 'samples': int(n)}
@@ -483,7 +542,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         dynamo_backend='inductor' if args.compile else None,
         step_scheduler_with_optimizer=False,  # timm schedulers are stepped by hand, per optimizer update
     )
-    log = accelerator.print
+    log = accelerator.on_main_process(print)  # once per job (accelerator.print is once per node)
     set_seed(args.seed, device_specific=True)  # per-process dropout draws; DDP copies rank 0's initial weights
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -525,7 +584,8 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
 
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_loader, val_loader = (prepare_loader(accelerator, loader, args.workers) for loader in (train_loader, val_loader))
     if len(train_loader) == 0:
         raise DataError(f'the training split has fewer samples than one batch per process '
                         f'({args.batch_size} x {accelerator.num_processes}); lower --batch-size.')
@@ -620,9 +680,13 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         record['distributed']['train_samples_per_rank'] = progress['samples_per_rank']
         write_json_atomic(output_dir / 'run.json', record)
 
-    def checkpoint(epoch: int, batches_done: int) -> Path:
+    def checkpoint(epoch: int, batches_done: int, totals: Optional[Tuple[torch.Tensor, int]] = None) -> Path:
         state = {k: progress[k] for k in ('history', 'best', 'samples_per_rank')}
         state.update(epoch=epoch, batches_done=batches_done, num_updates=num_updates, options=resume_options(args))
+        if totals is not None:  # mid-epoch: each process's loss sum and samples so far, so the epoch's are exact
+            loss_sum, samples = totals
+            sent = torch.stack([loss_sum.float(), torch.tensor(float(samples), device=loss_sum.device)])
+            state['epoch_totals'] = accelerator.gather(sent[None]).tolist()
         return save_checkpoint(accelerator, checkpoint_dir, num_updates, state, keep=args.checkpoint_limit)
 
     try:
@@ -631,18 +695,22 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
             if not iterable:
                 train_ds.set_epoch(epoch)
             start_batch = progress['batches_done'] if epoch == progress['epoch'] else 0
+            start_totals = (0.0, 0)
+            if start_batch and progress.get('epoch_totals'):
+                loss_sum, samples = progress['epoch_totals'][accelerator.process_index]
+                start_totals = (loss_sum, int(samples))
             loader = accelerator.skip_first_batches(train_loader, start_batch) if start_batch else train_loader
 
-            def on_update(updates: int, batches_done: int, nonfinite: torch.Tensor, epoch: int = epoch) -> None:
+            def on_update(updates: int, batches_done: int, nonfinite: torch.Tensor, totals, epoch: int = epoch) -> None:
                 nonlocal num_updates
                 num_updates = updates
                 if args.checkpoint_every and updates % args.checkpoint_every == 0 and batches_done < num_batches:
                     check_finite(accelerator, nonfinite, epoch, updates)  # never save a broken model
-                    checkpoint(epoch, batches_done)
+                    checkpoint(epoch, batches_done, totals)
 
             train_metrics, num_updates = train_one_epoch(
                 epoch, model, loader, optimizer, train_loss_fn, accelerator, lr_scheduler, num_updates,
-                num_batches, start_batch=start_batch, mixup_fn=mixup_fn, model_ema=model_ema,
+                num_batches, start_batch=start_batch, start_totals=start_totals, mixup_fn=mixup_fn, model_ema=model_ema,
                 clip_grad=args.clip_grad, channels_last=args.channels_last, log_interval=args.log_interval,
                 on_update=on_update, desc=f'epoch {epoch + 1}/{args.epochs}')
             lr_scheduler.step(epoch + 1)
@@ -690,8 +758,11 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         log(f'done: best top1 {best["top1"]:.2f} (epoch {best["epoch"]}); weights, checkpoints and '
             f'run.json in {output_dir}')
     if args.push_to_hub and accelerator.is_main_process:
-        from timm_ic.hub import push_run
-        push_run(str(output_dir), args.push_to_hub)
+        from timm_ic.hub import HubPushError, push_run
+        try:
+            push_run(str(output_dir), args.push_to_hub)
+        except HubPushError as e:
+            raise PushError(f'training finished and {output_dir} is kept, but the push failed: {e}') from e
     return record
 
 
@@ -705,6 +776,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return 3
+    except PushError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 4
     return 0
 
 

@@ -234,15 +234,39 @@ def test_checkpoint_pruning_and_atomic_weights(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'w.safetensors']
 
 
-def test_push_to_hub_calls_push_run_with_the_output_folder(tmp_path, monkeypatch):
-    import timm_ic.hub
-    calls = []
-    monkeypatch.setattr(timm_ic.hub, 'push_run', lambda run_dir, repo_id, **kw: calls.append((run_dir, repo_id)),
-                        raising=False)
+def test_push_to_hub_exports_and_pushes_the_run_or_keeps_it_and_says_why(tmp_path):
+    """train.py --push-to-hub for real, against the loopback Hub (a fresh process: huggingface_hub reads its
+    endpoint at import)."""
+    sys.path.insert(0, str(REPO / 'tests'))
+    from hub_server import FakeHub
+    from safetensors.torch import load_file
+    env = dict(_subprocess_env(), HF_HUB_DISABLE_XET='1', HF_TOKEN='hf_fake_token', HF_HOME=str(tmp_path / 'home'))
+    argv = [sys.executable, str(REPO / 'train.py'), '--epochs', '1', '--limit-train-batches', '2', '--workers', '0',
+            *map(str, FAST)]
     out = tmp_path / 'run'
-    code, _ = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '2', '--push-to-hub', 'me/digits',
-                    *FAST])
-    assert code == 0 and calls == [(str(out), 'me/digits')]
+    with FakeHub(token='hf_fake_token') as hub:
+        proc = subprocess.run(argv + ['--output', str(out), '--push-to-hub', 'me/digits'], cwd=tmp_path,
+                              env=dict(env, HF_ENDPOINT=hub.url), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        pushed = hub.files('me/digits')
+    assert set(pushed) >= {'model.safetensors', 'config.json', 'README.md'}
+    assert pushed['model.safetensors'] == (out / 'hub_export' / 'model.safetensors').read_bytes()
+    weights = load_file(str(out / 'hub_export' / 'model.safetensors'))
+    assert all(torch.equal(weights[k], v) for k, v in load_file(str(out / 'best.safetensors')).items())
+    config = json.loads(pushed['config.json'])
+    assert config['architecture'] == 'ic_resnet20' and config['model_args']['placement'] == 'ic'
+    assert 'Pushed' in proc.stdout and 'me/digits' in proc.stdout
+
+    # a dead endpoint: exit 4, the message says why, the trained run and its export are kept
+    failed = tmp_path / 'failed'
+    proc = subprocess.run(argv + ['--output', str(failed), '--push-to-hub', 'me/digits'], cwd=tmp_path,
+                          env=dict(env, HF_ENDPOINT='http://127.0.0.1:9'), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 4, proc.stderr
+    assert 'could not reach the Hub' in proc.stderr and f'{failed} is kept' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert (failed / 'best.safetensors').is_file() and (failed / 'hub_export' / 'model.safetensors').is_file()
+    assert json.loads((failed / 'run.json').read_text())['status'] == 'finished'
 
 
 def _subprocess_env():
@@ -251,15 +275,17 @@ def _subprocess_env():
 
 
 def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
+    # with the state beyond the weights: EMA, Mixup's draws, a gradient-accumulation window
     common = [sys.executable, str(REPO / 'train.py'), '--epochs', '2', '--batch-size', '32', '--limit-train-batches',
-              '24', '--checkpoint-every', '3', '--workers', '0', '--seed', '7', '--log-interval', '100']
+              '24', '--checkpoint-every', '3', '--workers', '0', '--seed', '7', '--log-interval', '100',
+              '--ema-decay', '0.9', '--mixup', '0.2', '--grad-accum-steps', '2']
     reference, interrupted = tmp_path / 'reference', tmp_path / 'interrupted'
     subprocess.run(common + ['--output', str(reference)], check=True, env=_subprocess_env(), cwd=tmp_path,
                    capture_output=True, timeout=300)
 
     proc = subprocess.Popen(common + ['--output', str(interrupted)], env=_subprocess_env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = interrupted / 'checkpoints' / 'checkpoint-000000027'  # epoch 2, batch 3 of 24
+    target = interrupted / 'checkpoints' / 'checkpoint-000000015'  # epoch 2, update 3 of 12 (batch 6 of 24)
     deadline = time.time() + 240
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -268,10 +294,10 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
     assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
     latest = find_latest_checkpoint(interrupted / 'checkpoints')
     state = json.loads((latest / 'train_state.json').read_text())
-    assert state['num_updates'] < 48 and state['epoch'] == 1 and 0 < state['batches_done'] < 24  # mid-epoch
+    assert state['num_updates'] < 24 and state['epoch'] == 1 and 0 < state['batches_done'] < 24  # mid-epoch
     assert json.loads((interrupted / 'run.json').read_text())['status'] == 'running'
 
-    resumed = subprocess.run(common + ['--output', str(interrupted), '--resume', 'auto'], env=_subprocess_env(),
+    resumed = subprocess.run(common + ['--output', str(interrupted), '--resume'], env=_subprocess_env(),
                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f'resuming from {latest}' in resumed.stdout
@@ -282,7 +308,9 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
             assert torch.equal(expected[key], got[key]), f'{name}: {key} differs after the resume'
     ref_record = json.loads((reference / 'run.json').read_text())
     res_record = json.loads((interrupted / 'run.json').read_text())
-    assert [r['eval_top1'] for r in ref_record['epochs']] == [r['eval_top1'] for r in res_record['epochs']]
+    for key in ('eval_top1', 'eval_loss', 'train_loss', 'train_samples_per_rank'):  # the resumed epoch's too
+        assert [r[key] for r in ref_record['epochs']] == [r[key] for r in res_record['epochs']], key
+    assert ref_record['distributed']['train_samples_per_rank'] == res_record['distributed']['train_samples_per_rank']
 
 
 def test_training_options_run_together(tmp_path):
@@ -323,6 +351,23 @@ def test_fine_tune_from_initial_weights_reinitialises_the_classifier(tmp_path, c
     assert torch.equal(tuned[conv], source.state_dict()[conv])
     assert tuned['fc.weight'].shape[0] == 3
 
+    # and back: the 3-class weights onto the 10 digits (the model's own cfg also says 10 classes)
+    code = train.main([str(a) for a in ['--initial-weights', out / 'last.safetensors', '--epochs', '1',
+                                        '--limit-train-batches', '1', '--output', tmp_path / 'back', *FAST]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert 'classifier is re-initialised for 10 classes (the pretrained weights have 3)' in captured.out
+
+    # weights of another architecture are refused, not half-loaded: also when the classifier is dropped
+    # (then timm loads the rest non-strictly)
+    for classes, message in ((10, 'could not load'), (5, 'weight names differ')):
+        other = tmp_path / f'other{classes}.safetensors'
+        save_weights(timm.create_model('cifar_resnet56', num_classes=classes, in_chans=1).state_dict(), other)
+        code = train.main([str(a) for a in ['--initial-weights', other, '--output', tmp_path / 'bad', *FAST]])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+    assert 'does not fit --model ic_resnet20' in err
+
 
 def test_hugging_face_dataset_from_a_local_copy(tmp_path):
     root = _write_folder(tmp_path / 'hf', splits=('train', 'validation'))
@@ -337,28 +382,31 @@ def test_hugging_face_dataset_from_a_local_copy(tmp_path):
     assert record['epochs'][0]['eval_samples'] == 18
 
 
-def _write_shards(root: Path, per_class: int = 8) -> Path:
-    """WebDataset shards in timm's layout: one .tar per split (`<key>.png` + `<key>.cls`) and `_info.json`."""
+def _write_shards(root: Path, per_class: int = 8, num_shards: int = 1) -> Path:
+    """WebDataset shards in timm's layout: `num_shards` .tar files per split, each with `per_class` images of
+    each of 3 classes (`<key>.png` + `<key>.cls`), and `_info.json`."""
     import io
     import tarfile
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     info = {'name': 'toy', 'splits': {}}
     for split in ('train', 'validation'):
-        filename = f'toy-{split}-0000.tar'
-        with tarfile.open(root / filename, 'w') as tar:
-            for c in range(3):
-                for i in range(per_class):
-                    pixels = rng.integers(0, 60, size=(12, 12, 3), dtype=np.uint8)
-                    pixels[..., c] += 180
-                    png = io.BytesIO()
-                    Image.fromarray(pixels, 'RGB').save(png, 'PNG')
-                    for ext, data in (('png', png.getvalue()), ('cls', str(c).encode())):
-                        member = tarfile.TarInfo(f'{split}_{c}_{i}.{ext}')
-                        member.size = len(data)
-                        tar.addfile(member, io.BytesIO(data))
+        filenames = [f'toy-{split}-{k:04d}.tar' for k in range(num_shards)]
+        for k, filename in enumerate(filenames):
+            with tarfile.open(root / filename, 'w') as tar:
+                for c in range(3):
+                    for i in range(per_class):
+                        pixels = rng.integers(0, 60, size=(12, 12, 3), dtype=np.uint8)
+                        pixels[..., c] += 180
+                        png = io.BytesIO()
+                        Image.fromarray(pixels, 'RGB').save(png, 'PNG')
+                        for ext, data in (('png', png.getvalue()), ('cls', str(c).encode())):
+                            member = tarfile.TarInfo(f'{split}_{k}_{c}_{i}.{ext}')
+                            member.size = len(data)
+                            tar.addfile(member, io.BytesIO(data))
         n = 3 * per_class
-        info['splits'][split] = {'name': split, 'num_samples': n, 'filenames': [filename], 'shard_lengths': [n]}
+        info['splits'][split] = {'name': split, 'num_samples': n * num_shards, 'filenames': filenames,
+                                 'shard_lengths': [n] * num_shards}
     (root / '_info.json').write_text(json.dumps(info))
     return root
 

@@ -8,20 +8,27 @@ from pathlib import Path
 
 from timm_ic.training import list_checkpoints
 
+from test_train import _write_shards
+
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 16
 DIGITS_TRAIN, DIGITS_VAL = 1433, 364
 
 
-def test_two_cpu_processes_split_the_data_and_gather_the_metrics(tmp_path):
-    out = tmp_path / 'run'
+def _launch_two_processes(tmp_path: Path, *train_args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, ACCELERATE_USE_CPU='1', GLOO_SOCKET_IFNAME='lo', OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
            '--num_machines', '1', '--main_process_port', '0', '--mixed_precision', 'no', '--dynamo_backend', 'no',
-           str(REPO / 'train.py'), '--output', str(out), '--epochs', '1', '--input-size', '1', '8', '8',
-           '--batch-size', str(BATCH), '--workers', '0', '--checkpoint-every', '20']
+           str(REPO / 'train.py'), *train_args]
     result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_cpu_processes_split_the_data_and_gather_the_metrics(tmp_path):
+    out = tmp_path / 'run'
+    result = _launch_two_processes(tmp_path, '--output', str(out), '--epochs', '1', '--input-size', '1', '8', '8',
+                                   '--batch-size', str(BATCH), '--workers', '0', '--checkpoint-every', '20')
 
     record = json.loads((out / 'run.json').read_text())
     assert record['distributed']['world_size'] == 2
@@ -44,3 +51,16 @@ def test_two_cpu_processes_split_the_data_and_gather_the_metrics(tmp_path):
     names = sorted(p.name for p in checkpoints[-1].iterdir())
     assert names.count('model.safetensors') == 1
     assert {'random_states_0.pkl', 'random_states_1.pkl'} <= set(names)  # both processes' RNGs, for resuming
+
+
+def test_two_cpu_processes_read_their_own_webdataset_shards(tmp_path):
+    """timm's WebDataset reader gives each process its own shards; together they see all the data, once."""
+    shards = _write_shards(tmp_path / 'shards', per_class=4, num_shards=2)  # 2 x 12 images per split
+    out = tmp_path / 'run'
+    _launch_two_processes(tmp_path, '--dataset', 'wds/toy', '--data-dir', str(shards), '--num-classes', '3',
+                          '--output', str(out), '--epochs', '1', '--input-size', '3', '8', '8', '--batch-size', '4',
+                          '--workers', '0')
+    record = json.loads((out / 'run.json').read_text())
+    assert record['distributed']['world_size'] == 2
+    assert record['epochs'][0]['train_samples_per_rank'] == [12, 12]  # each its own shard, 3 batches of 4
+    assert record['epochs'][0]['eval_samples'] == 24  # both processes' validation shards, added up
