@@ -116,6 +116,9 @@ def test_export_config_rebuilds_the_exact_model(exported, run_dir):
     assert config['pretrained_cfg']['input_size'] == list(INPUT_SIZE)
     assert config['pretrained_cfg']['mean'] == [0.3053]
     assert config['pretrained_cfg']['hf_hub_filename'] == 'model.safetensors'
+    # trained at 16x16, not ic_resnet20's 32x32: the 32x32 cfg's 8x8 pool size does not describe these weights
+    assert timm.create_model(ARCH).pretrained_cfg['pool_size'] == (8, 8)
+    assert 'pool_size' not in config['pretrained_cfg']
     # the weights are the run's, bit for bit
     saved = safetensors.torch.load_file(str(exported / 'model.safetensors'))
     trained = safetensors.torch.load_file(str(run_dir / 'best.safetensors'))
@@ -200,6 +203,75 @@ def test_run_record_errors_name_the_file(run_dir, tmp_path):
     (bad / 'best.safetensors').write_bytes((run_dir / 'best.safetensors').read_bytes())
     with pytest.raises(hub.RunRecordError, match=r'best\.safetensors does not match'):
         hub.export(bad, tmp_path / 'out')
+
+
+def test_export_refuses_a_placement_its_architecture_cannot_rebuild(tmp_path):
+    # timm_ic.rewrite keeps resnet18's pretrained_cfg: config.json would call resnet18(placement=...)
+    rewritten = timm_ic.rewrite(timm.create_model('resnet18', num_classes=10), 'ic')
+    with pytest.raises(ValueError, match=r"architecture 'resnet18' is not registered by timm-ic") as e:
+        hub.export(rewritten, tmp_path / 'rewritten')
+    assert "timm.create_model('ic_resnet18', num_classes=10, placement='ic')" in str(e.value)
+    assert 'source model' in str(e.value) and not (tmp_path / 'rewritten').exists()
+    # the fix the message gives exports, and loads back with the same outputs
+    fixed = timm.create_model('ic_resnet18', num_classes=10, placement='ic')
+    fixed.load_state_dict(rewritten.state_dict())
+    out = hub.export(fixed, tmp_path / 'fixed')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+        assert torch.allclose(loaded(x), rewritten.eval()(x), atol=1e-5)
+
+
+def _hand_made_run(run_dir: Path, folder: Path, **changes) -> Path:
+    folder.mkdir()
+    record = json.loads((run_dir / 'run.json').read_text())
+    record.update(changes)
+    (folder / 'run.json').write_text(json.dumps({k: v for k, v in record.items() if v is not None}))
+    (folder / 'best.safetensors').write_bytes((run_dir / 'best.safetensors').read_bytes())
+    return folder
+
+
+def test_run_fine_tuned_from_hub_or_tag_exports_its_architecture(run_dir, reference, tmp_path):
+    # train.py records --model as given; the model's pretrained_cfg names the architecture
+    cfg = json.loads((run_dir / 'run.json').read_text())['pretrained_cfg']
+    assert cfg['architecture'] == ARCH
+    from_hub = _hand_made_run(run_dir, tmp_path / 'hub', model='hf-hub:testorg/ic20-digits')
+    out = hub.export(from_hub, tmp_path / 'out')
+    assert json.loads((out / 'config.json').read_text())['architecture'] == ARCH
+    with torch.no_grad():
+        assert torch.allclose(timm.create_model(f'local-dir:{out}', pretrained=True).eval()(reference['x']),
+                              reference['logits'], atol=1e-5)
+    # a tagged name without an architecture in its cfg: the name without its tag
+    tagged = _hand_made_run(run_dir, tmp_path / 'tagged', model=f'{ARCH}.some_tag',
+                            pretrained_cfg={k: v for k, v in cfg.items() if k != 'architecture'})
+    assert hub.read_run(tagged)['model'] == ARCH
+    assert hub.model_from_run(tagged).placement == timm_ic.Placement.parse(PLACEMENT)
+    local = _hand_made_run(run_dir, tmp_path / 'local', model='local-dir:/models/ic20', pretrained_cfg=None)
+    with pytest.raises(hub.RunRecordError, match=r"names model 'local-dir:/models/ic20' and its pretrained_cfg "
+                                                 'records no architecture'):
+        hub.read_run(local)
+
+
+def test_citations_follow_architecture_and_placement(tmp_path):
+    li, chen, kim, ioffe = '1801.05134', '1905.05928', '2302.06112', '1502.03167'
+    # cifar_resnet20 names no placement paper: the placement brings its own
+    assert hub.cards.papers_for('cifar_resnet20') == [ioffe, '1512.03385']
+    for placement, cited, not_cited in (('kim', {kim}, {chen, li}), ('ic', {chen}, {kim, li}),
+                                        ('post:drop=uout,beta=0.1', {li}, {chen, kim}),
+                                        ('after_bn', {li}, {chen, kim}), ('before_bn', {li}, {chen, kim}),
+                                        (timm_ic.Placement.parse(PLACEMENT), {chen, li}, {kim}),
+                                        ('post', set(), {chen, kim, li})):
+        papers = hub.cards.papers_for('cifar_resnet20', placement=placement)
+        assert cited <= set(papers) and not set(papers) & not_cited, (placement, papers)
+        assert papers[:2] == [ioffe, '1512.03385']  # the architecture's first
+    # a Uout card cites Li et al., in the card and in the pretrained_cfg
+    model = timm.create_model('cifar_resnet20', num_classes=10, placement='post:drop=uout,beta=0.1')
+    out = hub.export(model, tmp_path / 'uout')
+    text = (out / 'README.md').read_text()
+    citation = text[text.index('## Citation'):]
+    assert 'li2019understanding' in citation and 'chen2019rethinking' not in citation
+    assert f'https://arxiv.org/abs/{li}' in text
+    assert f'arXiv:{li}' in json.loads((out / 'config.json').read_text())['pretrained_cfg']['paper_ids']
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -304,6 +376,36 @@ def test_pretrained_cfgs_follow_hub_cards_and_namespace(tmp_path, monkeypatch):
     (tmp_path / 'published' / 'models.yaml').write_text(yaml.safe_dump(cards))
     with pytest.raises(ValueError, match=r"models\.yaml has problems:\n  ic_resnet20\.demo_digits: unknown fields"):
         hub.pretrained_cfgs(ARCH)
+
+
+def test_wheel_ships_hub_cards(tmp_path, monkeypatch):
+    """hub_cards/ stays at the repository root and is installed as timm_ic.hub.hub_cards (pyproject.toml)."""
+    import importlib.machinery
+    import importlib.util
+    import tomllib
+    from setuptools import find_namespace_packages
+    config = tomllib.loads((REPO_ROOT / 'pyproject.toml').read_text())['tool']['setuptools']
+    # the explicit package list misses no package under timm_ic/
+    assert set(config['packages']) == set(find_namespace_packages(str(REPO_ROOT), include=['timm_ic*'])) | {
+        'timm_ic.hub.hub_cards'}
+    assert config['package-dir'] == {'timm_ic.hub.hub_cards': 'hub_cards'}
+    patterns = config['package-data']['timm_ic.hub.hub_cards']
+    assert all(any(p.match(g) for g in patterns) for p in (REPO_ROOT / 'hub_cards').iterdir())
+    # an installed wheel: the import system locates the data package, and the cards are read from there
+    site = tmp_path / 'site' / 'timm_ic' / 'hub' / 'hub_cards'
+    _write_cards(site)
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name != 'timm_ic.hub.hub_cards':
+            return real_find_spec(name, *args)
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(site)]
+        return spec
+    monkeypatch.setattr(importlib.util, 'find_spec', find_spec)
+    monkeypatch.delenv(hub.HUB_CARDS_ENV, raising=False)
+    assert hub.hub_cards_dir() == site
+    assert hub.pretrained_tags() == [TAG]
 
 
 def test_repository_hub_cards_are_valid_and_registered():

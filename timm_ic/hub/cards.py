@@ -4,17 +4,24 @@
 name, dataset, recipe and license; `hub_cards/template.md` is the card, rendered with
 `huggingface_hub.ModelCard.from_template`. Set `TIMM_IC_HUB_CARDS` to another folder (or models.yaml file)
 to use other card data, e.g. a team's own zoo or a test's.
+
+The folder lives at the repository root and is installed as the data package `timm_ic.hub.hub_cards`
+(pyproject.toml's package-dir), so wheels and editable installs both find it.
 """
 import copy
+import importlib.util
 import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:
+    from ..placement import Placement
 
 __all__ = [
     'HUB_CARDS_ENV', 'HUB_NAMESPACE_ENV', 'hub_cards_dir', 'load_hub_cards', 'hub_namespace',
@@ -32,20 +39,31 @@ _CFG_FIELDS = frozenset({
 })
 _ENTRY_FIELDS = frozenset({'hf_hub_id', 'published', 'dataset', 'recipe', 'license', 'cfg', 'description'})
 _SAFE_WEIGHTS_NAME = 'model.safetensors'
-# a copy inside the package (if packaging puts one there), then the repository's (editable installs)
+_CARDS_PACKAGE = 'timm_ic.hub.hub_cards'
+# the installed copy (a wheel puts it beside this file), then the repository's (an editable install made before
+# pyproject.toml mapped the package)
 _DEFAULT_DIRS = (Path(__file__).resolve().parent / 'hub_cards', Path(__file__).resolve().parents[2] / 'hub_cards')
 
 
+def _default_dirs() -> Tuple[Path, ...]:
+    # the import system knows where the data package is: inside the wheel, or the repository's folder
+    # through an editable install's path mapping
+    try:
+        spec = importlib.util.find_spec(_CARDS_PACKAGE)
+    except ModuleNotFoundError:
+        spec = None
+    found = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return (*found, *_DEFAULT_DIRS)
+
+
 def hub_cards_dir() -> Path:
-    """The hub_cards folder: `$TIMM_IC_HUB_CARDS` (a folder, or its models.yaml), else the repository's."""
+    """The hub_cards folder: `$TIMM_IC_HUB_CARDS` (a folder, or its models.yaml), else the installed one."""
     override = os.environ.get(HUB_CARDS_ENV)
     if override:
         path = Path(override).expanduser()
         return path.parent if path.suffix in ('.yaml', '.yml') else path
-    for path in _DEFAULT_DIRS:
-        if path.is_dir():
-            return path
-    return _DEFAULT_DIRS[-1]
+    dirs = _default_dirs()
+    return next((path for path in dirs if (path / 'models.yaml').is_file()), dirs[-1])
 
 
 def _models_yaml() -> Path:
@@ -62,8 +80,8 @@ def load_hub_cards() -> Dict[str, Any]:
         stat = path.stat()
     except FileNotFoundError:
         hint = f'${HUB_CARDS_ENV} points to it' if os.environ.get(HUB_CARDS_ENV) else (
-            'timm-ic looks for it beside the package (an editable install of the repository), or set '
-            f'${HUB_CARDS_ENV} to a hub_cards folder')
+            f'timm-ic looks for the installed {_CARDS_PACKAGE} package, then the repository\'s hub_cards/; '
+            f'reinstall timm-ic, or set ${HUB_CARDS_ENV} to a hub_cards folder')
         raise FileNotFoundError(f'hub cards file {path} not found: {hint}') from None
     return copy.deepcopy(_load_hub_cards(str(path), stat.st_mtime_ns, stat.st_size))
 
@@ -79,6 +97,7 @@ def _load_hub_cards(path: str, mtime_ns: int, size: int) -> Dict[str, Any]:
     datasets = data.setdefault('datasets', {})
     data.setdefault('papers', {})
     data.setdefault('arch_papers', [])
+    data.setdefault('placement_papers', [])
     models = data.setdefault('models', {}) or {}
     if not data.get('default_namespace'):
         problems.append('default_namespace is missing')
@@ -100,6 +119,13 @@ def _load_hub_cards(path: str, mtime_ns: int, size: int) -> Dict[str, Any]:
         bad_cfg = set(entry.get('cfg') or {}) - _CFG_FIELDS
         if bad_cfg:
             problems.append(f'{name}: cfg fields {sorted(bad_cfg)} are not pretrained cfg fields')
+    for rule in data['placement_papers']:
+        if not isinstance(rule, dict) or len({'preset', 'drop'} & set(rule)) != 1 or not rule.get('papers'):
+            problems.append(f'placement_papers rule {rule!r}: give one of preset / drop, and papers')
+    for rule in data['arch_papers'] + data['placement_papers']:
+        missing = [p for p in (rule.get('papers') or []) if p not in data['papers']] if isinstance(rule, dict) else []
+        if missing:
+            problems.append(f'papers {missing} are cited by a rule but have no BibTeX under `papers`')
     for key, ds in datasets.items():
         bad_cfg = set(ds.get('cfg') or {}) - _CFG_FIELDS
         if bad_cfg:
@@ -133,7 +159,7 @@ def pretrained_cfgs(arch: str) -> Dict[str, Dict[str, Any]]:
     if not os.environ.get(HUB_CARDS_ENV) and not _models_yaml().is_file():
         # an installation without hub_cards/ still imports; it just has no pretrained tags
         warnings.warn(f'{_models_yaml()} not found: timm-ic models have no pretrained tags. Set {HUB_CARDS_ENV} '
-                      'to a hub_cards folder, or install timm-ic from its repository (pip install -e .)')
+                      'to a hub_cards folder, or reinstall timm-ic (its wheel ships hub_cards/)')
         return {}
     cards = load_hub_cards()
     custom_namespace = os.environ.get(HUB_NAMESPACE_ENV)
@@ -201,15 +227,39 @@ def hub_repo_id(name: str) -> str:
     return f"{hub_namespace()}/{card_entry(name)['hf_hub_id']}"
 
 
-def papers_for(arch: str, cards: Optional[Dict[str, Any]] = None) -> List[str]:
-    """arXiv ids cited for an architecture, from models.yaml's `arch_papers` rules, in rule order."""
+def papers_for(
+        arch: str,
+        cards: Optional[Dict[str, Any]] = None,
+        placement: Optional[Union[str, 'Placement']] = None,
+) -> List[str]:
+    """arXiv ids cited for an architecture and its placement, in rule order: models.yaml's `arch_papers`
+    rules, then its `placement_papers` rules (the preset `str(placement)` is written from, the drop kind).
+
+    The placement matters beside the architecture: `timm.create_model('cifar_resnet20', placement='kim')` or
+    a `timm_ic.rewrite(...)` model carries Kim et al.'s layout under an architecture name that does not say so."""
     cards = cards or load_hub_cards()
     ids: List[str] = []
     for rule in cards['arch_papers']:
         hit = arch.startswith(rule['prefix']) if 'prefix' in rule else rule.get('contains', '\0') in arch
         if hit:
             ids += [p for p in rule['papers'] if p not in ids]
+    if placement is not None:
+        preset, drop = _placement_keys(placement)
+        for rule in cards.get('placement_papers') or []:
+            if ('preset' in rule and rule['preset'] == preset) or ('drop' in rule and rule['drop'] == drop):
+                ids += [p for p in rule['papers'] if p not in ids]
     return ids
+
+
+def _placement_keys(placement: Union[str, 'Placement']) -> Tuple[str, Optional[str]]:
+    """(preset, drop kind in use inside blocks, or None) of a placement or its string form."""
+    from ..placement import Placement
+    try:
+        parsed = Placement.parse(placement)
+    except ValueError:  # a record written by another version: its preset name is still the prefix
+        return str(placement).partition(':')[0], None
+    # str() picks the preset needing the fewest overrides, so equal layouts cite alike however they were written
+    return str(parsed).partition(':')[0], parsed.drop if parsed.has_drop else None
 
 
 class _ActivationCounter(TorchDispatchMode):
@@ -331,7 +381,7 @@ def render_card(
         datasets=[hub_dataset] if hub_dataset else None, model_name=repo_name,
         eval_results=eval_results or None,
     )
-    paper_ids = papers_for(architecture, cards)
+    paper_ids = papers_for(architecture, cards, placement)
     if hub_dataset:
         dataset_text = f'{dataset_name} (https://huggingface.co/datasets/{hub_dataset})'
     elif dataset:
@@ -352,7 +402,7 @@ def render_card(
             f'{k} {v}' for k, v in sorted(versions.items())) + '.'
     template = hub_cards_dir() / 'template.md'
     if not template.is_file():  # a custom TIMM_IC_HUB_CARDS folder may hold only models.yaml
-        template = next((d / 'template.md' for d in _DEFAULT_DIRS if (d / 'template.md').is_file()), template)
+        template = next((d / 'template.md' for d in _default_dirs() if (d / 'template.md').is_file()), template)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template),

@@ -3,14 +3,19 @@
 The folder holds `model.safetensors`, timm's `config.json` and `README.md` (the model card), and is
 written atomically: into a temporary folder beside `out_dir`, then renamed into place.
 
-config.json is written here rather than by `timm.models.save_for_hf`, because timm 1.0.31 drops every
-`*drop_rate` kwarg from `model_args` and raises on non-JSON values (a `Placement`); the layout is timm's
-(`architecture`, `num_classes`, `label_names`, `model_args`, `pretrained_cfg`), with timm-ic's own record
-under the top-level key `timm_ic`, which timm ignores.
+config.json is written here rather than by timm 1.0.31's `save_config_for_hf` (private, in timm.models._hub):
+it drops `*drop_rate` kwargs unless passed again and needs the placement's string form passed too, and it starts
+from the model's own pretrained_cfg, so a fine-tuned model's export would keep its source weights' `tag`
+(`description`, `notes` ...); the pretrained_cfg is built here anyway (data config, per-channel mean/std,
+license, papers, `hf_hub_filename`), so it would save no code. The layout is timm's (`architecture`,
+`num_classes`, `label_names`, `model_args`, `pretrained_cfg`), with timm-ic's own record under the top-level
+key `timm_ic`, which timm ignores.
 
 A run folder, as train.py writes it, holds `run.json` (schema timm_ic.run_record/1, see train.py) and
 `best.safetensors` (else `last.safetensors` is exported). The run.json fields used here (others are ignored):
-    model            registered model name (required), e.g. 'ic_resnet20'
+    model            the --model name (required), e.g. 'ic_resnet20'; a run fine-tuned from 'hf-hub:ORG/NAME',
+                     'local-dir:PATH' or a tagged name ('ic_resnet20.demo_digits') is exported as the architecture
+                     its pretrained_cfg names (else the name without its tag)
     model_args       kwargs the model was created with (JSON), e.g. {'placement': 'ic', 'drop_rate': 0.1}
     placement        the placement string (wins over model_args['placement'])
     num_classes, in_chans, label_names (or classes)
@@ -78,6 +83,7 @@ def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
         model = model.get('name') or model.get('architecture')
     if not isinstance(model, str) or not model:
         raise RunRecordError(f'{record_path} has no model name (field "model" or "args.model")')
+    model = _run_architecture(model, record, record_path)
     model_args = dict(record.get('model_args') or {})
     placement = record.get('placement') or model_args.get('placement') or args.get('placement')
     if placement is not None:
@@ -107,6 +113,24 @@ def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
         'data_config': {**(record.get('pretrained_cfg') or {}), **(record.get('data_config') or {})},
         'status': record.get('status'),
     }
+
+
+def _run_architecture(name: str, record: Dict[str, Any], record_path: Path) -> str:
+    """The registered architecture behind a run's --model: train.py records the name as given, which may be
+    'hf-hub:ORG/NAME', 'local-dir:PATH' or '<arch>.<tag>', none of which rebuilds the fine-tuned model
+    (nor should: a hub name would fetch the source weights). The model's pretrained_cfg names its architecture."""
+    from timm.models import parse_model_name, split_model_name_tag
+    cfg = record.get('pretrained_cfg') if isinstance(record.get('pretrained_cfg'), dict) else {}
+    arch = cfg.get('architecture') if isinstance(cfg.get('architecture'), str) and cfg['architecture'] else name
+    try:
+        source = parse_model_name(arch)[0]  # 'hf-hub' / 'local-dir' for a prefixed name, None for a registry name
+    except ValueError:  # a bare repo id or path
+        source = 'path'
+    if source is not None:
+        raise RunRecordError(f'{record_path} names model {name!r} and its pretrained_cfg records no architecture, '
+                             'so the run cannot be rebuilt: add "architecture" (the config.json architecture of '
+                             f'{name}) to its pretrained_cfg')
+    return split_model_name_tag(arch)[0]
 
 
 def _run_metrics(record: Dict[str, Any], best: bool) -> Optional[Dict[str, Any]]:
@@ -256,6 +280,30 @@ def _write_folder_atomically(out_dir: Path, write, overwrite: bool) -> None:
         raise
 
 
+def _registered_by_timm_ic(architecture: str) -> bool:
+    """Whether `import timm_ic` registers `architecture` (only its entrypoints take `placement`)."""
+    from timm.models import model_entrypoint
+    return model_entrypoint(architecture).__module__.startswith('timm_ic.')
+
+
+def _foreign_architecture_message(model: nn.Module, architecture: str, placement: Any) -> str:
+    # timm_ic.rewrite keeps the source model's pretrained_cfg, so its architecture is timm's, which takes no
+    # placement: config.json would say create_model(architecture, placement=...), which raises TypeError
+    import timm
+    num_classes = getattr(model, 'num_classes', None)
+    candidate = next((f'{p}_{architecture}' for p in ('ic', 'kim', 'uout', 'cifar')
+                      if timm.is_model(f'{p}_{architecture}')), None)
+    rebuild = (f"timm.create_model('{candidate}', num_classes={num_classes}, placement='{placement}'), then "
+               "load_state_dict() these weights into it (the tensor names match when it is the same network)"
+               ) if candidate else (
+        "a timm-ic architecture (timm.list_models(['ic_*', 'kim_*', 'uout_*', 'cifar_*'])) with this placement")
+    return (f'the model has the timm-ic placement {str(placement)!r} but its architecture {architecture!r} is '
+            f'not registered by timm-ic (a timm_ic.rewrite() result keeps its source\'s architecture), so '
+            f"config.json's timm.create_model({architecture!r}, placement=...) could not load it back. Export a "
+            f'model of a registered timm-ic architecture instead: {rebuild}; or export the source model before '
+            'rewriting it')
+
+
 def _check_tag_fits(tag: str, model: nn.Module, pretrained_cfg: Dict[str, Any], placement: Optional[str]) -> str:
     """Weights published as a registry tag are loaded into `timm.create_model('<arch>.<tag>')`: the tag's
     hub_cards cfg must describe them, and the architecture's default build must hold the same tensors.
@@ -339,6 +387,9 @@ def export(
                          'export; create the model with timm.create_model')
     if entry and tag.split('.')[0] != architecture:
         raise ValueError(f'tag {tag!r} is for architecture {tag.split(".")[0]!r}, the model is {architecture!r}')
+    placed = getattr(model, 'placement', None) or (model_args or {}).get('placement')
+    if placed is not None and not _registered_by_timm_ic(architecture):
+        raise ValueError(_foreign_architecture_message(model, architecture, placed))
 
     # pretrained_cfg: only real PretrainedCfg fields (timm raises on others), no weight source
     cfg_fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
@@ -352,6 +403,10 @@ def export(
     in_chans = _in_chans(model, pretrained_cfg)
     input_size = tuple(pretrained_cfg.get('input_size') or (in_chans, 224, 224))
     pretrained_cfg['input_size'] = (in_chans, *input_size[1:])
+    if input_size[1:] != tuple(source_cfg.get('input_size') or input_size)[1:]:
+        # the final feature map follows the input size: the source cfg's pool size is wrong for these weights
+        pretrained_cfg.pop('pool_size', None)
+        pretrained_cfg.pop('test_pool_size', None)
     for key in ('test_input_size', 'min_input_size'):
         if pretrained_cfg.get(key):
             pretrained_cfg[key] = (in_chans, *tuple(pretrained_cfg[key])[1:])
@@ -367,7 +422,6 @@ def export(
     pretrained_cfg.pop('label_offset', None)
     license = license or (entry or {}).get('license') or 'apache-2.0'
     pretrained_cfg['license'] = license
-    pretrained_cfg['paper_ids'] = tuple(f'arXiv:{p}' for p in papers_for(architecture))
 
     label_names = list(label_names or run.get('label_names') or []) or None
     if label_names is not None and len(label_names) != model.num_classes:
@@ -384,6 +438,7 @@ def export(
                   else None) or 'validation'
     args_for_config = _model_args(model, {**(run.get('model_args') or {}), **(model_args or {})})
     placement = args_for_config.get('placement')
+    pretrained_cfg['paper_ids'] = tuple(f'arXiv:{p}' for p in papers_for(architecture, placement=placement))
     placement_obj = getattr(model, 'placement', None)
     placement_words = placement_obj.describe() if hasattr(placement_obj, 'describe') else (
         f'`{placement}`' if placement else 'timm\'s own layout of this architecture (no timm-ic placement)')
@@ -396,7 +451,7 @@ def export(
         stats=stats, input_size=pretrained_cfg['input_size'], num_classes=int(model.num_classes),
         feature_channels=_feature_channels(model), dataset=dataset_info, metrics=metrics, recipe=recipe,
         args=args, license=license, load_name=tag or (f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME'),
-        registered_by_timm_ic=type(model).__module__.startswith('timm_ic'), load_kwargs=load_kwargs,
+        registered_by_timm_ic=_registered_by_timm_ic(architecture), load_kwargs=load_kwargs,
         description=description, versions=run.get('versions'), run_status=run.get('status'), eval_split=eval_split,
     )
     from timm_ic import __version__ as timm_ic_version
