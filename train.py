@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--checkpoint-limit', type=int, default=3, help='checkpoints kept')
     group.add_argument('--log-with', default=None, help='Accelerate trackers: tensorboard, wandb, all, ...')
     group.add_argument('--log-interval', type=int, default=20, help='progress-bar updates every N batches')
-    group.add_argument('--limit-train-batches', type=int, default=None, help='at most N batches per epoch')
+    group.add_argument('--limit-train-batches', type=int, default=None, help='at most N batches per epoch (rounded down to whole --grad-accum-steps windows)')
     group.add_argument('--push-to-hub', default=None, metavar='REPO',
                        help='at the end, upload best weights and a model card (timm_ic.hub.push_run)')
     return parser
@@ -589,7 +589,12 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     if len(train_loader) == 0:
         raise DataError(f'the training split has fewer samples than one batch per process '
                         f'({args.batch_size} x {accelerator.num_processes}); lower --batch-size.')
-    num_batches = min(len(train_loader), args.limit_train_batches or len(train_loader))
+    num_batches = len(train_loader)
+    if args.limit_train_batches and args.limit_train_batches < num_batches:
+        # whole accumulation windows only: Accelerate closes a partial window at the loader's end, which a
+        # limited epoch never reaches (its gradients would leak into the next epoch)
+        windows = max(args.limit_train_batches // args.grad_accum_steps, 1)
+        num_batches = min(windows * args.grad_accum_steps, num_batches)
     updates_per_epoch = math.ceil(num_batches / args.grad_accum_steps)
     lr_scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
@@ -771,7 +776,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parse_args(argv)
         training_function(args)
     except (UsageError, DataError, RecipeError, BadImageError) as e:
-        print(f'train.py: error: {e}', file=sys.stderr)
+        message = str(e)
+        if message.startswith('Caught '):  # re-raised from a data-loader worker, its traceback in the message
+            message = message.rstrip().splitlines()[-1].split(': ', 1)[-1]
+        print(f'train.py: error: {message}', file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f'train.py: error: {e}', file=sys.stderr)

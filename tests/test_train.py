@@ -173,6 +173,12 @@ def test_unreadable_image_fails_or_is_skipped_and_counted(tmp_path, capsys):
     (root / 'train' / 'b' / 'broken.png').write_bytes(b'not a png at all')
     code, err = _run(['--data-dir', root, '--output', tmp_path / 'fail', *FOLDER_RUN], capsys)
     assert code == 2 and 'unreadable image' in err and 'broken.png' in err and '--bad-images skip' in err
+    # the same from a data-loader worker process: the message, not the worker's traceback
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with_workers = [*FOLDER_RUN[:FOLDER_RUN.index('--workers')], '--workers', '1']
+    code, err = _run(['--data-dir', root, '--output', tmp_path / 'fail1', *with_workers], capsys)
+    assert code == 2 and 'train.py: error: unreadable image' in err and 'Traceback' not in err, err
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -316,7 +322,7 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
 def test_training_options_run_together(tmp_path):
     """bf16, channels-last, EMA, Mixup+CutMix with smoothing, accumulation, clipping, a placement, TensorBoard."""
     out = tmp_path / 'run'
-    code, _ = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '4', '--grad-accum-steps', '2',
+    code, _ = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '5', '--grad-accum-steps', '2',
                     '--mixed-precision', 'bf16', '--channels-last', '--ema-decay', '0.9', '--mixup', '0.2',
                     '--cutmix', '1.0', '--smoothing', '0.1', '--clip-grad', '1.0', '--log-with', 'tensorboard',
                     '--placement', 'ic:drop=uout,beta=0.1', *FAST])
@@ -325,7 +331,9 @@ def test_training_options_run_together(tmp_path):
     assert record['distributed']['mixed_precision'] == 'bf16' and record['weights']['ema'] is True
     assert record['placement'] == str(timm_ic.Placement.parse('ic:drop=uout,beta=0.1'))
     assert np.isfinite(record['epochs'][0]['train_loss'])
-    assert [c.name for c in list_checkpoints(out / 'checkpoints')] == ['checkpoint-000000002']  # 4 batches / 2
+    # 5 batches asked for, 4 run: two whole accumulation windows, none left open
+    assert [c.name for c in list_checkpoints(out / 'checkpoints')] == ['checkpoint-000000002']
+    assert record['epochs'][0]['train_samples_per_rank'] == [4 * 32]
     assert list((out / 'logs').rglob('events.out.tfevents.*'))
 
 
