@@ -1,11 +1,14 @@
 """Speed of each placement against its same-skeleton baseline, measured in one run.
 
 For every (model, baseline) pair: inference images/s (eval, no grad) and training images/s
-(forward + backward + SGD step), both models on the same input, interleaved repeats, median of the
-repeats; prints each model's ratio to its baseline (1.00 = as fast). Also times `timm_ic.rewrite`
-of resnet152 (real weights, then meta device).
+(forward + backward + SGD step); a baseline and all its models run on the same input, interleaved
+repeats, median of the repeats; prints each model's ratio to its baseline (1.00 = as fast). Also times
+`timm_ic.rewrite` of resnet152 (real weights, then meta device).
 
-    python benchmarks/bench_models.py                       # CPU, CIFAR pairs + ImageNet ResNet-50 at 112px
+The pairs are `timm_ic.models.BASELINES` (every paper-placement model and its baseline); `--only` keeps some.
+
+    python benchmarks/bench_models.py                       # CPU, every pair; ImageNet ones at 112px
+    python benchmarks/bench_models.py --only ic_resnet20 ic_resnet18
     python benchmarks/bench_models.py --device cuda --amp --batch-size 128 --image-size 224
 """
 import argparse
@@ -16,17 +19,9 @@ import timm
 import torch
 
 import timm_ic
+from timm_ic.models import BASELINES
 
-PAIRS = [
-    ('ic_resnet20', 'cifar_resnet20'),
-    ('cifar_preresnet56', 'cifar_resnet56'),
-    ('ic_resnet56', 'cifar_resnet56'),
-    ('kim_preresnet110', 'cifar_resnet110'),
-    ('ic_wrn28_10', 'cifar_wrn28_10'),
-    ('uout_densenet_bc100', 'cifar_densenet_bc100'),
-    ('ic_resnet50', 'resnet50'),
-    ('kim_resnet50', 'resnet50'),
-]
+PAIRS = sorted(BASELINES.items())
 
 
 def sync(device: torch.device) -> None:
@@ -78,27 +73,34 @@ def main() -> None:
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
     parser.add_argument('--only', nargs='*', help='model names to keep')
     args = parser.parse_args()
+    unknown = sorted(set(args.only or ()) - set(BASELINES))
+    if unknown:  # a typo would otherwise benchmark nothing, silently
+        parser.error(f'--only: {unknown} have no baseline pair; valid: {sorted(BASELINES)}')
     device = torch.device(args.device)
     torch.manual_seed(0)
 
     print(f'device {device}, batch {args.batch_size}, steps {args.steps} x {args.repeats} repeats, amp {args.amp}')
     print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>6s} {"train img/s":>12s} {"ratio":>6s}')
+    groups = {}  # baseline -> its models: each baseline runs once, interleaved with all of them
     for name, baseline in PAIRS:
-        if args.only and name not in args.only:
-            continue
+        if not args.only or name in args.only:
+            groups.setdefault(baseline, []).append(name)
+    for baseline, names in groups.items():
         size = 32 if timm.get_pretrained_cfg(baseline).input_size[-1] == 32 else args.image_size
         x = torch.randn(args.batch_size, 3, size, size, device=device)
-        runs = {n: measure(n, x, args.steps, args.amp) for n in (name, baseline)}
+        runs = {n: measure(n, x, args.steps, args.amp) for n in (baseline, *names)}
         times = {n: {'infer': [], 'train': []} for n in runs}
-        for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        for _ in range(args.repeats):  # interleaved, so drift hits all alike
             for n, (model, infer, train) in runs.items():
                 model.eval()
                 times[n]['infer'].append(time_step(infer, device, args.steps))
                 model.train()
                 times[n]['train'].append(time_step(train, device, args.steps))
         rate = {n: {k: args.batch_size / statistics.median(v) for k, v in t.items()} for n, t in times.items()}
-        print(f'{name:24s} {baseline:22s} {rate[name]["infer"]:12.1f} {rate[name]["infer"] / rate[baseline]["infer"]:6.2f}'
-              f' {rate[name]["train"]:12.1f} {rate[name]["train"] / rate[baseline]["train"]:6.2f}')
+        for name in names:
+            print(f'{name:24s} {baseline:22s} {rate[name]["infer"]:12.1f}'
+                  f' {rate[name]["infer"] / rate[baseline]["infer"]:6.2f}'
+                  f' {rate[name]["train"]:12.1f} {rate[name]["train"] / rate[baseline]["train"]:6.2f}')
         del runs
 
     source = timm.create_model('resnet152')

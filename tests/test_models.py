@@ -1,17 +1,18 @@
 """Every registered model passes the checks timm's own tests/test_models.py applies to its family."""
+import functools
+from typing import Dict
+
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
-import timm_ic  # noqa: F401  registers the models
+import timm_ic  # registers the models
 from timm_ic.layers import Uout
 from timm_ic.models import PlacedNet
 
 MODELS = timm.list_models(module=['ic_resnet', 'ic_densenet'])
 IMAGENET = [m for m in MODELS if timm.get_pretrained_cfg(m).input_size[-1] > 32]
-# one per family and placement style, for the checks that run real compute
-REPRESENTATIVE = ['cifar_resnet20', 'ic_resnet20', 'cifar_preresnet20', 'cifar_densenet_bc100', 'ic_resnet18']
 
 
 def small_input(name: str, batch: int = 2) -> torch.Tensor:
@@ -69,6 +70,7 @@ def test_model_default_cfg(name):
         assert model(x).shape == (1, model.num_features)
         unpooled = timm.create_model(name, num_classes=0, global_pool='').eval()(x)
         assert tuple(unpooled.shape[-2:]) == tuple(cfg['pool_size'])
+        assert unpooled.shape[1] == model.num_features
     modules = dict(model.named_modules())
     assert isinstance(modules[cfg['first_conv']], nn.Conv2d) and modules[cfg['first_conv']].in_channels == 3
     assert cfg['classifier'] in modules
@@ -91,10 +93,10 @@ def test_model_features_only(name):
         assert out.shape[1] == chs and out.shape[-1] == x.shape[-1] // red
 
 
-@pytest.mark.parametrize('name', REPRESENTATIVE)
+@pytest.mark.parametrize('name', MODELS)
 def test_model_forward_intermediates(name):
     model = timm.create_model(name).eval()
-    x = small_input(name)
+    x = small_input(name, 1)
     with torch.no_grad():
         final, intermediates = model.forward_intermediates(x)
         torch.testing.assert_close(final, model.forward_features(x))
@@ -103,22 +105,63 @@ def test_model_forward_intermediates(name):
         torch.testing.assert_close(last_two[-1], intermediates[-1])
 
 
-@pytest.mark.parametrize('name', REPRESENTATIVE)
+@pytest.mark.parametrize('name', MODELS)
 def test_model_fx_trace_matches_eager(name):
     model = timm.create_model(name).eval()
-    x = small_input(name)
+    x = small_input(name, 1)
     traced = torch.fx.symbolic_trace(model)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x))
 
 
-@pytest.mark.parametrize('name', REPRESENTATIVE)
+@pytest.mark.parametrize('name', MODELS)
 def test_model_torchscript(name):
     model = timm.create_model(name).eval()
-    x = small_input(name)
+    x = small_input(name, 1)
     scripted = torch.jit.script(model)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
+
+
+def _structure(model: nn.Module):
+    """What dynamo's trace of a model depends on: its placement and the module kinds it is made of, each with
+    its children's kinds. Repeats in a Sequential or ModuleList (a stage's blocks, a branch's units) collapse:
+    depth adds no code path, so a bottleneck block traces like a basic one."""
+    kinds = set()
+    for m in model.modules():
+        kids = [type(c).__name__ for c in m.children()]
+        if isinstance(m, (nn.Sequential, nn.ModuleList)):
+            kids = [k for i, k in enumerate(kids) if i == 0 or kids[i - 1] != k]
+        kinds.add((type(m).__name__, tuple(kids)))
+    return str(model.placement), frozenset(kinds)
+
+
+@functools.lru_cache(maxsize=None)
+def _same_structure_as() -> Dict[str, str]:
+    """Each model's smallest model of the same structure (itself if none is smaller)."""
+    smallest = {}
+    with torch.device('meta'):
+        models = {name: timm.create_model(name) for name in MODELS}
+    for name, model in sorted(models.items(), key=lambda kv: sum(1 for _ in kv[1].modules())):
+        smallest.setdefault(_structure(model), name)
+    return {name: smallest[_structure(model)] for name, model in models.items()}
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_model_dynamo_full_graph_matches_eager(name):
+    # fullgraph=True fails on any graph break; the eager backend traces without codegen. Tracing takes seconds
+    # per hundred modules (on meta as well), so a deeper model of an already traced structure is not traced again
+    if _same_structure_as()[name] != name:
+        pytest.skip(f'same structure as {_same_structure_as()[name]}, traced there')
+    model = timm.create_model(name).eval()
+    x = small_input(name, 1)
+    torch._dynamo.reset()  # PlacedNet.forward is one code object: keep earlier models off its recompile limit
+    try:
+        compiled = torch.compile(model, backend='eager', fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x))
+    finally:
+        torch._dynamo.reset()
 
 
 def test_model_torch_compile():
@@ -139,6 +182,26 @@ def test_placement_override_and_timm_kwargs():
     assert not any(type(m) is nn.Dropout and m is not model.head_drop for m in model.modules())
     assert model.stem.conv.in_channels == 1 and model.fc.out_features == 5
     assert model.head_drop.p == 0.3
+
+
+def test_drop_rate_adds_head_dropout_where_the_placement_has_none():
+    # timm's drop_rate is classifier dropout: before_bn's head is 'none', so it moves to timm's position.
+    # A Placement object, not only its string, is accepted as placement=
+    placement = timm_ic.Placement.parse('before_bn')
+    assert placement.head == 'none'
+    model = timm.create_model('cifar_resnet20', placement=placement, drop_rate=0.3).train()
+    assert str(model.placement) == 'before_bn:head=after_pool,head_rate=0.3'
+    assert [m for m in model.modules() if type(m) is nn.Dropout and m.p == 0.3] == [model.head_drop]
+    seen = {}
+    model.head_drop.register_forward_hook(lambda m, args, out: seen.update(drop_in=args[0], drop_out=out))
+    model.fc.register_forward_pre_hook(lambda m, args: seen.update(fc_in=args[0]))
+    model(small_input('cifar_resnet20', 8))
+    assert seen['fc_in'] is seen['drop_out'], 'the head dropout must feed the classifier'
+    kept = seen['drop_out'] != 0
+    assert (seen['drop_in'][~kept] != 0).any(), 'nothing was dropped'
+    torch.testing.assert_close(seen['drop_out'][kept], seen['drop_in'][kept] / 0.7)
+    # without drop_rate the preset stays as it is: no head dropout
+    assert isinstance(timm.create_model('cifar_resnet20', placement=placement).head_drop, nn.Identity)
 
 
 def test_unknown_placement_in_create_model_is_a_clear_error():

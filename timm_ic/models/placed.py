@@ -492,6 +492,8 @@ def _build_from_skeleton(
     p = Placement.parse(placement)
     if drop_rate is not None:  # timm's drop_rate is the head's dropout rate
         p = p.replace(head_rate=drop_rate)
+        if drop_rate > 0 and p.head == 'none':  # a head without dropout would ignore it: use timm's position
+            p = p.replace(head='after_pool')
     return build_placed_net(
         skeleton_fn(in_chans=in_chans, **skeleton_kwargs), p, num_classes=num_classes, global_pool=global_pool,
         in_chans=in_chans, zero_init_last=zero_init_last, feature_input_size=feature_input_size)
