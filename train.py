@@ -361,6 +361,7 @@ def train_one_epoch(
     nonfinite = torch.zeros((), device=accelerator.device, dtype=torch.long)
     samples = start_samples = start_totals[1]
     batches_done = start_batch
+    readout = LaggedReadout(accelerator.device)
     bar = tqdm(total=num_batches, initial=start_batch, desc=desc, dynamic_ncols=True, leave=False,
                mininterval=1.0, disable=not accelerator.is_main_process)  # one bar per job, not per node
     start = time.perf_counter()
@@ -379,7 +380,7 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
         loss_sum += loss
-        nonfinite += ~torch.isfinite(loss)  # no host sync here: checked at log intervals and before saving
+        nonfinite += ~torch.isfinite(loss)  # no host sync here: read at log intervals, checked before saving
         samples += inputs.shape[0]
         batches_done += 1
         if accelerator.sync_gradients:
@@ -390,12 +391,17 @@ def train_one_epoch(
             if on_update is not None:
                 on_update(num_updates, batches_done, nonfinite, (loss_sum, samples))
         bar.update(1)
-        if batches_done % log_interval == 0 or batches_done == num_batches:
-            check_finite(accelerator, nonfinite, epoch, num_updates)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
-                            img_s=f'{(samples - start_samples) * accelerator.num_processes / max(elapsed, 1e-9):.0f}',
-                            refresh=False)
+        if batches_done % log_interval == 0 and batches_done < num_batches:  # the epoch's end checks below
+            seen = readout.pop()  # the previous interval's loss and non-finite count, long since computed
+            if seen is not None and seen[1] > 0:
+                raise NonFiniteLossError(nonfinite_message(epoch, num_updates))
+            # every process the same count (a collective), copied to the host without waiting
+            readout.push(torch.stack([loss.double(), accelerator.reduce(nonfinite.clone(), reduction='sum').double()]))
+            if seen is not None:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f'{seen[0]:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
+                                img_s=f'{(samples - start_samples) * accelerator.num_processes / elapsed:.0f}',
+                                refresh=False)
         if batches_done >= num_batches:  # --limit-train-batches
             break
     elapsed = time.perf_counter() - start
@@ -410,13 +416,40 @@ def train_one_epoch(
     return metrics, num_updates
 
 
+class LaggedReadout:
+    """Device values copied to the host without waiting, and read one log interval later: the training loop
+    never stalls the device's queue for its progress bar and its non-finite check."""
+
+    def __init__(self, device: torch.device):
+        self.host = torch.zeros(2, dtype=torch.float64, pin_memory=device.type == 'cuda')
+        self.copied = torch.cuda.Event() if device.type == 'cuda' else None
+        self.pending = False
+
+    def push(self, values: torch.Tensor) -> None:
+        self.host.copy_(values, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.pending = True
+
+    def pop(self) -> Optional[List[float]]:
+        if not self.pending:
+            return None
+        if self.copied is not None:
+            self.copied.synchronize()  # recorded an interval ago: done by now
+        self.pending = False
+        return self.host.tolist()
+
+
+def nonfinite_message(epoch: int, num_updates: int) -> str:
+    return (f'the training loss became non-finite (epoch {epoch + 1}, by optimizer update {num_updates}); '
+            f'training stopped. Lower --lr, set --clip-grad (e.g. 1.0), or use bf16 instead of fp16, '
+            f'then continue from the last good checkpoint with --resume auto.')
+
+
 def check_finite(accelerator: Accelerator, nonfinite: torch.Tensor, epoch: int, num_updates: int) -> None:
     """Raise `NonFiniteLossError` if any process has seen a non-finite loss (all processes agree)."""
     if accelerator.reduce(nonfinite.clone(), reduction='sum').item() > 0:
-        raise NonFiniteLossError(
-            f'the training loss became non-finite (epoch {epoch + 1}, optimizer update {num_updates}); '
-            f'training stopped. Lower --lr, set --clip-grad (e.g. 1.0), or use bf16 instead of fp16, '
-            f'then continue from the last good checkpoint with --resume auto.')
+        raise NonFiniteLossError(nonfinite_message(epoch, num_updates))
 
 
 @torch.no_grad()

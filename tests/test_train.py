@@ -190,6 +190,24 @@ def test_unreadable_image_fails_or_is_skipped_and_counted(tmp_path, capsys):
     assert record['dataset']['train_samples'] == 19 and record['epochs'][0]['eval_samples'] == 18
 
 
+def test_non_finite_loss_stops_within_a_log_interval_of_its_readout(tmp_path, capsys, monkeypatch):
+    # no checkpoint to check before: the loop's own readout (one log interval late, never waiting for the
+    # device) stops the epoch early, not its end
+    calls = {'n': 0}
+    original = torch.nn.CrossEntropyLoss.forward
+
+    def nan_from_fifth_batch(self, input, target):
+        calls['n'] += 1
+        loss = original(self, input, target)
+        return loss * float('nan') if calls['n'] >= 5 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', nan_from_fifth_batch)
+    code, err = _run(['--output', tmp_path / 'run', '--log-interval', '2', '--epochs', '1', '--input-size', '1', '8',
+                      '8', '--batch-size', '32'], capsys)
+    assert code == 3 and 'loss became non-finite' in err
+    assert calls['n'] == 8  # NaN at batch 5, pushed at batch 6, read and stopped at batch 8 (of 44)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     calls = {'n': 0}
     original = torch.nn.CrossEntropyLoss.forward
