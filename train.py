@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--checkpoint-limit', type=int, default=3, help='checkpoints kept')
     group.add_argument('--log-with', default=None, help='Accelerate trackers: tensorboard, wandb, all, ...')
     group.add_argument('--log-interval', type=int, default=20, help='progress-bar updates every N batches')
-    group.add_argument('--limit-train-batches', type=int, default=None, help='at most N batches per epoch (rounded down to whole --grad-accum-steps windows)')
+    group.add_argument('--limit-train-batches', type=int, default=None,
+                       help='at most N batches per epoch (rounded down to whole --grad-accum-steps windows)')
     group.add_argument('--push-to-hub', default=None, metavar='REPO',
                        help='at the end, upload best weights and a model card (timm_ic.hub.push_run)')
     return parser
@@ -346,7 +347,7 @@ def train_one_epoch(
         clip_grad: Optional[float] = None,
         channels_last: bool = False,
         log_interval: int = 20,
-        on_update: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+        on_update: Optional[Callable[[int, int, torch.Tensor, Tuple[torch.Tensor, int]], None]] = None,
         desc: str = '',
 ) -> Tuple[Dict[str, float], int]:
     """One pass over `loader` (at most `num_batches` batches, the first `start_batch` already done, with
@@ -618,7 +619,8 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
-    train_loader, val_loader = (prepare_loader(accelerator, loader, args.workers) for loader in (train_loader, val_loader))
+    train_loader, val_loader = (prepare_loader(accelerator, loader, args.workers)
+                                for loader in (train_loader, val_loader))
     if len(train_loader) == 0:
         raise DataError(f'the training split has fewer samples than one batch per process '
                         f'({args.batch_size} x {accelerator.num_processes}); lower --batch-size.')
@@ -739,7 +741,8 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                 start_totals = (loss_sum, int(samples))
             loader = accelerator.skip_first_batches(train_loader, start_batch) if start_batch else train_loader
 
-            def on_update(updates: int, batches_done: int, nonfinite: torch.Tensor, totals, epoch: int = epoch) -> None:
+            def on_update(updates: int, batches_done: int, nonfinite: torch.Tensor,
+                          totals: Tuple[torch.Tensor, int], epoch: int = epoch) -> None:
                 nonlocal num_updates
                 num_updates = updates
                 if args.checkpoint_every and updates % args.checkpoint_every == 0 and batches_done < num_batches:
@@ -748,9 +751,9 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
 
             train_metrics, num_updates = train_one_epoch(
                 epoch, model, loader, optimizer, train_loss_fn, accelerator, lr_scheduler, num_updates,
-                num_batches, start_batch=start_batch, start_totals=start_totals, mixup_fn=mixup_fn, model_ema=model_ema,
-                clip_grad=args.clip_grad, channels_last=args.channels_last, log_interval=args.log_interval,
-                on_update=on_update, desc=f'epoch {epoch + 1}/{args.epochs}')
+                num_batches, start_batch=start_batch, start_totals=start_totals, mixup_fn=mixup_fn,
+                model_ema=model_ema, clip_grad=args.clip_grad, channels_last=args.channels_last,
+                log_interval=args.log_interval, on_update=on_update, desc=f'epoch {epoch + 1}/{args.epochs}')
             lr_scheduler.step(epoch + 1)
             eval_metrics = evaluate(eval_model, val_loader, accelerator, num_classes)
             ranks = accelerator.gather(torch.tensor([train_metrics['samples']], device=accelerator.device)).tolist()
