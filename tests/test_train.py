@@ -190,9 +190,8 @@ def test_unreadable_image_fails_or_is_skipped_and_counted(tmp_path, capsys):
     assert record['dataset']['train_samples'] == 19 and record['epochs'][0]['eval_samples'] == 18
 
 
-def test_non_finite_loss_stops_within_a_log_interval_of_its_readout(tmp_path, capsys, monkeypatch):
-    # no checkpoint to check before: the loop's own readout (one log interval late, never waiting for the
-    # device) stops the epoch early, not its end
+def _nan_loss_from_fifth_batch(monkeypatch) -> dict:
+    """Make the training loss NaN from the fifth batch on; the returned dict counts the loss calls."""
     calls = {'n': 0}
     original = torch.nn.CrossEntropyLoss.forward
 
@@ -202,6 +201,13 @@ def test_non_finite_loss_stops_within_a_log_interval_of_its_readout(tmp_path, ca
         return loss * float('nan') if calls['n'] >= 5 else loss
 
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', nan_from_fifth_batch)
+    return calls
+
+
+def test_non_finite_loss_stops_within_a_log_interval_of_its_readout(tmp_path, capsys, monkeypatch):
+    # no checkpoint to check before: the loop's own readout (one log interval late, never waiting for the
+    # device) stops the epoch early, not its end
+    calls = _nan_loss_from_fifth_batch(monkeypatch)
     code, err = _run(['--output', tmp_path / 'run', '--log-interval', '2', '--epochs', '1', '--input-size', '1', '8',
                       '8', '--batch-size', '32'], capsys)
     assert code == 3 and 'loss became non-finite' in err
@@ -209,15 +215,7 @@ def test_non_finite_loss_stops_within_a_log_interval_of_its_readout(tmp_path, ca
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    calls = {'n': 0}
-    original = torch.nn.CrossEntropyLoss.forward
-
-    def nan_from_fifth_batch(self, input, target):
-        calls['n'] += 1
-        loss = original(self, input, target)
-        return loss * float('nan') if calls['n'] >= 5 else loss
-
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', nan_from_fifth_batch)
+    calls = _nan_loss_from_fifth_batch(monkeypatch)
     out = tmp_path / 'run'
     code, err = _run(['--output', out, '--checkpoint-every', '2', '--log-interval', '1', '--epochs', '2',
                       '--input-size', '1', '8', '8', '--batch-size', '32'], capsys)
@@ -230,7 +228,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
     # the fix applied (here: the injected NaN removed), the run continues from that checkpoint, named explicitly
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', original)
+    monkeypatch.undo()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     code = train.main([str(a) for a in ['--resume', checkpoints[-1], '--epochs', '2', '--input-size', '1', '8', '8',
