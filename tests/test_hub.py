@@ -380,8 +380,6 @@ def test_pretrained_cfgs_follow_hub_cards_and_namespace(tmp_path, monkeypatch):
 
 def test_wheel_ships_hub_cards(tmp_path, monkeypatch):
     """hub_cards/ stays at the repository root and is installed as timm_ic.hub.hub_cards (pyproject.toml)."""
-    import importlib.machinery
-    import importlib.util
     import tomllib
     from setuptools import find_namespace_packages
     config = tomllib.loads((REPO_ROOT / 'pyproject.toml').read_text())['tool']['setuptools']
@@ -391,18 +389,11 @@ def test_wheel_ships_hub_cards(tmp_path, monkeypatch):
     assert config['package-dir'] == {'timm_ic.hub.hub_cards': 'hub_cards'}
     patterns = config['package-data']['timm_ic.hub.hub_cards']
     assert all(any(p.match(g) for g in patterns) for p in (REPO_ROOT / 'hub_cards').iterdir())
-    # an installed wheel: the import system locates the data package, and the cards are read from there
+    # an installed wheel: the data package lands beside cards.py, where the cards are read first
     site = tmp_path / 'site' / 'timm_ic' / 'hub' / 'hub_cards'
     _write_cards(site)
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name, *args):
-        if name != 'timm_ic.hub.hub_cards':
-            return real_find_spec(name, *args)
-        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        spec.submodule_search_locations = [str(site)]
-        return spec
-    monkeypatch.setattr(importlib.util, 'find_spec', find_spec)
+    assert hub.cards._DEFAULT_DIRS[0] == Path(hub.cards.__file__).resolve().parent / 'hub_cards'
+    monkeypatch.setattr(hub.cards, '_DEFAULT_DIRS', (site, *hub.cards._DEFAULT_DIRS[1:]))
     monkeypatch.delenv(hub.HUB_CARDS_ENV, raising=False)
     assert hub.hub_cards_dir() == site
     assert hub.pretrained_tags() == [TAG]

@@ -259,7 +259,6 @@ def test_checkpoint_pruning_and_atomic_weights(tmp_path):
 def test_push_to_hub_exports_and_pushes_the_run_or_keeps_it_and_says_why(tmp_path):
     """train.py --push-to-hub for real, against the loopback Hub (a fresh process: huggingface_hub reads its
     endpoint at import)."""
-    sys.path.insert(0, str(REPO / 'tests'))
     from hub_server import FakeHub
     from safetensors.torch import load_file
     env = dict(_subprocess_env(), HF_HUB_DISABLE_XET='1', HF_TOKEN='hf_fake_token', HF_HOME=str(tmp_path / 'home'))

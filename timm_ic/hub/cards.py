@@ -9,7 +9,6 @@ The folder lives at the repository root and is installed as the data package `ti
 (pyproject.toml's package-dir), so wheels and editable installs both find it.
 """
 import copy
-import importlib.util
 import os
 import warnings
 from functools import lru_cache
@@ -40,20 +39,8 @@ _CFG_FIELDS = frozenset({
 _ENTRY_FIELDS = frozenset({'hf_hub_id', 'published', 'dataset', 'recipe', 'license', 'cfg', 'description'})
 _SAFE_WEIGHTS_NAME = 'model.safetensors'
 _CARDS_PACKAGE = 'timm_ic.hub.hub_cards'
-# the installed copy (a wheel puts it beside this file), then the repository's (an editable install made before
-# pyproject.toml mapped the package)
+# where a wheel installs that package (beside this file), then the repository's folder (editable installs)
 _DEFAULT_DIRS = (Path(__file__).resolve().parent / 'hub_cards', Path(__file__).resolve().parents[2] / 'hub_cards')
-
-
-def _default_dirs() -> Tuple[Path, ...]:
-    # the import system knows where the data package is: inside the wheel, or the repository's folder
-    # through an editable install's path mapping
-    try:
-        spec = importlib.util.find_spec(_CARDS_PACKAGE)
-    except ModuleNotFoundError:
-        spec = None
-    found = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    return (*found, *_DEFAULT_DIRS)
 
 
 def hub_cards_dir() -> Path:
@@ -62,8 +49,7 @@ def hub_cards_dir() -> Path:
     if override:
         path = Path(override).expanduser()
         return path.parent if path.suffix in ('.yaml', '.yml') else path
-    dirs = _default_dirs()
-    return next((path for path in dirs if (path / 'models.yaml').is_file()), dirs[-1])
+    return next((path for path in _DEFAULT_DIRS if (path / 'models.yaml').is_file()), _DEFAULT_DIRS[-1])
 
 
 def _models_yaml() -> Path:
@@ -402,7 +388,7 @@ def render_card(
             f'{k} {v}' for k, v in sorted(versions.items())) + '.'
     template = hub_cards_dir() / 'template.md'
     if not template.is_file():  # a custom TIMM_IC_HUB_CARDS folder may hold only models.yaml
-        template = next((d / 'template.md' for d in _default_dirs() if (d / 'template.md').is_file()), template)
+        template = next((d / 'template.md' for d in _DEFAULT_DIRS if (d / 'template.md').is_file()), template)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template),

@@ -317,8 +317,8 @@ def _check_tag_fits(tag: str, model: nn.Module, pretrained_cfg: Dict[str, Any], 
     for key in ('num_classes', 'input_size', 'mean', 'std'):
         if key in tag_cfg and as_tuple(tag_cfg[key]) != as_tuple(pretrained_cfg.get(key)):
             raise ValueError(f'{tag}: hub_cards gives {key}={tag_cfg[key]}, these weights have '
-                             f'{pretrained_cfg.get(key)}; train with the tag\'s preprocessing (e.g. --mean/--std, see the '
-                             'recipe), fix the tag\'s dataset or cfg in models.yaml, or publish under a repo id '
+                             f'{pretrained_cfg.get(key)}; train with the tag\'s preprocessing (e.g. --mean/--std, see '
+                             'the recipe), fix the tag\'s dataset or cfg in models.yaml, or publish under a repo id '
                              'without --tag (loaded with hf-hub:)')
     default = timm.create_model(arch, num_classes=pretrained_cfg['num_classes'],
                                 in_chans=pretrained_cfg['input_size'][0])
