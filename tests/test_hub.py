@@ -684,3 +684,23 @@ def test_push_verifies_the_export_before_sending(exported, tmp_path, monkeypatch
     assert 'could not reach the Hub' in capsys.readouterr().err
     assert main(['push', str(tmp_path), 'testorg/ok']) == 2
     assert 'not an export folder' in capsys.readouterr().err
+
+
+def test_which_weight_files_are_read_is_as_the_readme_says(tmp_path):
+    # README, "Which weight files are read": timm's own architectures under plain timm.create_model fall back
+    # to pytorch_model.bin, read with torch.load(weights_only=True); timm_ic.hub.create_model refuses it
+    model = timm.create_model('resnet18', num_classes=3)
+    folder = tmp_path / 'r18'
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / 'pytorch_model.bin')
+    (folder / 'config.json').write_text(json.dumps({'architecture': 'resnet18', 'num_classes': 3}))
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+    with pytest.raises(hub.PretrainedWeightsError, match='safetensors only'):
+        hub.create_model(f'local-dir:{folder}', pretrained=True)
+    # a pickle that is more than tensors is refused by weights_only=True, never executed
+    torch.save({**model.state_dict(), 'fc.extra': Path('x')}, folder / 'pytorch_model.bin')
+    with pytest.raises(Exception, match='weights_only|[Ww]eights only load failed'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    readme = (REPO_ROOT / 'README.md').read_text()
+    assert 'torch.load(weights_only=True)' in readme and 'pytorch_model.bin' in readme
