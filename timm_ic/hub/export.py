@@ -1,7 +1,10 @@
 """Export a model, or a `train.py` run folder, as a folder timm loads with `hf-hub:` / `local-dir:`.
 
 The folder holds `model.safetensors`, timm's `config.json` and `README.md` (the model card), and is
-written atomically: into a temporary folder beside `out_dir`, then renamed into place.
+written atomically: into a temporary folder beside `out_dir`, then renamed into place. An existing `out_dir`
+is replaced only when it is empty or an earlier export (those three files, the config.json ours); non-finite
+weights are refused, and config.json is strict JSON (a non-finite run value becomes null, listed under
+`timm_ic.non_finite`). `verify_export` checks a folder before it is published.
 
 config.json is written here rather than by timm 1.0.31's `save_config_for_hf` (private, in timm.models._hub):
 it drops `*drop_rate` kwargs unless passed again and needs the placement's string form passed too, and it starts
@@ -63,8 +66,8 @@ class RunRecordError(ValueError):
 
 
 class ExportError(ValueError):
-    """An export that must not be written or published (non-finite weights, an output folder that is not an
-    earlier export, a folder whose files do not make a loadable model); names the file and what is wrong."""
+    """An export that must not be written or published (non-finite weights, a folder whose files do not make
+    a loadable model); names the file and what is wrong."""
 
 
 def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
@@ -300,7 +303,8 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
                               'folder, or allow replacing an earlier export (overwrite=True; on the command line, '
                               'leave out --no-overwrite)')
     if out_dir.is_symlink() or not out_dir.is_dir():
-        raise FileExistsError(f'{out_dir} exists and is not a folder: choose another output folder')
+        what = 'a symbolic link' if out_dir.is_symlink() else 'not a folder'
+        raise FileExistsError(f'{out_dir} exists and is {what}: choose another output folder')
     entries = sorted(out_dir.iterdir())
     if not entries:
         return
@@ -339,7 +343,8 @@ def _shape_differences(expected: Dict[str, tuple], found: Dict[str, tuple]) -> s
     parts = []
     for what, names in (('missing', sorted(set(expected) - set(found))),
                         ('unexpected', sorted(set(found) - set(expected))),
-                        ('of another shape', sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))):
+                        ('of another shape', sorted(k for k in expected.keys() & found.keys()
+                                                    if expected[k] != found[k]))):
         if names:
             parts.append(f'{len(names)} {what} ({", ".join(names[:5])}{", ..." if len(names) > 5 else ""})')
     return '; '.join(parts)
@@ -466,7 +471,7 @@ def export(
 
     Args:
         model_or_run_dir: a timm model (from `timm.create_model`) or a train.py run folder.
-        out_dir: the export folder; replaced atomically if it holds an earlier export.
+        out_dir: the export folder; replaced atomically if it is empty or holds an earlier export, else refused.
         repo_id: Hub repo the export is meant for (names the card and its usage examples).
         tag: a hub_cards `<arch>.<tag>` these weights are published as: fills dataset / recipe / license
             from models.yaml and makes the card's examples load by that registry name.
@@ -477,6 +482,11 @@ def export(
         data_config: input_size / mean / std / crop_pct / interpolation the weights were trained with.
     Returns:
         The export folder.
+    Raises:
+        RunRecordError: a run folder that cannot be exported (names the file).
+        ExportError: weights holding NaN or inf (names the tensors).
+        FileExistsError: `out_dir` exists and is not empty or an earlier export (or `overwrite=False`).
+        ValueError: arguments that would make an export nobody can load (architecture, tag, label names).
     """
     import safetensors.torch
     import timm
