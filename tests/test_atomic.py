@@ -1,4 +1,5 @@
 """The one atomic-write module everything writes through."""
+import json
 import os
 import stat
 
@@ -40,3 +41,19 @@ def test_publish_folder_replaces_the_old_folder_whole(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(final.stat().st_mode) == 0o777 & ~umask  # like any new folder, not mkdtemp's 0700
+
+
+def _strict_json(text: str):
+    """json.loads that rejects NaN / Infinity, as JSON readers other than Python's do."""
+    def refuse(constant):
+        raise ValueError(f'not JSON: {constant}')
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_writer_turns_non_finite_numbers_into_null(tmp_path):
+    from timm_ic._atomic import finite_json
+    path = tmp_path / 'run.json'
+    write_json_atomic(path, {'loss': float('nan'), 'rows': [{'lr': 0.1, 'grad': float('inf')}], 'ok': 1.5})
+    assert _strict_json(path.read_text()) == {'loss': None, 'rows': [{'lr': 0.1, 'grad': None}], 'ok': 1.5}
+    replaced = []
+    assert finite_json({'a': (1.0, float('-inf'))}, replaced) == {'a': [1.0, None]} and replaced == ['a[1]']

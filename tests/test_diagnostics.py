@@ -388,3 +388,47 @@ def test_cli_loads_train_checkpoint_and_rejects_others(tmp_path, capsys):
     assert 'neither a registered model name nor a placement' in capsys.readouterr().err
     assert main(['diagnose', '--model', 'cifar_resnet20', '--placement', 'bogus', '--out', str(out)]) == 2
     assert "--placement 'bogus' is not a placement" in capsys.readouterr().err
+
+
+def test_cli_bad_inputs_are_found_before_computing(tmp_path, capsys, monkeypatch):
+    # every input found bad exits 2 naming it, before any model is diagnosed (diagnose_model would say so)
+    import importlib
+    from safetensors.torch import save_file
+    # the modules, not the package's functions of the same names
+    run_module = importlib.import_module('timm_ic.diagnostics.run')
+    variance_shift_module = importlib.import_module('timm_ic.diagnostics.variance_shift')
+
+    def computed(*args, **kwargs):
+        raise AssertionError('a diagnostic ran before the inputs were checked')
+    monkeypatch.setattr(run_module, 'diagnose_model', computed)
+    monkeypatch.setattr(variance_shift_module, 'recalibrate_bn', computed)
+    model = timm.create_model('cifar_resnet20', in_chans=1, num_classes=10)
+    good = tmp_path / 'good' / 'best.safetensors'
+    good.parent.mkdir()
+    save_file(model.state_dict(), str(good))
+    truncated = tmp_path / 'truncated' / 'best.safetensors'
+    truncated.parent.mkdir()
+    truncated.write_bytes(good.read_bytes()[:-100])
+    corrupt_record = tmp_path / 'corrupt_record' / 'best.safetensors'
+    corrupt_record.parent.mkdir()
+    corrupt_record.write_bytes(good.read_bytes())
+    (corrupt_record.parent / 'run.json').write_text('{"model": "cifar_resnet20", "placem')
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    a_file = tmp_path / 'report.txt'
+    a_file.write_text('mine')
+    out = str(tmp_path / 'diag')
+    base = ['diagnose', '--model', 'cifar_resnet20', '--batches', '1', '--batch-size', '8']
+    for argv, words in (
+            (['--checkpoint', str(truncated), '--out', out], (str(truncated), 'truncated')),
+            # the bad one second: found before the first is diagnosed
+            (['--checkpoint', str(good), '--compare', f'cifar_resnet20@{truncated}', '--out', out],
+             (str(truncated), 'truncated')),
+            (['--checkpoint', str(corrupt_record), '--out', out], (str(corrupt_record.parent / 'run.json'),
+                                                                   'not valid JSON')),
+            (['--data', str(tmp_path / 'empty'), '--out', out], (str(tmp_path / 'empty'), 'no images')),
+            (['--out', str(a_file)], (str(a_file), 'is a file')),
+            (['--out', str(a_file / 'diag')], (str(a_file), 'is a file'))):
+        assert main(base + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and 'Traceback' not in err, err
+    assert a_file.read_text() == 'mine' and not os.path.exists(out)

@@ -551,5 +551,156 @@ def test_cli_export_and_push_failure(run_dir, tmp_path, capsys):
     assert ModelCard((out / 'README.md').read_text()).data.model_name == 'testorg/cli'
     assert main(['export', str(tmp_path / 'nothing'), str(tmp_path / 'x')]) == 2
     assert 'is not a folder' in capsys.readouterr().err
-    assert main(['push', str(tmp_path / 'nothing'), 'testorg/cli']) == 1
+    assert main(['push', str(tmp_path / 'nothing'), 'testorg/cli']) == 2
     assert 'nothing' in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# nothing lost, nothing broken published (issue 11)
+# ------------------------------------------------------------------------------------------------------------
+
+def _strict_json(text: str):
+    """json.loads that rejects bare NaN / Infinity, as JSON readers other than Python's do."""
+    def refuse(constant):
+        raise ValueError(f'not JSON: {constant}')
+    return json.loads(text, parse_constant=refuse)
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_export_replaces_only_an_earlier_export(run_dir, tmp_path, capsys):
+    from timm_ic.cli import main
+    # a project folder that happens to hold a config.json: never deleted
+    project = tmp_path / 'project'
+    (project / 'src').mkdir(parents=True)
+    (project / 'config.json').write_text('{}')
+    (project / 'src' / 'main.py').write_text('x = 1\n')
+    # a folder holding only a config.json that is not ours, or only a README.md
+    foreign_config, readme_only = tmp_path / 'foreign_config', tmp_path / 'readme_only'
+    foreign_config.mkdir()
+    (foreign_config / 'config.json').write_text('{"architecture": "resnet18"}')
+    readme_only.mkdir()
+    (readme_only / 'README.md').write_text('my notes')
+    for folder, named in ((project, 'src'), (foreign_config, 'config.json'), (readme_only, 'config.json')):
+        before = _tree(folder)
+        assert main(['export', str(run_dir), str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert str(folder) in err and named in err and 'Nothing was changed' in err and 'Traceback' not in err
+        assert _tree(folder) == before and (folder / 'src').is_dir() == (folder is project)
+    # an earlier export is replaced, an empty folder filled; an export with a file added is kept
+    out = tmp_path / 'export'
+    out.mkdir()
+    assert main(['export', str(run_dir), str(out)]) == 0
+    assert main(['export', str(run_dir), str(out), '--repo-id', 'testorg/again']) == 0
+    assert 'testorg/again' in (out / 'README.md').read_text()
+    (out / 'notes.txt').write_text('mine')
+    assert main(['export', str(run_dir), str(out)]) == 2
+    assert 'notes.txt' in capsys.readouterr().err and (out / 'notes.txt').read_text() == 'mine'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['export', 'foreign_config', 'project', 'readme_only']
+
+
+def test_no_overwrite_message_names_real_flags(run_dir, tmp_path, capsys):
+    import re
+    from timm_ic.cli import build_parser, main
+    out = tmp_path / 'export'
+    assert main(['export', str(run_dir), str(out)]) == 0
+    capsys.readouterr()
+    assert main(['export', str(run_dir), str(out), '--no-overwrite']) == 2
+    err = capsys.readouterr().err
+    assert 'exists' in err and '--no-overwrite' in err
+    export_parser = build_parser()._subparsers._group_actions[0].choices['export']
+    flags = {f for action in export_parser._actions for f in action.option_strings}
+    mentioned = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', err))
+    assert mentioned and mentioned <= flags, mentioned - flags
+
+
+def test_export_of_a_diverged_run_writes_strict_json_and_refuses_non_finite_weights(run_dir, tmp_path, capsys):
+    from timm_ic.cli import main
+    record = json.loads((run_dir / 'run.json').read_text())
+    # the best epoch's loss is NaN (json.dumps writes it as a bare NaN, as train.py's writer did)
+    nan_loss = _hand_made_run(run_dir, tmp_path / 'nan_loss', best={**record['best'], 'eval_loss': float('nan')})
+    out = hub.export(nan_loss, tmp_path / 'out')
+    config = _strict_json((out / 'config.json').read_text())
+    assert config['timm_ic']['metrics']['loss'] is None
+    assert config['timm_ic']['metrics']['top1'] == record['best']['eval_top1']
+    assert config['timm_ic']['non_finite']['fields'] == ['timm_ic.metrics.loss']
+    assert 'NaN' in config['timm_ic']['non_finite']['reason']
+    assert 'nan' not in (out / 'README.md').read_text().lower().replace('nanoseconds', '')
+    # weights that diverged: refused before anything is written, naming the tensors
+    diverged = _hand_made_run(run_dir, tmp_path / 'diverged')
+    weights = safetensors.torch.load_file(str(diverged / 'best.safetensors'))
+    bad = sorted(k for k in weights if k.endswith('.weight'))[:2]
+    for k in bad:
+        weights[k][..., 0] = float('nan')
+    safetensors.torch.save_file(weights, str(diverged / 'best.safetensors'))
+    assert main(['export', str(diverged), str(tmp_path / 'out_diverged')]) == 2
+    err = capsys.readouterr().err
+    assert 'NaN or inf' in err and all(k in err for k in bad) and 'best.safetensors' in err
+    assert not (tmp_path / 'out_diverged').exists()
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_push_verifies_the_export_before_sending(exported, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+    from timm_ic.cli import main
+    # nothing listens there: a push that reaches the network fails with exit code 4, never touching the Hub
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        dead = f'http://127.0.0.1:{s.getsockname()[1]}'
+    monkeypatch.setattr(constants, 'ENDPOINT', dead)
+    truncated = _copy_folder(exported, tmp_path / 'truncated')
+    (truncated / 'model.safetensors').write_bytes((exported / 'model.safetensors').read_bytes()[:-64])
+    other_arch = _copy_folder(exported, tmp_path / 'other_arch')
+    config = json.loads((exported / 'config.json').read_text())
+    (other_arch / 'config.json').write_text(json.dumps({**config, 'architecture': 'ic_resnet56'}))
+    non_finite = _copy_folder(exported, tmp_path / 'non_finite')
+    weights = safetensors.torch.load_file(str(exported / 'model.safetensors'))
+    weights['fc.weight'] = torch.full_like(weights['fc.weight'], float('inf'))
+    safetensors.torch.save_file(weights, str(non_finite / 'model.safetensors'))
+    bare_nan = _copy_folder(exported, tmp_path / 'bare_nan')
+    (bare_nan / 'config.json').write_text(json.dumps({**config, 'timm_ic': {'metrics': {'loss': float('nan')}}}))
+    for folder, words in ((truncated, ('model.safetensors', 'truncated')),
+                          (other_arch, ('does not fit the ic_resnet56', 'missing')),
+                          (non_finite, ('fc.weight', 'NaN or inf')),
+                          (bare_nan, ('config.json', 'not valid JSON'))):
+        before = _tree(folder)
+        assert main(['push', str(folder), 'testorg/broken']) == 2, folder
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and dead not in err and 'Traceback' not in err, err
+        assert _tree(folder) == before
+        with pytest.raises((hub.ExportError, FileNotFoundError)):
+            hub.push(folder, 'testorg/broken')
+    # a sound export reaches the (dead) Hub: exit code 4, as train.py --push-to-hub; a folder that is
+    # neither an export nor a run: 2
+    assert main(['push', str(exported), 'testorg/ok']) == 4
+    assert 'could not reach the Hub' in capsys.readouterr().err
+    assert main(['push', str(tmp_path), 'testorg/ok']) == 2
+    assert 'not an export folder' in capsys.readouterr().err
+
+
+def test_which_weight_files_are_read_is_as_the_readme_says(tmp_path):
+    # README, "Which weight files are read": timm's own architectures under plain timm.create_model fall back
+    # to pytorch_model.bin, read with torch.load(weights_only=True); timm_ic.hub.create_model refuses it
+    model = timm.create_model('resnet18', num_classes=3)
+    folder = tmp_path / 'r18'
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / 'pytorch_model.bin')
+    (folder / 'config.json').write_text(json.dumps({'architecture': 'resnet18', 'num_classes': 3}))
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+    with pytest.raises(hub.PretrainedWeightsError, match='safetensors only'):
+        hub.create_model(f'local-dir:{folder}', pretrained=True)
+    # a pickle that is more than tensors is refused by weights_only=True, never executed
+    torch.save({**model.state_dict(), 'fc.extra': Path('x')}, folder / 'pytorch_model.bin')
+    with pytest.raises(Exception, match='weights_only|[Ww]eights only load failed'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    readme = (REPO_ROOT / 'README.md').read_text()
+    assert 'torch.load(weights_only=True)' in readme and 'pytorch_model.bin' in readme

@@ -5,13 +5,14 @@ and figures. New files get the usual permissions (0666 less the umask), not a te
 """
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
-__all__ = ['atomic_file', 'publish_folder', 'write_json_atomic', 'save_safetensors_atomic']
+__all__ = ['atomic_file', 'publish_folder', 'finite_json', 'write_json_atomic', 'save_safetensors_atomic']
 
 
 def _umask() -> int:
@@ -61,10 +62,26 @@ def publish_folder(tmp: os.PathLike, final: os.PathLike) -> None:
         os.replace(tmp, final)
 
 
+def finite_json(value: Any, replaced: Optional[List[str]] = None, _where: str = '') -> Any:
+    """`value` with every NaN / infinite float as None (JSON has no NaN: Python's json writes a bare `NaN`
+    that other readers reject) and tuples as lists. The dotted path of each replaced value is appended to
+    `replaced`, so a writer can say which fields were not finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if replaced is not None:
+            replaced.append(_where or '<root>')
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v, replaced, f'{_where}.{k}' if _where else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, replaced, f'{_where}[{i}]') for i, v in enumerate(value)]
+    return value
+
+
 def write_json_atomic(path: os.PathLike, data: Any, indent: int = 1) -> None:
-    """`data` as JSON at `path`, atomically."""
+    """`data` as strict JSON at `path`, atomically; non-finite floats become null (see `finite_json`)."""
+    text = json.dumps(finite_json(data), indent=indent, allow_nan=False)
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=indent) + '\n', encoding='utf-8')
+        tmp.write_text(text + '\n', encoding='utf-8')
 
 
 def save_safetensors_atomic(tensors: Dict[str, Any], path: os.PathLike,

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['register', 'run_diagnose', 'build_model', 'DiagnoseError']
+__all__ = ['register', 'run_diagnose', 'build_model', 'check_inputs', 'DiagnoseError']
 
 # `timm.create_model` names that load their own weights from somewhere other than the registry
 _PRETRAINED_PREFIXES = ('hf-hub:', 'local-dir:')
@@ -98,8 +98,57 @@ def _run_record_beside(checkpoint: str) -> Dict[str, Any]:
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), 'run.json')
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise DiagnoseError(f'{path}, the run record beside checkpoint {checkpoint}, is not valid JSON ({e}): it '
+                            'would give the placement and preprocessing; repair or remove it (then --placement '
+                            'and --img-size say them)') from e
+    if not isinstance(record, dict):
+        raise DiagnoseError(f'{path}, the run record beside checkpoint {checkpoint}, holds a JSON '
+                            f'{type(record).__name__}, not an object: repair or remove it')
+    return record
+
+
+def _check_checkpoint(path: str) -> None:
+    """A readable, complete safetensors file (its header covers the file), and a readable run.json beside it."""
+    if not path.endswith('.safetensors'):
+        raise DiagnoseError(f'checkpoint {path!r} is not a .safetensors file: only safetensors weights '
+                            'are loaded (convert: safetensors.torch.save_file(model.state_dict(), path))')
+    if not os.path.isfile(path):
+        raise DiagnoseError(f'checkpoint {path} does not exist')
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework='pt') as f:
+            f.keys()
+    except Exception as e:  # SafetensorError, OSError: the file is at fault
+        raise DiagnoseError(f'checkpoint {path} is not a readable safetensors file ({e}): truncated or corrupt; '
+                            'copy or save it again') from e
+    _run_record_beside(path)
+
+
+def _check_out(out: str) -> None:
+    """--out must be a folder that exists or can be made: found before the diagnostics run, not after."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DiagnoseError(f'--out {out} is a file, not a folder: give a folder for report.json and the figures')
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DiagnoseError(f'--out {out} cannot be created: {parent} is a file, not a folder')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DiagnoseError(f'--out {out} cannot be written: no write permission in {parent}')
+
+
+def check_inputs(args: argparse.Namespace, specs: List[ModelSpec]) -> None:
+    """Every input a run could fail on late, checked before anything is computed: --out, each checkpoint
+    (and the run.json beside it) and --data (build_dataset checks it)."""
+    _check_out(args.out)
+    for spec in specs:
+        if spec.checkpoint:
+            _check_checkpoint(spec.checkpoint)
 
 
 def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Module, str, Optional[Dict[str, Any]]]:
@@ -113,11 +162,7 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
     kwargs = dict(num_classes=num_classes, in_chans=in_chans)
     placement, data_config = spec.placement, None
     if spec.checkpoint:
-        if not spec.checkpoint.endswith('.safetensors'):
-            raise DiagnoseError(f'checkpoint {spec.checkpoint!r} is not a .safetensors file: only safetensors weights '
-                                'are loaded (convert: safetensors.torch.save_file(model.state_dict(), path))')
-        if not os.path.isfile(spec.checkpoint):
-            raise DiagnoseError(f'checkpoint {spec.checkpoint} does not exist')
+        _check_checkpoint(spec.checkpoint)
         record = _run_record_beside(spec.checkpoint)
         if record.get('model') == spec.model:
             placement = placement if placement is not None else record.get('placement')
@@ -179,7 +224,10 @@ def build_dataset(data: Optional[str], model: Optional[nn.Module] = None, img_si
     if not os.path.isdir(data):
         raise DiagnoseError(f'--data {data} is not a folder: give an ImageNet-layout folder (DIR/train/<class>/*.jpg) '
                             'or leave --data out for the embedded digits')
-    dataset = create_dataset('', root=data, split='train')
+    try:
+        dataset = create_dataset('', root=data, split='train')
+    except (RuntimeError, OSError) as e:  # timm: 'Found 0 images in subfolders of ...'
+        raise DiagnoseError(f'--data {data}: no images found ({e}); it needs train/<class>/ image folders') from e
     if len(dataset) == 0:
         raise DiagnoseError(f'no images found under {data}: it needs train/<class>/ image folders')
     if model is not None:
@@ -223,6 +271,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     if args.batches < 1 or args.batch_size < 2:
         raise DiagnoseError('--batches must be >= 1 and --batch-size >= 2 (BatchNorm needs 2 samples per batch)')
     specs = parse_specs(args)
+    check_inputs(args, specs)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     in_chans = 1 if args.data is None else 3
     num_classes = 10 if args.data is None else _num_classes(build_dataset(args.data))

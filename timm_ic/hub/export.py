@@ -1,7 +1,10 @@
 """Export a model, or a `train.py` run folder, as a folder timm loads with `hf-hub:` / `local-dir:`.
 
 The folder holds `model.safetensors`, timm's `config.json` and `README.md` (the model card), and is
-written atomically: into a temporary folder beside `out_dir`, then renamed into place.
+written atomically: into a temporary folder beside `out_dir`, then renamed into place. An existing `out_dir`
+is replaced only when it is empty or an earlier export (those three files, the config.json ours); non-finite
+weights are refused, and config.json is strict JSON (a non-finite run value becomes null, listed under
+`timm_ic.non_finite`). `verify_export` checks a folder before it is published.
 
 config.json is written here rather than by timm 1.0.31's `save_config_for_hf` (private, in timm.models._hub):
 it drops `*drop_rate` kwargs unless passed again and needs the placement's string form passed too, and it starts
@@ -31,6 +34,7 @@ A run folder, as train.py writes it, holds `run.json` (schema timm_ic.run_record
 """
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,10 +43,11 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from torch import nn
 
-from .._atomic import publish_folder
+from .._atomic import finite_json, publish_folder
 from .cards import card_entry, count_model_stats, load_hub_cards, papers_for, render_card
 
-__all__ = ['export', 'read_run', 'model_from_run', 'RUN_RECORD', 'RUN_WEIGHTS', 'EXPORT_FILES']
+__all__ = ['export', 'read_run', 'model_from_run', 'verify_export', 'ExportError', 'RunRecordError', 'RUN_RECORD',
+           'RUN_WEIGHTS', 'EXPORT_FILES']
 
 RUN_RECORD = 'run.json'
 RUN_WEIGHTS = ('best.safetensors', 'last.safetensors')  # preferred first
@@ -58,6 +63,11 @@ _DATA_CFG_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'cro
 
 class RunRecordError(ValueError):
     """A run folder that cannot be exported: names the file and what is wrong."""
+
+
+class ExportError(ValueError):
+    """An export that must not be written or published (non-finite weights, a folder whose files do not make
+    a loadable model); names the file and what is wrong."""
 
 
 def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
@@ -172,6 +182,22 @@ def model_from_run(run: Union[str, Path, Dict[str, Any]]) -> nn.Module:
     return model.eval()
 
 
+def _non_finite_tensors(state_dict: Dict[str, Any]) -> List[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    import torch
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _check_finite(state_dict: Dict[str, Any], where: str) -> None:
+    bad = _non_finite_tensors(state_dict)
+    if bad:
+        names = ', '.join(bad[:8]) + (f' and {len(bad) - 8} more' if len(bad) > 8 else '')
+        raise ExportError(f'{where}: {len(bad)} of {len(state_dict)} tensors hold NaN or inf ({names}); weights '
+                          'of a run that diverged would load without error and predict nothing. Export earlier '
+                          'weights (a checkpoint before the divergence), or train again (lower --lr, --clip-grad)')
+
+
 def _json_ready(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_json_ready(v) for v in value]
@@ -258,18 +284,47 @@ def _feature_channels(model: nn.Module) -> Optional[List[int]]:
             return None
 
 
+def _is_our_config(path: Path) -> bool:
+    """Whether `path` is a config.json that `export` wrote (it carries timm-ic's own `timm_ic` record)."""
+    try:
+        config = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    return isinstance(config, dict) and isinstance(config.get('timm_ic'), dict) and 'architecture' in config
+
+
+def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but an empty folder or an earlier export: replacing removes the whole folder,
+    so it may hold only files `export` writes, with a config.json of ours."""
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(f'{out_dir} exists and overwrite=False (--no-overwrite): choose another output '
+                              'folder, or allow replacing an earlier export (overwrite=True; on the command line, '
+                              'leave out --no-overwrite)')
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        what = 'a symbolic link' if out_dir.is_symlink() else 'not a folder'
+        raise FileExistsError(f'{out_dir} exists and is {what}: choose another output folder')
+    entries = sorted(out_dir.iterdir())
+    if not entries:
+        return
+    foreign = [p.name for p in entries if p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file()]
+    config = out_dir / 'config.json'
+    if foreign or not config.is_file():
+        kept = ', '.join(foreign[:5]) + (f' and {len(foreign) - 5} more' if len(foreign) > 5 else '')
+        what = f'holds {kept}, which `timm-ic export` did not write' if foreign else 'has no config.json'
+        raise FileExistsError(f'{out_dir} holds no export of timm-ic to replace: it {what}, and replacing the folder '
+                              'would delete everything in it. Nothing was changed: choose a new or empty output '
+                              'folder')
+    if not _is_our_config(config):
+        raise FileExistsError(f'{out_dir} holds no export of timm-ic to replace: its config.json was not written by '
+                              '`timm-ic export` (no "timm_ic" record); replacing the folder would delete it. Nothing '
+                              'was changed: choose a new or empty output folder')
+
+
 def _write_folder_atomically(out_dir: Path, write, overwrite: bool) -> None:
     out_dir = out_dir.absolute()
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f'{out_dir} exists; pass overwrite=True (--overwrite) to replace it')
-        if not out_dir.is_dir():
-            raise FileExistsError(f'{out_dir} exists and is not a folder')
-        existing = {p.name for p in out_dir.iterdir()}
-        if existing and 'config.json' not in existing:
-            # never delete a folder that is not an earlier export
-            raise FileExistsError(f'{out_dir} is not empty and holds no export (no config.json): choose another '
-                                  'output folder')
+    _check_replaceable(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', suffix='.tmp', dir=out_dir.parent))
     try:
@@ -278,6 +333,68 @@ def _write_folder_atomically(out_dir: Path, write, overwrite: bool) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f'bare {name} is not JSON')
+
+
+def _shape_differences(expected: Dict[str, tuple], found: Dict[str, tuple]) -> str:
+    parts = []
+    for what, names in (('missing', sorted(set(expected) - set(found))),
+                        ('unexpected', sorted(set(found) - set(expected))),
+                        ('of another shape', sorted(k for k in expected.keys() & found.keys()
+                                                    if expected[k] != found[k]))):
+        if names:
+            parts.append(f'{len(names)} {what} ({", ".join(names[:5])}{", ..." if len(names) > 5 else ""})')
+    return '; '.join(parts)
+
+
+def verify_export(folder: Union[str, Path]) -> Dict[str, Any]:
+    """Check that an export folder is what `timm.create_model('local-dir:...' / 'hf-hub:...', pretrained=True)`
+    can load, before it is published: config.json is strict JSON naming a registered architecture, and
+    model.safetensors is complete, holds exactly the tensors (names and shapes) of the model config.json builds,
+    and all of them finite. Returns the parsed config.json.
+
+    Raises:
+        FileNotFoundError: a file of the export is missing.
+        ExportError: what is wrong, naming the file.
+    """
+    import safetensors.torch
+    import timm
+    import torch
+
+    folder = Path(folder)
+    missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f'{folder} is not an export folder (missing {", ".join(missing)}): make one with '
+                                '`timm-ic export` or timm_ic.hub.export first')
+    config_path, weights_path = folder / 'config.json', folder / 'model.safetensors'
+    try:
+        config = json.loads(config_path.read_text(encoding='utf-8'), parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ExportError(f'{config_path} is not valid JSON ({e}): export again') from e
+    architecture = config.get('architecture') if isinstance(config, dict) else None
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
+        raise ExportError(f'{config_path} names architecture {architecture!r}, which timm does not know: nobody '
+                          'could load the export; export again from a timm model')
+    try:
+        state_dict = safetensors.torch.load_file(str(weights_path), device='cpu')
+    except Exception as e:  # SafetensorError, OSError
+        raise ExportError(f'{weights_path} is not a readable safetensors file ({e}): truncated or corrupt; '
+                          'export again') from e
+    _check_finite(state_dict, str(weights_path))
+    try:
+        with torch.device('meta'):  # shapes only: nothing allocated
+            model = timm.create_model(f'local-dir:{folder.absolute()}', pretrained=False)
+    except Exception as e:
+        raise ExportError(f'{config_path} does not build a model ({type(e).__name__}: {e}): export again') from e
+    differences = _shape_differences({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                     {k: tuple(v.shape) for k, v in state_dict.items()})
+    if differences:
+        raise ExportError(f'{weights_path} does not fit the {architecture} that {config_path} describes: tensors '
+                          f'{differences}. The files come from different exports: export again')
+    return config
 
 
 def _registered_by_timm_ic(architecture: str) -> bool:
@@ -354,7 +471,7 @@ def export(
 
     Args:
         model_or_run_dir: a timm model (from `timm.create_model`) or a train.py run folder.
-        out_dir: the export folder; replaced atomically if it holds an earlier export.
+        out_dir: the export folder; replaced atomically if it is empty or holds an earlier export, else refused.
         repo_id: Hub repo the export is meant for (names the card and its usage examples).
         tag: a hub_cards `<arch>.<tag>` these weights are published as: fills dataset / recipe / license
             from models.yaml and makes the card's examples load by that registry name.
@@ -365,6 +482,11 @@ def export(
         data_config: input_size / mean / std / crop_pct / interpolation the weights were trained with.
     Returns:
         The export folder.
+    Raises:
+        RunRecordError: a run folder that cannot be exported (names the file).
+        ExportError: weights holding NaN or inf (names the tensors).
+        FileExistsError: `out_dir` exists and is not empty or an earlier export (or `overwrite=False`).
+        ValueError: arguments that would make an export nobody can load (architecture, tag, label names).
     """
     import safetensors.torch
     import timm
@@ -376,6 +498,9 @@ def export(
     else:
         run = read_run(model_or_run_dir)
         model = model_from_run(run)
+    # before anything is computed or written: a diverged run's weights must not be published
+    state_dict = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
+    _check_finite(state_dict, f"{run['weights']}" if run else 'the model\'s weights')
     if not hasattr(model, 'pretrained_cfg') or not hasattr(model, 'num_classes'):
         raise TypeError(f'{type(model).__name__} is not a timm classification model (no pretrained_cfg / '
                         'num_classes); export the model timm.create_model returned, not a features_only wrapper')
@@ -428,6 +553,9 @@ def export(
     if label_names is not None and len(label_names) != model.num_classes:
         raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
     metrics = metrics if metrics is not None else run.get('metrics')
+    # a diverged epoch's NaN loss is no measurement: the card (and its model-index) leaves it out
+    card_metrics = {k: v for k, v in metrics.items()
+                    if not (isinstance(v, float) and not math.isfinite(v))} if metrics else metrics
     dataset_info = _dataset_info(dataset if dataset is not None else run.get('dataset'))
     if dataset_info is None and entry:
         dataset_info = entry['dataset']
@@ -450,7 +578,7 @@ def export(
     card = render_card(
         architecture=architecture, repo_name=repo_name, placement=placement, placement_words=placement_words,
         stats=stats, input_size=pretrained_cfg['input_size'], num_classes=int(model.num_classes),
-        feature_channels=_feature_channels(model), dataset=dataset_info, metrics=metrics, recipe=recipe,
+        feature_channels=_feature_channels(model), dataset=dataset_info, metrics=card_metrics, recipe=recipe,
         args=args, license=license, load_name=tag or (f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME'),
         registered_by_timm_ic=_registered_by_timm_ic(architecture), load_kwargs=load_kwargs,
         description=description, versions=run.get('versions'), run_status=run.get('status'), eval_split=eval_split,
@@ -478,11 +606,19 @@ def export(
         },
     }
     config = {k: v for k, v in config.items() if v is not None}
-    state_dict = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
+    # strict JSON: a NaN / inf the run recorded (a diverged epoch's loss, say) becomes null, and config.json
+    # says which fields those were and why
+    non_finite: List[str] = []
+    config = finite_json(config, non_finite)
+    if non_finite:
+        config['timm_ic']['non_finite'] = {
+            'fields': non_finite,
+            'reason': 'NaN or infinite in the run record (a diverged epoch); written as null, since JSON has no NaN'}
+    config_text = json.dumps(config, indent=2, allow_nan=False) + '\n'
 
     def write(folder: Path) -> None:
         safetensors.torch.save_file(state_dict, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
-        (folder / 'config.json').write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
+        (folder / 'config.json').write_text(config_text, encoding='utf-8')
         (folder / 'README.md').write_text(card, encoding='utf-8')
 
     out_dir = Path(out_dir)

@@ -1,5 +1,8 @@
 """Push an export folder to the Hugging Face Hub: `create_repo(exist_ok=True)`, then one `upload_folder` commit.
 
+The folder is checked first (`verify_export`: complete safetensors of the architecture config.json builds,
+all finite), so a truncated or mismatched export is never published.
+
 The token comes from the usual places (`token=`, `$HF_TOKEN`, `hf auth login`); the endpoint from
 `$HF_ENDPOINT`. A failed push raises `HubPushError` saying why (authentication, network, not found) and
 never touches the local folder.
@@ -7,7 +10,7 @@ never touches the local folder.
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .export import EXPORT_FILES, export
+from .export import EXPORT_FILES, export, verify_export
 
 __all__ = ['push', 'push_run', 'HubPushError']
 
@@ -70,17 +73,16 @@ def push(
 
     Raises:
         FileNotFoundError: the folder is not an export (lacks model.safetensors / config.json / README.md).
+        ExportError: the export would not load (see `verify_export`); nothing is sent.
+        ValueError: a malformed repo id.
         HubPushError: the Hub could not be reached or refused the push; the message says why.
     """
     from huggingface_hub import HfApi, constants
 
     folder = Path(folder)
-    missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f'{folder} is not an export folder (missing {", ".join(missing)}): make one with '
-                                '`timm-ic export` or timm_ic.hub.export first')
     if repo_id.count('/') != 1:
         raise ValueError(f'repo id {repo_id!r} must be <namespace>/<name>, e.g. my-org/ic_resnet50.sgd90_in1k')
+    verify_export(folder)
     from timm_ic import __version__
     api = HfApi(endpoint=endpoint, token=token, library_name='timm-ic', library_version=__version__)
     endpoint = api.endpoint or constants.ENDPOINT
