@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='ic_resnet20', help='any timm model name, timm-ic ones included')
     group.add_argument('--placement', default=None,
-                       help="timm-ic placement, e.g. 'ic:drop=uout,beta=0.1'; '' keeps the model's own")
+                       help="timm-ic placement, e.g. 'ic:drop=uout,beta=0.1'; '' keeps the model's own. A "
+                            "recipe's placement applies to the recipe's model and to skeleton-only ones (cifar_*)")
     group.add_argument('--pretrained', action='store_true', help='start from the Hub weights of --model')
     group.add_argument('--initial-weights', default=None, help='start from this .safetensors file')
     group.add_argument('--num-classes', type=int, default=None,
@@ -206,11 +207,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if recipe is not None:
         dests = {a.dest for a in parser._actions if a.dest not in ('help', 'recipe')}
         recipe_values = load_recipe(recipe, valid_keys=dests)
-        parser.set_defaults(**{k: v for k, v in recipe_values.items() if not k.startswith('_')})
+        # the recipe's placement is decided below, once the model is known
+        parser.set_defaults(**{k: v for k, v in recipe_values.items() if not k.startswith('_') and k != 'placement'})
     args = parser.parse_args(argv)
     args.recipe = recipe
     args.recipe_values = recipe_values
+    if args.placement is None and recipe_values and recipe_values.get('placement'):
+        if recipe_placement_applies(args.model, recipe_values.get('model')):
+            args.placement = recipe_values['placement']
     return args
+
+
+def recipe_placement_applies(model: str, recipe_model: Optional[str]) -> bool:
+    """A recipe's placement is for its own model, or for a skeleton-only one (whose own placement has no
+    dropout, e.g. cifar_wrn28_10): a model that brings its own placement (ic_wrn28_10, uout_wrn28_10) keeps it,
+    or the weights published under its name would be another network's."""
+    if model == recipe_model:
+        return True
+    if not timm.is_model(model):
+        return False
+    try:
+        with torch.device('meta'):  # no memory, no init cost: only the default placement is wanted
+            placement = getattr(timm.create_model(model), 'placement', None)
+    except Exception:  # a model that cannot be built this way is not a timm-ic skeleton
+        return False
+    return placement is not None and not placement.has_drop
 
 
 def check_model_name(name: str) -> None:
@@ -263,6 +284,8 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
             log(f'fine-tuning: the classifier is re-initialised for {num_classes} classes '
                 f'(the pretrained weights have {source_classes}).')
     model_args = {k: v for k, v in kwargs.items() if k != 'pretrained_cfg_overlay'}
+    if getattr(model, 'placement', None) is not None:  # the placement built, whichever option chose it
+        model_args['placement'] = str(model.placement)
     return model, model_args
 
 
@@ -596,6 +619,10 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
 
     # model
     model, model_args = create_model(args, num_classes, in_chans, log)
+    recipe_placement = (args.recipe_values or {}).get('placement')
+    if recipe_placement and args.placement is None:
+        log(f'{args.model} keeps its own placement {model_args.get("placement")}; the recipe\'s '
+            f'{recipe_placement!r} is for {args.recipe_values.get("model")} (pass --placement to choose one).')
     data_config, train_ds.transform, val_ds.transform = resolve_transforms(args, model, in_chans)
     if args.sync_bn and accelerator.num_processes > 1:
         if accelerator.device.type == 'cpu':
