@@ -74,8 +74,9 @@ from tqdm.auto import tqdm
 
 import timm_ic  # registers the timm-ic models with timm
 from timm_ic.training import (
-    RUN_RECORD_SCHEMA, DataError, RecipeError, SeededAugmentation, build_datasets, check_num_classes, find_latest_checkpoint,
-    library_versions, list_recipes, load_recipe, load_train_state, save_checkpoint, save_weights, write_json_atomic,
+    RUN_RECORD_SCHEMA, CheckpointError, DataError, RecipeError, SeededAugmentation, build_datasets, check_num_classes,
+    find_latest_checkpoint, find_resumable_checkpoint, library_versions, list_recipes, load_checkpoint, load_recipe,
+    load_train_state, save_checkpoint, save_weights, verify_checkpoint, write_json_atomic,
 )
 from timm_ic.training.run_record import to_jsonable
 from timm_ic.training.checkpoint import TRAIN_STATE_FILE
@@ -512,35 +513,61 @@ def write_summary_csv(path: Path, history: List[Dict[str, Any]]) -> None:
         os.replace(tmp, path)
 
 
-def resolve_output_and_resume(args: argparse.Namespace) -> Tuple[Path, Optional[Path]]:
-    """The output folder (the same on every process) and the checkpoint to resume from, if any."""
-    resume_from = None
+def resolve_output_and_resume(args: argparse.Namespace) -> Tuple[Path, Optional[Path], List[str]]:
+    """The output folder (the same on every process), the checkpoint to resume from, if any, and notes for
+    the log (damaged checkpoints passed over). The main process verifies; every process gets its answer."""
     output = args.output
-    if args.resume not in (None, 'auto'):
-        given = Path(args.resume)
-        if (given / TRAIN_STATE_FILE).is_file():
-            resume_from = given
-        else:
-            resume_from = find_latest_checkpoint(given / 'checkpoints')
-            if resume_from is None:
-                raise UsageError(f'--resume {given}: no checkpoint there (looked for {TRAIN_STATE_FILE} in it '
-                                 f'and for checkpoints/checkpoint-* under it).')
-        if output is None:
-            output = str(resume_from.parent.parent)
-    elif args.resume == 'auto':
-        if output is None:
+    if output is None and args.resume in (None, 'auto'):
+        if args.resume == 'auto':
             raise UsageError('--resume auto needs --output DIR, the folder of the run to continue.')
-        resume_from = find_latest_checkpoint(Path(output) / 'checkpoints')
-    if output is None:
         data_name = (args.dataset or ('folder' if args.data_dir else 'digits')).replace('/', '-')
         stamp = [datetime.now().strftime('%Y%m%d-%H%M%S')]
         broadcast_object_list(stamp)  # every process must agree on the folder name
         output = os.path.join('output', 'train', f'{stamp[0]}-{args.model.replace("/", "-")}-{data_name}')
-    output_dir = Path(output)
-    if resume_from is None and args.resume is None and find_latest_checkpoint(output_dir / 'checkpoints'):
-        raise UsageError(f'{output_dir} already holds checkpoints of a run: pass --resume auto to continue it, '
+    answer: List[Any] = [None]
+    if PartialState().is_main_process:
+        try:
+            answer[0] = _find_resume_checkpoint(args, output)
+        except UsageError as e:
+            answer[0] = e
+    broadcast_object_list(answer)
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    output, resume_from, notes = answer[0]
+    return Path(output), resume_from, notes
+
+
+def _find_resume_checkpoint(args: argparse.Namespace, output: Optional[str]) -> Tuple[str, Optional[Path], List[str]]:
+    resume_from, notes = None, []
+    if args.resume not in (None, 'auto'):
+        given = Path(args.resume)
+        if (given / TRAIN_STATE_FILE).is_file():  # a checkpoint named: that one, or say why not and what else
+            problem = verify_checkpoint(given)
+            if problem is not None:
+                older, _ = find_resumable_checkpoint(given.parent)
+                hint = f'; the newest whole one there is {older}' if older else ''
+                raise UsageError(f'--resume {given}: {problem}{hint}.')
+            resume_from = given
+        else:
+            resume_from, notes = find_resumable_checkpoint(given / 'checkpoints')
+            if resume_from is None:
+                found = f' ({"; ".join(notes)})' if notes else ''
+                raise UsageError(f'--resume {given}: no checkpoint to resume from there (looked for '
+                                 f'{TRAIN_STATE_FILE} in it and for checkpoints/checkpoint-* under it){found}.')
+        if output is None:
+            output = str(resume_from.parent.parent)
+    elif args.resume == 'auto':
+        resume_from, notes = find_resumable_checkpoint(Path(output) / 'checkpoints')
+        if resume_from is None and notes:
+            raise UsageError(f'--resume auto: no checkpoint in {Path(output) / "checkpoints"} verifies '
+                             f'({"; ".join(notes)}). Start a new run (another --output), from the last weights '
+                             f'with --initial-weights {Path(output) / "last.safetensors"} if they are good.')
+    if notes:
+        notes = [f'skipped a damaged checkpoint: {n}' for n in notes] + [f'falling back to {resume_from}']
+    if resume_from is None and args.resume is None and find_latest_checkpoint(Path(output) / 'checkpoints'):
+        raise UsageError(f'{output} already holds checkpoints of a run: pass --resume auto to continue it, '
                          f'or choose another --output.')
-    return output_dir, resume_from
+    return output, resume_from, notes
 
 
 def _num_samples(dataset) -> Optional[int]:
@@ -586,7 +613,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     # the process group first (as the Accelerator would set it up), so that all processes agree on the
     # output folder, which the trackers need when the Accelerator is built
     PartialState(cpu=args.cpu or parse_flag_from_env('ACCELERATE_USE_CPU'))
-    output_dir, resume_from = resolve_output_and_resume(args)
+    output_dir, resume_from, resume_notes = resolve_output_and_resume(args)
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
@@ -603,6 +630,8 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     set_seed(args.seed, device_specific=True)  # per-process dropout draws; DDP copies rank 0's initial weights
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+    for note in resume_notes:
+        log(f'--resume: {note}')
 
     # data
     default_chans = 1 if (not args.data_dir and args.dataset in ('', 'digits')) else 3
@@ -663,11 +692,11 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
         warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=False,
         updates_per_epoch=updates_per_epoch)
-    accelerator.register_for_checkpointing(lr_scheduler)
+    # the scheduler and the EMA are saved by us (JSON, safetensors), not registered with Accelerate, which
+    # would pickle them and unpickle them on resume: loading a checkpoint someone sent runs no code
     model_ema = None
     if args.ema_decay > 0:
         model_ema = ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False), decay=args.ema_decay)
-        accelerator.register_for_checkpointing(model_ema)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -689,7 +718,10 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
             raise UsageError(f'{resume_from} was saved by {len(saved["samples_per_rank"])} process(es); resume it '
                              f'with as many (this run has {accelerator.num_processes}).')
         check_resume_options(args, saved.pop('options', None), resume_from)
-        accelerator.load_state(str(resume_from))
+        scheduler_state = saved.pop('scheduler', None)
+        load_checkpoint(accelerator, resume_from, {'ema': model_ema.load_state_dict} if model_ema is not None else {})
+        if scheduler_state is not None:
+            lr_scheduler.load_state_dict(scheduler_state)
         progress.update(saved)
         log(f'resuming from {resume_from} (epoch {progress["epoch"] + 1}, batch {progress["batches_done"]}, '
             f'{progress["num_updates"]} updates done)')
@@ -749,12 +781,15 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
 
     def checkpoint(epoch: int, batches_done: int, totals: Optional[Tuple[torch.Tensor, int]] = None) -> Path:
         state = {k: progress[k] for k in ('history', 'best', 'samples_per_rank')}
-        state.update(epoch=epoch, batches_done=batches_done, num_updates=num_updates, options=resume_options(args))
+        state.update(epoch=epoch, batches_done=batches_done, num_updates=num_updates, options=resume_options(args),
+                     scheduler=to_jsonable(lr_scheduler.state_dict()))
         if totals is not None:  # mid-epoch: each process's loss sum and samples so far, so the epoch's are exact
             loss_sum, samples = totals
             sent = torch.stack([loss_sum.float(), torch.tensor(float(samples), device=loss_sum.device)])
             state['epoch_totals'] = accelerator.gather(sent[None]).tolist()
-        return save_checkpoint(accelerator, checkpoint_dir, num_updates, state, keep=args.checkpoint_limit)
+        tensors = {'ema': model_ema.state_dict()} if model_ema is not None else None
+        return save_checkpoint(accelerator, checkpoint_dir, num_updates, state, keep=args.checkpoint_limit,
+                               tensors=tensors)
 
     try:
         for epoch in range(progress['epoch'], args.epochs):
@@ -838,7 +873,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         training_function(args)
-    except (UsageError, DataError, RecipeError, BadImageError) as e:
+    except (UsageError, DataError, RecipeError, BadImageError, CheckpointError) as e:
         message = str(e)
         if message.startswith('Caught '):  # re-raised from a data-loader worker, its traceback in the message
             message = message.rstrip().splitlines()[-1].split(': ', 1)[-1]

@@ -517,3 +517,56 @@ def test_compiled_training_saves_plain_weights(tmp_path):
     assert code == 0
     model = timm.create_model('ic_resnet20', num_classes=10, in_chans=1)
     model.load_state_dict(load_file(out / 'last.safetensors'))  # no `_orig_mod.` prefixes from the compiled wrapper
+
+
+def _reset_accelerate():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+# the smallest run with two checkpoints (mid-epoch at update 2, epoch end at update 4) and an EMA
+SMALL = ['--epochs', '1', '--limit-train-batches', '4', '--checkpoint-every', '2', '--ema-decay', '0.9',
+         '--workers', '0', *FAST]
+
+
+class _Payload:
+    """Unpickling this writes a marker file: what a planted checkpoint file would do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f'open({self.marker!r}, "w").write("ran")',)
+
+
+def _rewrite_checksums(checkpoint: Path) -> None:
+    """What someone planting files would do: checksums that match them."""
+    import hashlib
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(checkpoint.iterdir())
+            if p.is_file() and p.name != 'checksums.json'}
+    (checkpoint / 'checksums.json').write_text(json.dumps(sums))
+
+
+@pytest.mark.slow
+def test_resume_never_unpickles_code_from_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert _run(['--output', out, *SMALL]) == (0, '')
+    newest = find_latest_checkpoint(out / 'checkpoints')
+    marker = tmp_path / 'marker'
+    for name in ('custom_checkpoint_0.pkl', 'custom_checkpoint_1.pkl'):  # where Accelerate keeps registered state
+        torch.save(_Payload(marker), newest / name)
+    _rewrite_checksums(newest)
+    _reset_accelerate()
+    code, err = _run(['--output', out, '--resume', 'auto', *SMALL], capsys)
+    assert not marker.exists()
+    assert code == 2 and str(newest) in err and 'Traceback' not in err, err  # Accelerate: files it did not expect
+    for name in ('custom_checkpoint_0.pkl', 'custom_checkpoint_1.pkl'):
+        (newest / name).unlink()
+
+    # a payload in a file that is loaded (with weights_only=True): refused, the file named, nothing run
+    torch.save(_Payload(marker), newest / 'random_states_0.pkl')
+    _rewrite_checksums(newest)
+    _reset_accelerate()
+    code, err = _run(['--output', out, '--resume', 'auto', *SMALL], capsys)
+    assert code == 2 and f'{newest / "random_states_0.pkl"} cannot be read' in err, err
+    assert 'Traceback' not in err and not marker.exists()
