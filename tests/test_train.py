@@ -570,3 +570,43 @@ def test_resume_never_unpickles_code_from_the_checkpoint(tmp_path, capsys):
     code, err = _run(['--output', out, '--resume', 'auto', *SMALL], capsys)
     assert code == 2 and f'{newest / "random_states_0.pkl"} cannot be read' in err, err
     assert 'Traceback' not in err and not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(tmp_path, capsys):
+    import shutil
+    reference = tmp_path / 'reference'
+    assert _run(['--output', reference, *SMALL]) == (0, '')
+    older, newest = list_checkpoints(reference / 'checkpoints')
+    expected = load_file(reference / 'last.safetensors')
+    # each file the resume reads, truncated: the RNG state Accelerate would skip with an INFO line, the
+    # weights, the optimizer, our EMA and train state (epoch, history, scheduler)
+    for name in ('random_states_0.pkl', 'model.safetensors', 'optimizer.bin', 'ema.safetensors',
+                 'train_state.json'):
+        out = tmp_path / name
+        shutil.copytree(reference, out)
+        damaged = out / 'checkpoints' / newest.name / name
+        damaged.write_bytes(damaged.read_bytes()[:len(damaged.read_bytes()) // 2])
+        _reset_accelerate()
+        code = train.main([str(a) for a in ['--output', out, '--resume', 'auto', *SMALL]])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert f'{damaged} is damaged' in captured.out, captured.out
+        assert f'resuming from {out / "checkpoints" / older.name}' in captured.out
+        got = load_file(out / 'last.safetensors')  # redone from the update-2 checkpoint: the same run
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+
+    # named explicitly: refused, naming the file and the checkpoint that is whole (the resume above replaced
+    # the damaged one with a new save: damage it again)
+    damaged.write_text('{"epoch": ')
+    _reset_accelerate()
+    code = train.main([str(a) for a in ['--resume', out / 'checkpoints' / newest.name, *SMALL]])
+    err = capsys.readouterr().err
+    assert code == 2 and 'train_state.json is damaged' in err and older.name in err, err
+    # nothing whole left: refused, each problem named
+    (out / 'checkpoints' / older.name / 'optimizer.bin').write_bytes(b'')
+    (out / 'checkpoints' / newest.name / 'train_state.json').write_text('{}')
+    _reset_accelerate()
+    code = train.main([str(a) for a in ['--output', out, '--resume', 'auto', *SMALL]])
+    err = capsys.readouterr().err
+    assert code == 2 and 'no checkpoint' in err and 'optimizer.bin is damaged' in err, err
