@@ -14,17 +14,22 @@ batch_size x processes x grad_accum_steps.
 
 `--resume` continues where a checkpoint stopped, mid-epoch too: optimizer, schedule, EMA, RNG states and the
 data order are restored (the tests show bit-identical final weights on CPU, one thread, no data workers), and
-options that would change the run (anything but output, logging, workers and checkpointing ones) are refused.
+options that would change the run (anything but output, logging, workers and checkpointing ones, and --lr and
+--clip-grad, which run.json records) are refused. Loading a checkpoint runs no code from it (safetensors, JSON,
+`torch.load(weights_only=True)`); a damaged one (checksums written at save time) is named, and `--resume auto`
+falls back to the newest one that verifies.
 
 Output folder (`--output`, default `output/train/<date-time>-<model>-<data>`), written by the main process:
-    checkpoints/checkpoint-<updates>/   Accelerate state + train_state.json; atomic, newest --checkpoint-limit kept
+    checkpoints/checkpoint-<updates>/   Accelerate state, ema.safetensors, train_state.json, checksums.json;
+                                        atomic, newest --checkpoint-limit kept; only finite weights are saved
     last.safetensors, best.safetensors  weights of the evaluated model (the EMA when --ema-decay > 0), atomic
     summary.csv                         one row per epoch (timm.utils.update_summary)
     run.json                            the run record below, rewritten atomically after every epoch
     logs/                               tracker output with --log-with (tensorboard, wandb, ...)
 
 run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus best.safetensors into a card:
-    schema, status            "running" | "finished" | "stopped: non-finite loss"
+    schema, status            "running" | "finished" | "stopped: non-finite loss" | "stopped: non-finite weights"
+    stop_reason               after a stop: what became non-finite, where (absent otherwise)
     model                     timm model name given to timm.create_model
     placement                 str(model.placement) for timm-ic models, else null
     model_args                kwargs for timm.create_model besides the name (num_classes, in_chans, placement, ...)
@@ -43,7 +48,10 @@ run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus
     metrics                   {epoch, top1, top5, loss} of the best top-1 epoch (= best.safetensors), or null
     weights                   {best, last} file names, ema (bool)
     skipped_images            unreadable-image reads skipped with --bad-images skip
-    started_at, updated_at    UTC ISO times
+    started_at, updated_at    UTC ISO times (started_at: of the run's first start, kept across resumes)
+    resumes                   list of {checkpoint, num_updates, changed: {option: [before, after]}}: resumes that
+                              changed --lr or --clip-grad (e.g. after a divergence)
+    non_finite                dotted paths of values that were NaN or infinite, written as null (JSON has no NaN)
 """
 import argparse
 import difflib
@@ -86,7 +94,9 @@ from timm_ic.training.recipes import recipe_path
 DEFAULT_RECIPE = 'digits_demo'
 # options a resumed run may change; any other difference from the checkpoint's options is refused
 RESUME_MAY_CHANGE = ('output', 'resume', 'recipe', 'recipe_values', 'log_with', 'log_interval', 'workers',
-                     'checkpoint_every', 'checkpoint_limit', 'push_to_hub', 'bad_images', 'cpu')
+                     'checkpoint_every', 'checkpoint_limit', 'push_to_hub', 'bad_images', 'cpu', 'overwrite')
+# options a resumed run may adjust, e.g. after a divergence; run.json's `resumes` records each change
+RESUME_MAY_ADJUST = ('lr', 'clip_grad')
 
 
 class UsageError(ValueError):
@@ -94,7 +104,12 @@ class UsageError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss (`what` 'loss'), the weights or the BatchNorm statistics ('weights') became NaN or
+    infinite."""
+
+    def __init__(self, message: str, what: str = 'loss'):
+        super().__init__(message)
+        self.what = what
 
 
 class PushError(RuntimeError):
@@ -466,9 +481,39 @@ class LaggedReadout:
 
 
 def nonfinite_message(epoch: int, num_updates: int) -> str:
-    return (f'the training loss became non-finite (epoch {epoch + 1}, by optimizer update {num_updates}); '
-            f'training stopped. Lower --lr, set --clip-grad (e.g. 1.0), or use bf16 instead of fp16, '
-            f'then continue from the last good checkpoint with --resume auto.')
+    return f'the training loss became non-finite (epoch {epoch + 1}, by optimizer update {num_updates})'
+
+
+def nonfinite_advice(args: argparse.Namespace, checkpoint_dir: Path) -> str:
+    """What to do after a divergence: advice that works from where the run stopped."""
+    lower = f'--lr {args.lr / 10:g}'
+    good = find_latest_checkpoint(checkpoint_dir)
+    if good is not None:
+        advice = (f'continue from the last good checkpoint {good.name} with a lower learning rate or gradient '
+                  f'clipping: --resume auto {lower} (or --clip-grad 1.0); these two may change on resume, and '
+                  f'run.json records it')
+    else:
+        advice = (f'no good checkpoint was saved: start again with a lower learning rate or gradient clipping '
+                  f'({lower} or --clip-grad 1.0) and --overwrite (or another --output)')
+    fp16 = ' With --mixed-precision fp16, bf16 is safer (a new run).' if args.mixed_precision == 'fp16' else ''
+    return f'training stopped, nothing non-finite was saved; {advice}.{fp16}'
+
+
+def check_finite_state(accelerator: Accelerator, modules: Dict[str, nn.Module], epoch: int, num_updates: int) -> None:
+    """Raise `NonFiniteLossError` if any floating-point parameter or buffer (BatchNorm running statistics go
+    inf while the loss is still finite) is non-finite on any process, naming a few; all processes agree."""
+    names, flags = [], []
+    for prefix, module in modules.items():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point():
+                names.append(f'{prefix}{name}')
+                flags.append(torch.isfinite(tensor).all())
+    bad = accelerator.reduce((~torch.stack(flags)).int(), reduction='sum').tolist()
+    found = [name for name, count in zip(names, bad) if count]
+    if found:
+        raise NonFiniteLossError(
+            f'{len(found)} weight or buffer tensor(s) became non-finite (epoch {epoch + 1}, by optimizer update '
+            f'{num_updates}; e.g. {", ".join(found[:3])})', what='weights')
 
 
 def check_finite(accelerator: Accelerator, nonfinite: torch.Tensor, epoch: int, num_updates: int) -> None:
@@ -583,16 +628,22 @@ def resume_options(args: argparse.Namespace) -> Dict[str, Any]:
     return json.loads(json.dumps(to_jsonable(options)))
 
 
-def check_resume_options(args: argparse.Namespace, saved: Optional[Dict[str, Any]], checkpoint: Path) -> None:
-    """Refuse to resume with options that would make the continued run a different one."""
+def check_resume_options(args: argparse.Namespace, saved: Optional[Dict[str, Any]],
+                         checkpoint: Path) -> Dict[str, List[Any]]:
+    """Refuse to resume with options that would make the continued run a different one; returns the
+    adjustable ones (`RESUME_MAY_ADJUST`) that changed, as {option: [saved, now]}."""
     if not saved:
-        return
+        return {}
     current = resume_options(args)
-    changed = [f'--{k.replace("_", "-")} {saved.get(k)!r} -> {current.get(k)!r}'
-               for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if changed:
-        raise UsageError(f'{checkpoint} was saved with other options ({"; ".join(changed)}). Resume with the '
-                         f'options of that run, or start a new run from its weights with --initial-weights.')
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    refused = [f'--{k.replace("_", "-")} {saved.get(k)!r} -> {current.get(k)!r}'
+               for k in differ if k not in RESUME_MAY_ADJUST]
+    if refused:
+        raise UsageError(f'{checkpoint} was saved with other options ({"; ".join(refused)}). Resume with the '
+                         f'options of that run (only {", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_ADJUST)} '
+                         f'may change), or start a new run from its weights with --initial-weights '
+                         f'{checkpoint / "model.safetensors"}.')
+    return {k: [saved.get(k), current.get(k)] for k in differ}
 
 
 def tracker_config(args: argparse.Namespace) -> Dict[str, Any]:
@@ -711,18 +762,23 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
 
     # where we start: a checkpoint's epoch and batch, or the beginning
     progress: Dict[str, Any] = {'epoch': 0, 'batches_done': 0, 'num_updates': 0, 'history': [], 'best': None,
-                                'samples_per_rank': [0] * accelerator.num_processes}
+                                'samples_per_rank': [0] * accelerator.num_processes, 'started_at': started_at,
+                                'resumes': []}
     if resume_from is not None:
         saved = load_train_state(resume_from)
         if len(saved['samples_per_rank']) != accelerator.num_processes:
             raise UsageError(f'{resume_from} was saved by {len(saved["samples_per_rank"])} process(es); resume it '
                              f'with as many (this run has {accelerator.num_processes}).')
-        check_resume_options(args, saved.pop('options', None), resume_from)
+        adjusted = check_resume_options(args, saved.pop('options', None), resume_from)
         scheduler_state = saved.pop('scheduler', None)
         load_checkpoint(accelerator, resume_from, {'ema': model_ema.load_state_dict} if model_ema is not None else {})
-        if scheduler_state is not None:
+        if scheduler_state is not None and 'lr' not in adjusted:  # else the new --lr's schedule, from here on
             lr_scheduler.load_state_dict(scheduler_state)
         progress.update(saved)
+        if adjusted:
+            progress['resumes'] = progress.get('resumes', []) + [
+                {'checkpoint': resume_from.name, 'num_updates': progress['num_updates'], 'changed': adjusted}]
+            log(f'resuming with changed options: {adjusted}')
         log(f'resuming from {resume_from} (epoch {progress["epoch"] + 1}, batch {progress["batches_done"]}, '
             f'{progress["num_updates"]} updates done)')
     elif args.resume == 'auto':
@@ -767,20 +823,20 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                         'distributed_type': accelerator.distributed_type.value,
                         'mixed_precision': accelerator.mixed_precision, 'device': str(accelerator.device)},
         'weights': {'best': 'best.safetensors', 'last': 'last.safetensors', 'ema': model_ema is not None},
-        'started_at': started_at,
     }
 
     def write_record(status: str) -> None:
         if not accelerator.is_main_process:
             return
         record.update(status=status, epochs=progress['history'], metrics=progress['best'],
+                      started_at=progress['started_at'], resumes=progress['resumes'],
                       skipped_images=getattr(train_ds, 'skipped', 0) + getattr(val_ds, 'skipped', 0),
                       updated_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
         record['distributed']['train_samples_per_rank'] = progress['samples_per_rank']
         write_json_atomic(output_dir / 'run.json', record)
 
     def checkpoint(epoch: int, batches_done: int, totals: Optional[Tuple[torch.Tensor, int]] = None) -> Path:
-        state = {k: progress[k] for k in ('history', 'best', 'samples_per_rank')}
+        state = {k: progress[k] for k in ('history', 'best', 'samples_per_rank', 'started_at', 'resumes')}
         state.update(epoch=epoch, batches_done=batches_done, num_updates=num_updates, options=resume_options(args),
                      scheduler=to_jsonable(lr_scheduler.state_dict()))
         if totals is not None:  # mid-epoch: each process's loss sum and samples so far, so the epoch's are exact
@@ -791,6 +847,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         return save_checkpoint(accelerator, checkpoint_dir, num_updates, state, keep=args.checkpoint_limit,
                                tensors=tensors)
 
+    state_modules = {'': unwrapped, **({'ema.': model_ema.module} if model_ema is not None else {})}
     try:
         for epoch in range(progress['epoch'], args.epochs):
             train_loader.set_epoch(epoch)
@@ -809,6 +866,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                 num_updates = updates
                 if args.checkpoint_every and updates % args.checkpoint_every == 0 and batches_done < num_batches:
                     check_finite(accelerator, nonfinite, epoch, updates)  # never save a broken model
+                    check_finite_state(accelerator, state_modules, epoch, updates)
                     checkpoint(epoch, batches_done, totals)
 
             train_metrics, num_updates = train_one_epoch(
@@ -816,6 +874,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                 num_batches, start_batch=start_batch, start_totals=start_totals, mixup_fn=mixup_fn,
                 model_ema=model_ema, clip_grad=args.clip_grad, channels_last=args.channels_last,
                 log_interval=args.log_interval, on_update=on_update, desc=f'epoch {epoch + 1}/{args.epochs}')
+            check_finite_state(accelerator, state_modules, epoch, num_updates)  # before any evaluation or save
             lr_scheduler.step(epoch + 1)
             eval_metrics = evaluate(eval_model, val_loader, accelerator, num_classes)
             ranks = accelerator.gather(torch.tensor([train_metrics['samples']], device=accelerator.device)).tolist()
@@ -849,10 +908,11 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
             progress.update(epoch=epoch + 1, batches_done=0)
             checkpoint(epoch + 1, 0)
             write_record('running')
-    except NonFiniteLossError:
-        write_record('stopped: non-finite loss')
+    except NonFiniteLossError as e:
+        record['stop_reason'] = str(e)
+        write_record(f'stopped: non-finite {e.what}')
         accelerator.end_training()
-        raise
+        raise NonFiniteLossError(f'{e}; {nonfinite_advice(args, checkpoint_dir)}', e.what) from None
 
     write_record('finished')
     accelerator.end_training()

@@ -610,3 +610,76 @@ def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back_to_the_previ
     code = train.main([str(a) for a in ['--output', out, '--resume', 'auto', *SMALL]])
     err = capsys.readouterr().err
     assert code == 2 and 'no checkpoint' in err and 'optimizer.bin is damaged' in err, err
+
+
+def _strict_json(path: Path):
+    """JSON as other readers read it: a bare NaN or Infinity is an error."""
+    def refuse(constant):
+        raise ValueError(f'{path} holds {constant}, which is not JSON')
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _inf_running_var_from_third_batch(monkeypatch) -> None:
+    """From the third training batch on, BatchNorm running variances become inf while the loss stays finite
+    (training-mode BN normalises with the batch's own statistics): a divergence the loss does not show."""
+    import torch.nn.functional as F
+    calls = {'n': 0}
+    loss_forward, batch_norm = torch.nn.CrossEntropyLoss.forward, F.batch_norm
+
+    def counting_loss(self, input, target):
+        calls['n'] += 1
+        return loss_forward(self, input, target)
+
+    def poisoned_batch_norm(input, running_mean, running_var, *args, **kwargs):
+        out = batch_norm(input, running_mean, running_var, *args, **kwargs)
+        if calls['n'] >= 2 and running_var is not None:
+            running_var.data.fill_(float('inf'))  # .data: no autograd version bump
+        return out
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', counting_loss)
+    monkeypatch.setattr(F, 'batch_norm', poisoned_batch_norm)
+
+
+@pytest.mark.slow
+def test_divergent_weights_stop_before_any_save_and_the_advice_works(tmp_path, capsys, monkeypatch):
+    _inf_running_var_from_third_batch(monkeypatch)
+    out = tmp_path / 'run'
+    code, err = _run(['--output', out, *SMALL], capsys)
+    assert code == 3 and 'running_var' in err and 'became non-finite' in err, err
+    lr = load_recipe('digits_demo')['lr']
+    assert f'--resume auto --lr {lr / 10:g}' in err and 'checkpoint-000000002' in err
+    # nothing non-finite saved: the update-2 checkpoint is the only one, no best / last weights of epoch 1
+    assert [c.name for c in list_checkpoints(out / 'checkpoints')] == ['checkpoint-000000002']
+    assert not (out / 'best.safetensors').exists() and not (out / 'last.safetensors').exists()
+    record = _strict_json(out / 'run.json')
+    assert record['status'] == 'stopped: non-finite weights' and 'running_var' in record['stop_reason']
+    started_at = record['started_at']
+
+    # the advice, followed: resume with a lower --lr (the fault removed), recorded in run.json
+    monkeypatch.undo()
+    _reset_accelerate()
+    time.sleep(1.1)  # a later second, so a reset started_at would show
+    code, err = _run(['--output', out, *SMALL, '--resume', 'auto', '--lr', lr / 10], capsys)
+    assert code == 0, err
+    record = _strict_json(out / 'run.json')
+    assert record['status'] == 'finished' and record['started_at'] == started_at
+    assert record['resumes'] == [{'checkpoint': 'checkpoint-000000002', 'num_updates': 2,
+                                  'changed': {'lr': [lr, lr / 10]}}]
+    newest = json.loads((find_latest_checkpoint(out / 'checkpoints') / 'train_state.json').read_text())
+    assert set(newest['scheduler']['base_values']) == {lr / 10}  # the new --lr's schedule, not the saved one's
+    weights = load_file(out / 'last.safetensors')
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_run_json_stays_json_when_a_metric_is_not_finite(tmp_path, monkeypatch):
+    evaluate = train.evaluate
+
+    def nan_loss_evaluate(*args, **kwargs):
+        return dict(evaluate(*args, **kwargs), loss=float('nan'))
+
+    monkeypatch.setattr(train, 'evaluate', nan_loss_evaluate)
+    out = tmp_path / 'run'
+    assert _run(['--output', out, '--epochs', '1', '--limit-train-batches', '1', '--workers', '0', *FAST])[0] == 0
+    record = _strict_json(out / 'run.json')
+    assert record['epochs'][0]['eval_loss'] is None and record['metrics']['loss'] is None
+    assert set(record['non_finite']) == {'epochs.0.eval_loss', 'metrics.loss'}
