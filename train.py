@@ -27,6 +27,11 @@ Output folder (`--output`, default `output/train/<date-time>-<model>-<data>`), w
     run.json                            the run record below, rewritten atomically after every epoch
     logs/                               tracker output with --log-with (tensorboard, wandb, ...)
 
+Exit codes: 0 done; 2 bad input (an option, the data, a recipe, the model, the output folder, a checkpoint),
+with a message naming it and no traceback, checked before the output folder is made where possible; 3 the loss,
+weights or BatchNorm statistics became non-finite (nothing non-finite is saved); 4 --push-to-hub failed after
+training (the run is kept); 1 anything else (a bug: please report its traceback).
+
 run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus best.safetensors into a card:
     schema, status            "running" | "finished" | "stopped: non-finite loss" | "stopped: non-finite weights"
     stop_reason               after a stop: what became non-finite, where (absent otherwise)
@@ -197,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('output, checkpoints and logging')
     group.add_argument('--output', default=None, help='output folder')
+    group.add_argument('--overwrite', action='store_true',
+                       help="start a new run in an --output that holds a previous run's weights and run.json")
     group.add_argument('--resume', default=None, nargs='?', const='auto',
                        help="'auto' (the default when given alone: latest checkpoint in --output, if any) or a "
                             "checkpoint / output folder")
@@ -250,6 +257,79 @@ def recipe_placement_applies(model: str, recipe_model: Optional[str]) -> bool:
     return placement is not None and not placement.has_drop
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Fail fast, before anything is created, on option values that cannot work."""
+    check_model_name(args.model)
+    if args.grad_accum_steps < 1 or args.batch_size < 1 or args.epochs < 1:
+        raise UsageError('--batch-size, --epochs and --grad-accum-steps must be at least 1.')
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise UsageError(f'Mixup/CutMix pair samples within a batch: --batch-size must be even, not {args.batch_size}.')
+    if not args.lr > 0:  # 0 would train nothing, silently
+        raise UsageError(f'--lr must be greater than 0, not {args.lr:g}.')
+    for name, low, high in (('warmup_lr', 0, None), ('min_lr', 0, None), ('weight_decay', 0, None),
+                            ('momentum', 0, 1), ('workers', 0, None), ('checkpoint_every', 0, None),
+                            ('mixup', 0, None), ('cutmix', 0, None), ('smoothing', 0, 1), ('ema_decay', 0, 1),
+                            ('reprob', 0, 1), ('hflip', 0, 1), ('vflip', 0, 1)):
+        value = getattr(args, name)
+        if value < low or (high is not None and value > high):
+            bounds = f'between {low} and {high}' if high is not None else f'at least {low}'
+            raise UsageError(f'--{name.replace("_", "-")} must be {bounds}, not {value:g}.')
+    for name in ('checkpoint_limit', 'log_interval'):
+        if getattr(args, name) < 1:
+            raise UsageError(f'--{name.replace("_", "-")} must be at least 1, not {getattr(args, name)}.')
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise UsageError(f'--clip-grad must be greater than 0 (leave it out for no clipping), not {args.clip_grad:g}.')
+    if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
+        raise UsageError(f'--drop-rate must be at least 0 and below 1, not {args.drop_rate:g}.')
+    if args.placement:
+        try:
+            timm_ic.Placement.parse(args.placement)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f'--placement {args.placement!r}: {e}') from None
+    if args.initial_weights:
+        check_safetensors_file(args.initial_weights, '--initial-weights')
+    if args.push_to_hub is not None:
+        check_repo_id(args.push_to_hub)
+
+
+def check_safetensors_file(path: str, option: str) -> None:
+    """An existing, readable safetensors file, or a UsageError naming it."""
+    from safetensors import SafetensorError, safe_open
+    if not path.endswith('.safetensors') or not os.path.isfile(path):
+        raise UsageError(f'{option} {path}: give an existing .safetensors file.')
+    try:
+        with safe_open(path, 'pt') as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f'{option} {path} is not a readable safetensors file ({e}); it may be truncated or '
+                         f'another format.') from None
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A Hub repository id `--push-to-hub` can push to, checked before training rather than after it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        if repo_id.count('/') != 1:
+            raise HFValidationError('it needs a namespace: <user or org>/<name>')
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UsageError(f'--push-to-hub {repo_id!r} is not a Hub repository id ({e}); give <user or org>/<name>, '
+                         f'e.g. my-org/ic_resnet20-digits.') from None
+
+
+def check_output_folder(output: Path) -> None:
+    """The output folder is a folder (or can become one) this process can write into."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f'--output {output} is a file, not a folder; choose a folder.')
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f'--output {output}: {existing} is a file, so the folder cannot be made there.')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'--output {output}: {existing} is not writable by this user; choose another folder.')
+
+
 def check_model_name(name: str) -> None:
     """Fail fast on a model name timm does not know, listing close matches."""
     if timm.is_model(name) or name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
@@ -272,8 +352,7 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
         kwargs['drop_rate'] = args.drop_rate
     pretrained = args.pretrained or bool(args.initial_weights)
     if args.initial_weights:
-        if not args.initial_weights.endswith('.safetensors') or not os.path.isfile(args.initial_weights):
-            raise UsageError(f'--initial-weights {args.initial_weights}: give an existing .safetensors file.')
+        check_safetensors_file(args.initial_weights, '--initial-weights')
         kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(args.initial_weights))
         file_classes = initial_weights_classes(args.initial_weights, args.model)
         if file_classes:  # timm keeps the file's classifier only when its size is the one asked for
@@ -292,6 +371,14 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
             raise
         source = args.initial_weights or f'the pretrained weights of {args.model}'
         raise UsageError(f'could not load {source}: {e}') from e
+    except (OSError, ValueError) as e:
+        if args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):  # its config.json or weights
+            offline = ' (HF_HUB_OFFLINE is set: only the local cache is used)' if os.environ.get(
+                'HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on') else ''
+            raise UsageError(f'--model {args.model}: could not load it{offline}: {type(e).__name__}: {e}') from None
+        if args.placement:  # a placement that parses but cannot apply to this model
+            raise UsageError(f'--placement {args.placement!r} with --model {args.model}: {e}') from None
+        raise
     if args.initial_weights:
         check_initial_weights(model, args.initial_weights, args.model)
     if pretrained:
@@ -609,8 +696,13 @@ def _find_resume_checkpoint(args: argparse.Namespace, output: Optional[str]) -> 
                              f'with --initial-weights {Path(output) / "last.safetensors"} if they are good.')
     if notes:
         notes = [f'skipped a damaged checkpoint: {n}' for n in notes] + [f'falling back to {resume_from}']
+    check_output_folder(Path(output))
     if resume_from is None and args.resume is None and find_latest_checkpoint(Path(output) / 'checkpoints'):
         raise UsageError(f'{output} already holds checkpoints of a run: pass --resume auto to continue it, '
+                         f'or choose another --output.')
+    previous = [name for name in ('run.json', 'best.safetensors', 'last.safetensors') if (Path(output) / name).exists()]
+    if resume_from is None and previous and not args.overwrite:
+        raise UsageError(f'{output} holds a previous run ({", ".join(previous)}): pass --overwrite to replace it, '
                          f'or choose another --output.')
     return output, resume_from, notes
 
@@ -655,11 +747,7 @@ def tracker_config(args: argparse.Namespace) -> Dict[str, Any]:
 def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     """Train and evaluate as the options say; returns the run record (also written to run.json)."""
     started_at = datetime.now(timezone.utc).isoformat(timespec='seconds')
-    check_model_name(args.model)
-    if args.grad_accum_steps < 1 or args.batch_size < 1 or args.epochs < 1:
-        raise UsageError('--batch-size, --epochs and --grad-accum-steps must be at least 1.')
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise UsageError(f'Mixup/CutMix pair samples within a batch: --batch-size must be even, not {args.batch_size}.')
+    check_options(args)
 
     # the process group first (as the Accelerator would set it up), so that all processes agree on the
     # output folder, which the trackers need when the Accelerator is built
@@ -679,8 +767,6 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     )
     log = accelerator.on_main_process(print)  # once per job (accelerator.print is once per node)
     set_seed(args.seed, device_specific=True)  # per-process dropout draws; DDP copies rank 0's initial weights
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     for note in resume_notes:
         log(f'--resume: {note}')
 
@@ -792,6 +878,9 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
             f'{_num_samples(train_ds) or "?"} train / {_num_samples(val_ds) or "?"} val; '
             f'{accelerator.num_processes} process(es) on {accelerator.device}, '
             f'mixed precision {accelerator.mixed_precision}; output {output_dir}')
+    if accelerator.is_main_process:  # only now: a failed input check above leaves no empty folder behind
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     accelerator.init_trackers('timm_ic', config=tracker_config(args))
 
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)

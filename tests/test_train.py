@@ -178,7 +178,7 @@ def test_bad_data_folders_fail_fast_with_the_reason(tmp_path, capsys, layout, me
     assert code == 2 and message in err, err
     if layout == 'empty_class':
         assert 'train/d' not in err and ': d.' in err  # names the folder
-    assert not (tmp_path / 'o' / 'run.json').exists()
+    assert not (tmp_path / 'o').exists()  # checked before the output folder is made
 
 
 def test_num_classes_mismatch_is_refused(tmp_path, capsys):
@@ -385,9 +385,9 @@ def test_fine_tune_from_initial_weights_reinitialises_the_classifier(tmp_path, c
     save_weights(source.state_dict(), tmp_path / 'digits.safetensors')
     root = _write_folder(tmp_path / 'data')
     out = tmp_path / 'run'
-    # lr 0: the weights stay as loaded, so what was loaded can be checked exactly
+    # lr 1e-12: each update is below half a float32 ulp of the weights, so they stay as loaded exactly
     code = train.main([str(a) for a in ['--data-dir', root, '--in-chans', '1', '--initial-weights',
-                                        tmp_path / 'digits.safetensors', '--lr', '0', '--warmup-lr', '0',
+                                        tmp_path / 'digits.safetensors', '--lr', '1e-12', '--warmup-lr', '0',
                                         '--output', out, *FOLDER_RUN]])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -683,3 +683,80 @@ def test_run_json_stays_json_when_a_metric_is_not_finite(tmp_path, monkeypatch):
     record = _strict_json(out / 'run.json')
     assert record['epochs'][0]['eval_loss'] is None and record['metrics']['loss'] is None
     assert set(record['non_finite']) == {'epochs.0.eval_loss', 'metrics.loss'}
+
+
+def _bad_inputs(tmp_path: Path) -> dict:
+    safetensors = tmp_path / 'w.safetensors'
+    save_weights({'w': torch.zeros(1000)}, safetensors)
+    truncated, other_format = tmp_path / 'truncated.safetensors', tmp_path / 'pickle.safetensors'
+    truncated.write_bytes(safetensors.read_bytes()[:500])
+    torch.save({'w': torch.zeros(3)}, other_format)
+    local = tmp_path / 'local'
+    local.mkdir()
+    (local / 'config.json').write_text('{"architecture": ')
+    (tmp_path / 'a_file').write_text('')
+    return {
+        'placement preset': (['--placement', 'nope'], "--placement 'nope': unknown placement preset"),
+        'placement key': (['--placement', 'ic:foo=1'], "unknown placement key 'foo'"),
+        'placement value': (['--placement', 'ic:drop=uout,beta=-1'], 'Uout beta must be >= 0'),
+        'placement item': (['--placement', 'ic:drop'], "placement item 'drop' is not key=value"),
+        'negative lr': (['--lr', '-0.1'], '--lr must be greater than 0, not -0.1'),
+        'zero lr': (['--lr', '0'], '--lr must be greater than 0, not 0'),
+        'workers': (['--workers', '-1'], '--workers must be at least 0, not -1'),
+        'repo id': (['--push-to-hub', 'just-a-name'], "--push-to-hub 'just-a-name' is not a Hub repository id"),
+        'truncated weights': (['--initial-weights', truncated], f'{truncated} is not a readable safetensors file'),
+        'pickled weights': (['--initial-weights', other_format], f'{other_format} is not a readable safetensors'),
+        'local-dir config': (['--model', f'local-dir:{local}'], f'--model local-dir:{local}: could not load it'),
+        'output is a file': (['--output', tmp_path / 'a_file'], 'is a file, not a folder'),
+        'output under a file': (['--output', tmp_path / 'a_file' / 'run'], 'is a file, so the folder cannot be made'),
+    }
+
+
+@pytest.mark.parametrize('case', [
+    'placement preset', 'placement key', 'placement value', 'placement item', 'negative lr', 'zero lr', 'workers',
+    'repo id', 'truncated weights', 'pickled weights', 'local-dir config', 'output is a file',
+    'output under a file'])
+def test_bad_input_is_answered_with_exit_2_and_no_output_folder(tmp_path, capsys, case):
+    argv, message = _bad_inputs(tmp_path)[case]
+    out = tmp_path / 'o'
+    code, err = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '1', '--workers', '0', *FAST, *argv],
+                     capsys)
+    assert code == 2 and message in err and 'Traceback' not in err, err
+    assert not out.exists()  # checked before the folder is made
+
+
+def test_hub_model_unreachable_is_answered_with_exit_2(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)  # read at import; the env var too, for the message
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-cache'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    code, err = _run(['--output', tmp_path / 'o', '--model', 'hf-hub:some-org/some-model', *FAST], capsys)
+    assert code == 2 and '--model hf-hub:some-org/some-model: could not load it (HF_HUB_OFFLINE is set' in err, err
+    assert 'Traceback' not in err and not (tmp_path / 'o').exists()
+
+
+def test_unwritable_output_is_refused(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    access = os.access  # root may write anywhere: answer as the file system would for another user
+    monkeypatch.setattr(train.os, 'access', lambda path, mode, **kw: False if Path(path) == locked
+                        else access(path, mode, **kw))
+    code, err = _run(['--output', locked / 'run', '--epochs', '1', '--limit-train-batches', '1', *FAST], capsys)
+    assert code == 2 and f'{locked} is not writable by this user' in err, err
+
+
+def test_a_previous_run_is_not_overwritten_without_overwrite(tmp_path, capsys):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'run.json').write_text('{"status": "finished"}')
+    (out / 'best.safetensors').write_bytes(b'weights of a previous run')
+    code, err = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '1', '--workers', '0', *FAST],
+                     capsys)
+    assert code == 2 and 'holds a previous run (run.json, best.safetensors)' in err and '--overwrite' in err, err
+    assert (out / 'best.safetensors').read_bytes() == b'weights of a previous run'
+    _reset_accelerate()
+    code, err = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '1', '--workers', '0', '--overwrite',
+                      *FAST], capsys)
+    assert code == 0, err
+    assert json.loads((out / 'run.json').read_text())['status'] == 'finished'
+    load_file(out / 'best.safetensors')  # the new run's weights
