@@ -274,6 +274,8 @@ def test_checkpoint_pruning_and_atomic_weights(tmp_path):
     prune_checkpoints(ckpts, keep=2)
     assert [p.name for p in list_checkpoints(ckpts)] == ['checkpoint-000000003', 'checkpoint-000000010']
     assert not (ckpts / '.tmp-checkpoint-000000012').exists()
+    prune_checkpoints(ckpts, keep=1, protect=ckpts / 'checkpoint-000000003')  # the one just saved stays
+    assert [p.name for p in list_checkpoints(ckpts)] == ['checkpoint-000000003', 'checkpoint-000000010']
     save_weights({'w': torch.arange(4.0)[::2]}, tmp_path / 'w.safetensors')  # non-contiguous view is fine
     assert torch.equal(load_file(tmp_path / 'w.safetensors')['w'], torch.tensor([0.0, 2.0]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'w.safetensors']

@@ -54,8 +54,9 @@ def find_latest_checkpoint(checkpoint_dir: os.PathLike) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
-def prune_checkpoints(checkpoint_dir: os.PathLike, keep: int) -> List[Path]:
-    """Delete all but the newest `keep` checkpoints (and crash leftovers of unfinished saves)."""
+def prune_checkpoints(checkpoint_dir: os.PathLike, keep: int, protect: Optional[os.PathLike] = None) -> List[Path]:
+    """Delete all but the newest `keep` checkpoints (and crash leftovers of unfinished saves), never `protect`
+    (the one just saved: after a resume from an older checkpoint, newer ones of the abandoned run may remain)."""
     checkpoint_dir = Path(checkpoint_dir)
     removed = []
     for leftover in checkpoint_dir.glob(f'.tmp-{CHECKPOINT_PREFIX}*'):
@@ -63,6 +64,8 @@ def prune_checkpoints(checkpoint_dir: os.PathLike, keep: int) -> List[Path]:
         removed.append(leftover)
     checkpoints = list_checkpoints(checkpoint_dir)
     for path in checkpoints[:max(len(checkpoints) - max(keep, 1), 0)]:
+        if protect is not None and path == Path(protect):
+            continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
@@ -103,7 +106,7 @@ def save_checkpoint(
         checksums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1))
         publish_folder(tmp, final)  # the same update count saved again (e.g. after a resume) is replaced
-        prune_checkpoints(checkpoint_dir, keep)
+        prune_checkpoints(checkpoint_dir, keep, protect=final)
     accelerator.wait_for_everyone()
     return final
 
