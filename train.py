@@ -747,9 +747,10 @@ def check_resume_options(args: argparse.Namespace, saved: Optional[Dict[str, Any
     refused = [f'--{k.replace("_", "-")} {saved.get(k)!r} -> {current.get(k)!r}'
                for k in differ if k not in RESUME_MAY_ADJUST]
     if refused:
+        adjustable = ', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_ADJUST)
         raise UsageError(f'{checkpoint} was saved with other options ({"; ".join(refused)}). Resume with the '
-                         f'options of that run (only {", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_ADJUST)} '
-                         f'may change), or start a new run from its weights with --initial-weights '
+                         f'options of that run (only {adjustable} may change), or start a new run from its '
+                         f'weights with --initial-weights '
                          f'{checkpoint / "model.safetensors"}.')
     return {k: [saved.get(k), current.get(k)] for k in differ}
 
