@@ -14,17 +14,27 @@ batch_size x processes x grad_accum_steps.
 
 `--resume` continues where a checkpoint stopped, mid-epoch too: optimizer, schedule, EMA, RNG states and the
 data order are restored (the tests show bit-identical final weights on CPU, one thread, no data workers), and
-options that would change the run (anything but output, logging, workers and checkpointing ones) are refused.
+options that would change the run (anything but output, logging, workers and checkpointing ones, and --lr and
+--clip-grad, which run.json records) are refused. Loading a checkpoint runs no code from it (safetensors, JSON,
+`torch.load(weights_only=True)`); a damaged one (checksums written at save time) is named, and `--resume auto`
+falls back to the newest one that verifies.
 
 Output folder (`--output`, default `output/train/<date-time>-<model>-<data>`), written by the main process:
-    checkpoints/checkpoint-<updates>/   Accelerate state + train_state.json; atomic, newest --checkpoint-limit kept
+    checkpoints/checkpoint-<updates>/   Accelerate state, ema.safetensors, train_state.json, checksums.json;
+                                        atomic, newest --checkpoint-limit kept; only finite weights are saved
     last.safetensors, best.safetensors  weights of the evaluated model (the EMA when --ema-decay > 0), atomic
     summary.csv                         one row per epoch (timm.utils.update_summary)
     run.json                            the run record below, rewritten atomically after every epoch
     logs/                               tracker output with --log-with (tensorboard, wandb, ...)
 
+Exit codes: 0 done; 2 bad input (an option, the data, a recipe, the model, the output folder, a checkpoint),
+with a message naming it and no traceback, checked before the output folder is made where possible; 3 the loss,
+weights or BatchNorm statistics became non-finite (nothing non-finite is saved); 4 --push-to-hub failed after
+training (the run is kept); 1 anything else (a bug: please report its traceback).
+
 run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus best.safetensors into a card:
-    schema, status            "running" | "finished" | "stopped: non-finite loss"
+    schema, status            "running" | "finished" | "stopped: non-finite loss" | "stopped: non-finite weights"
+    stop_reason               after a stop: what became non-finite, where (absent otherwise)
     model                     timm model name given to timm.create_model
     placement                 str(model.placement) for timm-ic models, else null
     model_args                kwargs for timm.create_model besides the name (num_classes, in_chans, placement, ...)
@@ -43,7 +53,10 @@ run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus
     metrics                   {epoch, top1, top5, loss} of the best top-1 epoch (= best.safetensors), or null
     weights                   {best, last} file names, ema (bool)
     skipped_images            unreadable-image reads skipped with --bad-images skip
-    started_at, updated_at    UTC ISO times
+    started_at, updated_at    UTC ISO times (started_at: of the run's first start, kept across resumes)
+    resumes                   list of {checkpoint, num_updates, changed: {option: [before, after]}}: resumes that
+                              changed --lr or --clip-grad (e.g. after a divergence)
+    non_finite                dotted paths of values that were NaN or infinite, written as null (JSON has no NaN)
 """
 import argparse
 import difflib
@@ -62,7 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast, broadcast_object_list, parse_flag_from_env, set_seed
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -74,8 +87,9 @@ from tqdm.auto import tqdm
 
 import timm_ic  # registers the timm-ic models with timm
 from timm_ic.training import (
-    RUN_RECORD_SCHEMA, DataError, RecipeError, SeededAugmentation, build_datasets, check_num_classes, find_latest_checkpoint,
-    library_versions, list_recipes, load_recipe, load_train_state, save_checkpoint, save_weights, write_json_atomic,
+    RUN_RECORD_SCHEMA, CheckpointError, DataError, RecipeError, SeededAugmentation, build_datasets, check_num_classes,
+    find_latest_checkpoint, find_resumable_checkpoint, library_versions, list_recipes, load_checkpoint, load_recipe,
+    load_train_state, save_checkpoint, save_weights, verify_checkpoint, write_json_atomic,
 )
 from timm_ic.training.run_record import to_jsonable
 from timm_ic.training.checkpoint import TRAIN_STATE_FILE
@@ -85,7 +99,9 @@ from timm_ic.training.recipes import recipe_path
 DEFAULT_RECIPE = 'digits_demo'
 # options a resumed run may change; any other difference from the checkpoint's options is refused
 RESUME_MAY_CHANGE = ('output', 'resume', 'recipe', 'recipe_values', 'log_with', 'log_interval', 'workers',
-                     'checkpoint_every', 'checkpoint_limit', 'push_to_hub', 'bad_images', 'cpu')
+                     'checkpoint_every', 'checkpoint_limit', 'push_to_hub', 'bad_images', 'cpu', 'overwrite')
+# options a resumed run may adjust, e.g. after a divergence; run.json's `resumes` records each change
+RESUME_MAY_ADJUST = ('lr', 'clip_grad')
 
 
 class UsageError(ValueError):
@@ -93,7 +109,12 @@ class UsageError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss (`what` 'loss'), the weights or the BatchNorm statistics ('weights') became NaN or
+    infinite."""
+
+    def __init__(self, message: str, what: str = 'loss'):
+        super().__init__(message)
+        self.what = what
 
 
 class PushError(RuntimeError):
@@ -145,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='ic_resnet20', help='any timm model name, timm-ic ones included')
     group.add_argument('--placement', default=None,
-                       help="timm-ic placement, e.g. 'ic:drop=uout,beta=0.1'; '' keeps the model's own")
+                       help="timm-ic placement, e.g. 'ic:drop=uout,beta=0.1'; '' keeps the model's own. A "
+                            "recipe's placement applies to the recipe's model and to skeleton-only ones (cifar_*)")
     group.add_argument('--pretrained', action='store_true', help='start from the Hub weights of --model')
     group.add_argument('--initial-weights', default=None, help='start from this .safetensors file')
     group.add_argument('--num-classes', type=int, default=None,
@@ -180,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('output, checkpoints and logging')
     group.add_argument('--output', default=None, help='output folder')
+    group.add_argument('--overwrite', action='store_true',
+                       help="start a new run in an --output that holds a previous run's weights and run.json")
     group.add_argument('--resume', default=None, nargs='?', const='auto',
                        help="'auto' (the default when given alone: latest checkpoint in --output, if any) or a "
                             "checkpoint / output folder")
@@ -206,11 +230,104 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if recipe is not None:
         dests = {a.dest for a in parser._actions if a.dest not in ('help', 'recipe')}
         recipe_values = load_recipe(recipe, valid_keys=dests)
-        parser.set_defaults(**{k: v for k, v in recipe_values.items() if not k.startswith('_')})
+        # the recipe's placement is decided below, once the model is known
+        parser.set_defaults(**{k: v for k, v in recipe_values.items() if not k.startswith('_') and k != 'placement'})
     args = parser.parse_args(argv)
     args.recipe = recipe
     args.recipe_values = recipe_values
+    if args.placement is None and recipe_values and recipe_values.get('placement'):
+        if recipe_placement_applies(args.model, recipe_values.get('model')):
+            args.placement = recipe_values['placement']
     return args
+
+
+def recipe_placement_applies(model: str, recipe_model: Optional[str]) -> bool:
+    """A recipe's placement is for its own model, or for a skeleton-only one (whose own placement has no
+    dropout, e.g. cifar_wrn28_10): a model that brings its own placement (ic_wrn28_10, uout_wrn28_10) keeps it,
+    or the weights published under its name would be another network's."""
+    if model == recipe_model:
+        return True
+    if not timm.is_model(model):
+        return False
+    try:
+        with torch.device('meta'):  # no memory, no init cost: only the default placement is wanted
+            placement = getattr(timm.create_model(model), 'placement', None)
+    except Exception:  # a model that cannot be built this way is not a timm-ic skeleton
+        return False
+    return placement is not None and not placement.has_drop
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Fail fast, before anything is created, on option values that cannot work."""
+    check_model_name(args.model)
+    if args.grad_accum_steps < 1 or args.batch_size < 1 or args.epochs < 1:
+        raise UsageError('--batch-size, --epochs and --grad-accum-steps must be at least 1.')
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise UsageError(f'Mixup/CutMix pair samples within a batch: --batch-size must be even, not {args.batch_size}.')
+    if not args.lr > 0:  # 0 would train nothing, silently
+        raise UsageError(f'--lr must be greater than 0, not {args.lr:g}.')
+    for name, low, high in (('warmup_lr', 0, None), ('min_lr', 0, None), ('weight_decay', 0, None),
+                            ('momentum', 0, 1), ('workers', 0, None), ('checkpoint_every', 0, None),
+                            ('mixup', 0, None), ('cutmix', 0, None), ('smoothing', 0, 1), ('ema_decay', 0, 1),
+                            ('reprob', 0, 1), ('hflip', 0, 1), ('vflip', 0, 1)):
+        value = getattr(args, name)
+        if value < low or (high is not None and value > high):
+            bounds = f'between {low} and {high}' if high is not None else f'at least {low}'
+            raise UsageError(f'--{name.replace("_", "-")} must be {bounds}, not {value:g}.')
+    for name in ('checkpoint_limit', 'log_interval'):
+        if getattr(args, name) < 1:
+            raise UsageError(f'--{name.replace("_", "-")} must be at least 1, not {getattr(args, name)}.')
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise UsageError(f'--clip-grad must be greater than 0 (leave it out for no clipping), not {args.clip_grad:g}.')
+    if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
+        raise UsageError(f'--drop-rate must be at least 0 and below 1, not {args.drop_rate:g}.')
+    if args.placement:
+        try:
+            timm_ic.Placement.parse(args.placement)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f'--placement {args.placement!r}: {e}') from None
+    if args.initial_weights:
+        check_safetensors_file(args.initial_weights, '--initial-weights')
+    if args.push_to_hub is not None:
+        check_repo_id(args.push_to_hub)
+
+
+def check_safetensors_file(path: str, option: str) -> None:
+    """An existing, readable safetensors file, or a UsageError naming it."""
+    from safetensors import SafetensorError, safe_open
+    if not path.endswith('.safetensors') or not os.path.isfile(path):
+        raise UsageError(f'{option} {path}: give an existing .safetensors file.')
+    try:
+        with safe_open(path, 'pt') as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f'{option} {path} is not a readable safetensors file ({e}); it may be truncated or '
+                         f'another format.') from None
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A Hub repository id `--push-to-hub` can push to, checked before training rather than after it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        if repo_id.count('/') != 1:
+            raise HFValidationError('it needs a namespace: <user or org>/<name>')
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UsageError(f'--push-to-hub {repo_id!r} is not a Hub repository id ({e}); give <user or org>/<name>, '
+                         f'e.g. my-org/ic_resnet20-digits.') from None
+
+
+def check_output_folder(output: Path) -> None:
+    """The output folder is a folder (or can become one) this process can write into."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f'--output {output} is a file, not a folder; choose a folder.')
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f'--output {output}: {existing} is a file, so the folder cannot be made there.')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'--output {output}: {existing} is not writable by this user; choose another folder.')
 
 
 def check_model_name(name: str) -> None:
@@ -235,8 +352,7 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
         kwargs['drop_rate'] = args.drop_rate
     pretrained = args.pretrained or bool(args.initial_weights)
     if args.initial_weights:
-        if not args.initial_weights.endswith('.safetensors') or not os.path.isfile(args.initial_weights):
-            raise UsageError(f'--initial-weights {args.initial_weights}: give an existing .safetensors file.')
+        check_safetensors_file(args.initial_weights, '--initial-weights')
         kwargs['pretrained_cfg_overlay'] = dict(file=os.path.abspath(args.initial_weights))
         file_classes = initial_weights_classes(args.initial_weights, args.model)
         if file_classes:  # timm keeps the file's classifier only when its size is the one asked for
@@ -255,6 +371,14 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
             raise
         source = args.initial_weights or f'the pretrained weights of {args.model}'
         raise UsageError(f'could not load {source}: {e}') from e
+    except (OSError, ValueError) as e:
+        if args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):  # its config.json or weights
+            offline = ' (HF_HUB_OFFLINE is set: only the local cache is used)' if os.environ.get(
+                'HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on') else ''
+            raise UsageError(f'--model {args.model}: could not load it{offline}: {type(e).__name__}: {e}') from None
+        if args.placement:  # a placement that parses but cannot apply to this model
+            raise UsageError(f'--placement {args.placement!r} with --model {args.model}: {e}') from None
+        raise
     if args.initial_weights:
         check_initial_weights(model, args.initial_weights, args.model)
     if pretrained:
@@ -263,6 +387,8 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
             log(f'fine-tuning: the classifier is re-initialised for {num_classes} classes '
                 f'(the pretrained weights have {source_classes}).')
     model_args = {k: v for k, v in kwargs.items() if k != 'pretrained_cfg_overlay'}
+    if getattr(model, 'placement', None) is not None:  # the placement built, whichever option chose it
+        model_args['placement'] = str(model.placement)
     return model, model_args
 
 
@@ -442,15 +568,61 @@ class LaggedReadout:
 
 
 def nonfinite_message(epoch: int, num_updates: int) -> str:
-    return (f'the training loss became non-finite (epoch {epoch + 1}, by optimizer update {num_updates}); '
-            f'training stopped. Lower --lr, set --clip-grad (e.g. 1.0), or use bf16 instead of fp16, '
-            f'then continue from the last good checkpoint with --resume auto.')
+    return f'the training loss became non-finite (epoch {epoch + 1}, by optimizer update {num_updates})'
+
+
+def nonfinite_advice(args: argparse.Namespace, checkpoint_dir: Path) -> str:
+    """What to do after a divergence: advice that works from where the run stopped."""
+    lower = f'--lr {args.lr / 10:g}'
+    good = find_latest_checkpoint(checkpoint_dir)
+    if good is not None:
+        advice = (f'continue from the last good checkpoint {good.name} with a lower learning rate or gradient '
+                  f'clipping: --resume auto {lower} (or --clip-grad 1.0); these two may change on resume, and '
+                  f'run.json records it')
+    else:
+        advice = (f'no good checkpoint was saved: start again with a lower learning rate or gradient clipping '
+                  f'({lower} or --clip-grad 1.0) and --overwrite (or another --output)')
+    fp16 = ' With --mixed-precision fp16, bf16 is safer (a new run).' if args.mixed_precision == 'fp16' else ''
+    return f'training stopped, nothing non-finite was saved; {advice}.{fp16}'
+
+
+def check_finite_state(accelerator: Accelerator, modules: Dict[str, nn.Module], epoch: int, num_updates: int) -> None:
+    """Raise `NonFiniteLossError` if any floating-point parameter or buffer (BatchNorm running statistics go
+    inf while the loss is still finite) is non-finite on any process, naming a few; all processes agree."""
+    names, flags = [], []
+    for prefix, module in modules.items():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point():
+                names.append(f'{prefix}{name}')
+                flags.append(torch.isfinite(tensor).all())
+    bad = accelerator.reduce((~torch.stack(flags)).int(), reduction='sum').tolist()
+    found = [name for name, count in zip(names, bad) if count]
+    if found:
+        raise NonFiniteLossError(
+            f'{len(found)} weight or buffer tensor(s) became non-finite (epoch {epoch + 1}, by optimizer update '
+            f'{num_updates}; e.g. {", ".join(found[:3])})', what='weights')
 
 
 def check_finite(accelerator: Accelerator, nonfinite: torch.Tensor, epoch: int, num_updates: int) -> None:
     """Raise `NonFiniteLossError` if any process has seen a non-finite loss (all processes agree)."""
     if accelerator.reduce(nonfinite.clone(), reduction='sum').item() > 0:
         raise NonFiniteLossError(nonfinite_message(epoch, num_updates))
+
+
+@torch.no_grad()
+def sync_ema_buffers(accelerator: Accelerator, model_ema: Optional[ModelEmaV3]) -> None:
+    """Give every process the main process's EMA buffers (BatchNorm running statistics).
+
+    Each process's EMA averages its own model's buffers, which its own batches updated after DDP broadcast
+    the main process's: they drift apart. A checkpoint holds the main process's EMA, so without this a resumed
+    run continues from other buffers than the uninterrupted one (measured: 2 CPU processes, top-1 10.71 vs
+    10.99), and evaluation would gather results of slightly different models."""
+    if model_ema is None or accelerator.num_processes == 1:
+        return
+    buffers = list(model_ema.module.buffers())
+    for buffer, synced in zip(buffers, broadcast(buffers, from_process=0)):
+        if synced is not buffer:  # XLA returns new tensors; torch.distributed broadcasts in place
+            buffer.copy_(synced)
 
 
 @torch.no_grad()
@@ -489,35 +661,66 @@ def write_summary_csv(path: Path, history: List[Dict[str, Any]]) -> None:
         os.replace(tmp, path)
 
 
-def resolve_output_and_resume(args: argparse.Namespace) -> Tuple[Path, Optional[Path]]:
-    """The output folder (the same on every process) and the checkpoint to resume from, if any."""
-    resume_from = None
+def resolve_output_and_resume(args: argparse.Namespace) -> Tuple[Path, Optional[Path], List[str]]:
+    """The output folder (the same on every process), the checkpoint to resume from, if any, and notes for
+    the log (damaged checkpoints passed over). The main process verifies; every process gets its answer."""
     output = args.output
-    if args.resume not in (None, 'auto'):
-        given = Path(args.resume)
-        if (given / TRAIN_STATE_FILE).is_file():
-            resume_from = given
-        else:
-            resume_from = find_latest_checkpoint(given / 'checkpoints')
-            if resume_from is None:
-                raise UsageError(f'--resume {given}: no checkpoint there (looked for {TRAIN_STATE_FILE} in it '
-                                 f'and for checkpoints/checkpoint-* under it).')
-        if output is None:
-            output = str(resume_from.parent.parent)
-    elif args.resume == 'auto':
-        if output is None:
+    if output is None and args.resume in (None, 'auto'):
+        if args.resume == 'auto':
             raise UsageError('--resume auto needs --output DIR, the folder of the run to continue.')
-        resume_from = find_latest_checkpoint(Path(output) / 'checkpoints')
-    if output is None:
         data_name = (args.dataset or ('folder' if args.data_dir else 'digits')).replace('/', '-')
         stamp = [datetime.now().strftime('%Y%m%d-%H%M%S')]
         broadcast_object_list(stamp)  # every process must agree on the folder name
         output = os.path.join('output', 'train', f'{stamp[0]}-{args.model.replace("/", "-")}-{data_name}')
-    output_dir = Path(output)
-    if resume_from is None and args.resume is None and find_latest_checkpoint(output_dir / 'checkpoints'):
-        raise UsageError(f'{output_dir} already holds checkpoints of a run: pass --resume auto to continue it, '
+    answer: List[Any] = [None]
+    if PartialState().is_main_process:
+        try:
+            answer[0] = _find_resume_checkpoint(args, output)
+        except UsageError as e:
+            answer[0] = e
+    broadcast_object_list(answer)
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    output, resume_from, notes = answer[0]
+    return Path(output), resume_from, notes
+
+
+def _find_resume_checkpoint(args: argparse.Namespace, output: Optional[str]) -> Tuple[str, Optional[Path], List[str]]:
+    resume_from, notes = None, []
+    if args.resume not in (None, 'auto'):
+        given = Path(args.resume)
+        if (given / TRAIN_STATE_FILE).is_file():  # a checkpoint named: that one, or say why not and what else
+            problem = verify_checkpoint(given)
+            if problem is not None:
+                older, _ = find_resumable_checkpoint(given.parent)
+                hint = f'; the newest whole one there is {older}' if older else ''
+                raise UsageError(f'--resume {given}: {problem}{hint}.')
+            resume_from = given
+        else:
+            resume_from, notes = find_resumable_checkpoint(given / 'checkpoints')
+            if resume_from is None:
+                found = f' ({"; ".join(notes)})' if notes else ''
+                raise UsageError(f'--resume {given}: no checkpoint to resume from there (looked for '
+                                 f'{TRAIN_STATE_FILE} in it and for checkpoints/checkpoint-* under it){found}.')
+        if output is None:
+            output = str(resume_from.parent.parent)
+    elif args.resume == 'auto':
+        resume_from, notes = find_resumable_checkpoint(Path(output) / 'checkpoints')
+        if resume_from is None and notes:
+            raise UsageError(f'--resume auto: no checkpoint in {Path(output) / "checkpoints"} verifies '
+                             f'({"; ".join(notes)}). Start a new run (another --output), from the last weights '
+                             f'with --initial-weights {Path(output) / "last.safetensors"} if they are good.')
+    if notes:
+        notes = [f'skipped a damaged checkpoint: {n}' for n in notes] + [f'falling back to {resume_from}']
+    check_output_folder(Path(output))
+    if resume_from is None and args.resume is None and find_latest_checkpoint(Path(output) / 'checkpoints'):
+        raise UsageError(f'{output} already holds checkpoints of a run: pass --resume auto to continue it, '
                          f'or choose another --output.')
-    return output_dir, resume_from
+    previous = [name for name in ('run.json', 'best.safetensors', 'last.safetensors') if (Path(output) / name).exists()]
+    if resume_from is None and previous and not args.overwrite:
+        raise UsageError(f'{output} holds a previous run ({", ".join(previous)}): pass --overwrite to replace it, '
+                         f'or choose another --output.')
+    return output, resume_from, notes
 
 
 def _num_samples(dataset) -> Optional[int]:
@@ -533,16 +736,23 @@ def resume_options(args: argparse.Namespace) -> Dict[str, Any]:
     return json.loads(json.dumps(to_jsonable(options)))
 
 
-def check_resume_options(args: argparse.Namespace, saved: Optional[Dict[str, Any]], checkpoint: Path) -> None:
-    """Refuse to resume with options that would make the continued run a different one."""
+def check_resume_options(args: argparse.Namespace, saved: Optional[Dict[str, Any]],
+                         checkpoint: Path) -> Dict[str, List[Any]]:
+    """Refuse to resume with options that would make the continued run a different one; returns the
+    adjustable ones (`RESUME_MAY_ADJUST`) that changed, as {option: [saved, now]}."""
     if not saved:
-        return
+        return {}
     current = resume_options(args)
-    changed = [f'--{k.replace("_", "-")} {saved.get(k)!r} -> {current.get(k)!r}'
-               for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if changed:
-        raise UsageError(f'{checkpoint} was saved with other options ({"; ".join(changed)}). Resume with the '
-                         f'options of that run, or start a new run from its weights with --initial-weights.')
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    refused = [f'--{k.replace("_", "-")} {saved.get(k)!r} -> {current.get(k)!r}'
+               for k in differ if k not in RESUME_MAY_ADJUST]
+    if refused:
+        adjustable = ', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_ADJUST)
+        raise UsageError(f'{checkpoint} was saved with other options ({"; ".join(refused)}). Resume with the '
+                         f'options of that run (only {adjustable} may change), or start a new run from its '
+                         f'weights with --initial-weights '
+                         f'{checkpoint / "model.safetensors"}.')
+    return {k: [saved.get(k), current.get(k)] for k in differ}
 
 
 def tracker_config(args: argparse.Namespace) -> Dict[str, Any]:
@@ -554,16 +764,12 @@ def tracker_config(args: argparse.Namespace) -> Dict[str, Any]:
 def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     """Train and evaluate as the options say; returns the run record (also written to run.json)."""
     started_at = datetime.now(timezone.utc).isoformat(timespec='seconds')
-    check_model_name(args.model)
-    if args.grad_accum_steps < 1 or args.batch_size < 1 or args.epochs < 1:
-        raise UsageError('--batch-size, --epochs and --grad-accum-steps must be at least 1.')
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise UsageError(f'Mixup/CutMix pair samples within a batch: --batch-size must be even, not {args.batch_size}.')
+    check_options(args)
 
     # the process group first (as the Accelerator would set it up), so that all processes agree on the
     # output folder, which the trackers need when the Accelerator is built
     PartialState(cpu=args.cpu or parse_flag_from_env('ACCELERATE_USE_CPU'))
-    output_dir, resume_from = resolve_output_and_resume(args)
+    output_dir, resume_from, resume_notes = resolve_output_and_resume(args)
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
@@ -578,8 +784,8 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     )
     log = accelerator.on_main_process(print)  # once per job (accelerator.print is once per node)
     set_seed(args.seed, device_specific=True)  # per-process dropout draws; DDP copies rank 0's initial weights
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    for note in resume_notes:
+        log(f'--resume: {note}')
 
     # data
     default_chans = 1 if (not args.data_dir and args.dataset in ('', 'digits')) else 3
@@ -596,6 +802,10 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
 
     # model
     model, model_args = create_model(args, num_classes, in_chans, log)
+    recipe_placement = (args.recipe_values or {}).get('placement')
+    if recipe_placement and args.placement is None:
+        log(f'{args.model} keeps its own placement {model_args.get("placement")}; the recipe\'s '
+            f'{recipe_placement!r} is for {args.recipe_values.get("model")} (pass --placement to choose one).')
     data_config, train_ds.transform, val_ds.transform = resolve_transforms(args, model, in_chans)
     if args.sync_bn and accelerator.num_processes > 1:
         if accelerator.device.type == 'cpu':
@@ -636,11 +846,11 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
         warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=False,
         updates_per_epoch=updates_per_epoch)
-    accelerator.register_for_checkpointing(lr_scheduler)
+    # the scheduler and the EMA are saved by us (JSON, safetensors), not registered with Accelerate, which
+    # would pickle them and unpickle them on resume: loading a checkpoint someone sent runs no code
     model_ema = None
     if args.ema_decay > 0:
         model_ema = ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False), decay=args.ema_decay)
-        accelerator.register_for_checkpointing(model_ema)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -655,15 +865,23 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
 
     # where we start: a checkpoint's epoch and batch, or the beginning
     progress: Dict[str, Any] = {'epoch': 0, 'batches_done': 0, 'num_updates': 0, 'history': [], 'best': None,
-                                'samples_per_rank': [0] * accelerator.num_processes}
+                                'samples_per_rank': [0] * accelerator.num_processes, 'started_at': started_at,
+                                'resumes': []}
     if resume_from is not None:
         saved = load_train_state(resume_from)
         if len(saved['samples_per_rank']) != accelerator.num_processes:
             raise UsageError(f'{resume_from} was saved by {len(saved["samples_per_rank"])} process(es); resume it '
                              f'with as many (this run has {accelerator.num_processes}).')
-        check_resume_options(args, saved.pop('options', None), resume_from)
-        accelerator.load_state(str(resume_from))
+        adjusted = check_resume_options(args, saved.pop('options', None), resume_from)
+        scheduler_state = saved.pop('scheduler', None)
+        load_checkpoint(accelerator, resume_from, {'ema': model_ema.load_state_dict} if model_ema is not None else {})
+        if scheduler_state is not None and 'lr' not in adjusted:  # else the new --lr's schedule, from here on
+            lr_scheduler.load_state_dict(scheduler_state)
         progress.update(saved)
+        if adjusted:
+            progress['resumes'] = progress.get('resumes', []) + [
+                {'checkpoint': resume_from.name, 'num_updates': progress['num_updates'], 'changed': adjusted}]
+            log(f'resuming with changed options: {adjusted}')
         log(f'resuming from {resume_from} (epoch {progress["epoch"] + 1}, batch {progress["batches_done"]}, '
             f'{progress["num_updates"]} updates done)')
     elif args.resume == 'auto':
@@ -677,6 +895,9 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
             f'{_num_samples(train_ds) or "?"} train / {_num_samples(val_ds) or "?"} val; '
             f'{accelerator.num_processes} process(es) on {accelerator.device}, '
             f'mixed precision {accelerator.mixed_precision}; output {output_dir}')
+    if accelerator.is_main_process:  # only now: a failed input check above leaves no empty folder behind
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     accelerator.init_trackers('timm_ic', config=tracker_config(args))
 
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -708,27 +929,32 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                         'distributed_type': accelerator.distributed_type.value,
                         'mixed_precision': accelerator.mixed_precision, 'device': str(accelerator.device)},
         'weights': {'best': 'best.safetensors', 'last': 'last.safetensors', 'ema': model_ema is not None},
-        'started_at': started_at,
     }
 
     def write_record(status: str) -> None:
         if not accelerator.is_main_process:
             return
         record.update(status=status, epochs=progress['history'], metrics=progress['best'],
+                      started_at=progress['started_at'], resumes=progress['resumes'],
                       skipped_images=getattr(train_ds, 'skipped', 0) + getattr(val_ds, 'skipped', 0),
                       updated_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
         record['distributed']['train_samples_per_rank'] = progress['samples_per_rank']
         write_json_atomic(output_dir / 'run.json', record)
 
     def checkpoint(epoch: int, batches_done: int, totals: Optional[Tuple[torch.Tensor, int]] = None) -> Path:
-        state = {k: progress[k] for k in ('history', 'best', 'samples_per_rank')}
-        state.update(epoch=epoch, batches_done=batches_done, num_updates=num_updates, options=resume_options(args))
+        sync_ema_buffers(accelerator, model_ema)  # what is saved is what every process continues from
+        state = {k: progress[k] for k in ('history', 'best', 'samples_per_rank', 'started_at', 'resumes')}
+        state.update(epoch=epoch, batches_done=batches_done, num_updates=num_updates, options=resume_options(args),
+                     scheduler=to_jsonable(lr_scheduler.state_dict()))
         if totals is not None:  # mid-epoch: each process's loss sum and samples so far, so the epoch's are exact
             loss_sum, samples = totals
             sent = torch.stack([loss_sum.float(), torch.tensor(float(samples), device=loss_sum.device)])
             state['epoch_totals'] = accelerator.gather(sent[None]).tolist()
-        return save_checkpoint(accelerator, checkpoint_dir, num_updates, state, keep=args.checkpoint_limit)
+        tensors = {'ema': model_ema.state_dict()} if model_ema is not None else None
+        return save_checkpoint(accelerator, checkpoint_dir, num_updates, state, keep=args.checkpoint_limit,
+                               tensors=tensors)
 
+    state_modules = {'': unwrapped, **({'ema.': model_ema.module} if model_ema is not None else {})}
     try:
         for epoch in range(progress['epoch'], args.epochs):
             train_loader.set_epoch(epoch)
@@ -747,6 +973,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                 num_updates = updates
                 if args.checkpoint_every and updates % args.checkpoint_every == 0 and batches_done < num_batches:
                     check_finite(accelerator, nonfinite, epoch, updates)  # never save a broken model
+                    check_finite_state(accelerator, state_modules, epoch, updates)
                     checkpoint(epoch, batches_done, totals)
 
             train_metrics, num_updates = train_one_epoch(
@@ -754,7 +981,9 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
                 num_batches, start_batch=start_batch, start_totals=start_totals, mixup_fn=mixup_fn,
                 model_ema=model_ema, clip_grad=args.clip_grad, channels_last=args.channels_last,
                 log_interval=args.log_interval, on_update=on_update, desc=f'epoch {epoch + 1}/{args.epochs}')
+            check_finite_state(accelerator, state_modules, epoch, num_updates)  # before any evaluation or save
             lr_scheduler.step(epoch + 1)
+            sync_ema_buffers(accelerator, model_ema)  # one model evaluated, the one saved
             eval_metrics = evaluate(eval_model, val_loader, accelerator, num_classes)
             ranks = accelerator.gather(torch.tensor([train_metrics['samples']], device=accelerator.device)).tolist()
             progress['samples_per_rank'] = [a + b for a, b in zip(progress['samples_per_rank'], ranks)]
@@ -787,10 +1016,11 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
             progress.update(epoch=epoch + 1, batches_done=0)
             checkpoint(epoch + 1, 0)
             write_record('running')
-    except NonFiniteLossError:
-        write_record('stopped: non-finite loss')
+    except NonFiniteLossError as e:
+        record['stop_reason'] = str(e)
+        write_record(f'stopped: non-finite {e.what}')
         accelerator.end_training()
-        raise
+        raise NonFiniteLossError(f'{e}; {nonfinite_advice(args, checkpoint_dir)}', e.what) from None
 
     write_record('finished')
     accelerator.end_training()
@@ -811,7 +1041,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         training_function(args)
-    except (UsageError, DataError, RecipeError, BadImageError) as e:
+    except (UsageError, DataError, RecipeError, BadImageError, CheckpointError) as e:
         message = str(e)
         if message.startswith('Caught '):  # re-raised from a data-loader worker, its traceback in the message
             message = message.rstrip().splitlines()[-1].split(': ', 1)[-1]

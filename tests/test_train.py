@@ -105,6 +105,29 @@ def test_recipe_values_are_overridden_by_explicit_flags():
     assert train.parse_args(['--data-dir', 'x']).recipe is None  # real data: no demo recipe sneaks in
 
 
+def _default_placement(name: str) -> str:
+    with torch.device('meta'):
+        return str(timm.create_model(name).placement)
+
+
+def test_recipe_placement_never_replaces_a_models_own():
+    recipe = load_recipe('cifar_wrn28_10')
+    for name in ('ic_wrn28_10', 'kim_wrn28_10', 'uout_wrn28_10'):
+        args = train.parse_args(['--recipe', 'cifar_wrn28_10', '--model', name, '--data-dir', 'x'])
+        model, model_args = train.create_model(args, 100, 3, print)
+        assert str(model.placement) == _default_placement(name) != recipe['placement'], name
+        assert model_args['placement'] == str(model.placement)  # what run.json and the card record
+    # the recipe's own (skeleton-only) model gets the recipe's placement; --placement always wins
+    for argv, expected in (([], recipe['placement']), (['--placement', 'kim'], 'kim'), (['--placement', ''], 'pre')):
+        args = train.parse_args(['--recipe', 'cifar_wrn28_10', '--data-dir', 'x', *argv])
+        with torch.device('meta'):
+            model, model_args = train.create_model(args, 100, 3, print)
+        assert str(model.placement) == str(timm_ic.Placement.parse(expected)) == model_args['placement'], argv
+    args = train.parse_args(['--recipe', 'cifar_wrn28_10', '--model', 'uout_wrn28_10', '--placement', 'ic',
+                             '--data-dir', 'x'])
+    assert args.placement == 'ic'
+
+
 def test_bundled_recipes_are_valid_and_name_known_models():
     parser = train.build_parser()
     dests = {a.dest for a in parser._actions}
@@ -155,7 +178,7 @@ def test_bad_data_folders_fail_fast_with_the_reason(tmp_path, capsys, layout, me
     assert code == 2 and message in err, err
     if layout == 'empty_class':
         assert 'train/d' not in err and ': d.' in err  # names the folder
-    assert not (tmp_path / 'o' / 'run.json').exists()
+    assert not (tmp_path / 'o').exists()  # checked before the output folder is made
 
 
 def test_num_classes_mismatch_is_refused(tmp_path, capsys):
@@ -251,6 +274,8 @@ def test_checkpoint_pruning_and_atomic_weights(tmp_path):
     prune_checkpoints(ckpts, keep=2)
     assert [p.name for p in list_checkpoints(ckpts)] == ['checkpoint-000000003', 'checkpoint-000000010']
     assert not (ckpts / '.tmp-checkpoint-000000012').exists()
+    prune_checkpoints(ckpts, keep=1, protect=ckpts / 'checkpoint-000000003')  # the one just saved stays
+    assert [p.name for p in list_checkpoints(ckpts)] == ['checkpoint-000000003', 'checkpoint-000000010']
     save_weights({'w': torch.arange(4.0)[::2]}, tmp_path / 'w.safetensors')  # non-contiguous view is fine
     assert torch.equal(load_file(tmp_path / 'w.safetensors')['w'], torch.tensor([0.0, 2.0]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'w.safetensors']
@@ -362,9 +387,9 @@ def test_fine_tune_from_initial_weights_reinitialises_the_classifier(tmp_path, c
     save_weights(source.state_dict(), tmp_path / 'digits.safetensors')
     root = _write_folder(tmp_path / 'data')
     out = tmp_path / 'run'
-    # lr 0: the weights stay as loaded, so what was loaded can be checked exactly
+    # lr 1e-12: each update is below half a float32 ulp of the weights, so they stay as loaded exactly
     code = train.main([str(a) for a in ['--data-dir', root, '--in-chans', '1', '--initial-weights',
-                                        tmp_path / 'digits.safetensors', '--lr', '0', '--warmup-lr', '0',
+                                        tmp_path / 'digits.safetensors', '--lr', '1e-12', '--warmup-lr', '0',
                                         '--output', out, *FOLDER_RUN]])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -494,3 +519,246 @@ def test_compiled_training_saves_plain_weights(tmp_path):
     assert code == 0
     model = timm.create_model('ic_resnet20', num_classes=10, in_chans=1)
     model.load_state_dict(load_file(out / 'last.safetensors'))  # no `_orig_mod.` prefixes from the compiled wrapper
+
+
+def _reset_accelerate():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+# the smallest run with two checkpoints (mid-epoch at update 2, epoch end at update 4) and an EMA
+SMALL = ['--epochs', '1', '--limit-train-batches', '4', '--checkpoint-every', '2', '--ema-decay', '0.9',
+         '--workers', '0', *FAST]
+
+
+class _Payload:
+    """Unpickling this writes a marker file: what a planted checkpoint file would do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f'open({self.marker!r}, "w").write("ran")',)
+
+
+def _rewrite_checksums(checkpoint: Path) -> None:
+    """What someone planting files would do: checksums that match them."""
+    import hashlib
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(checkpoint.iterdir())
+            if p.is_file() and p.name != 'checksums.json'}
+    (checkpoint / 'checksums.json').write_text(json.dumps(sums))
+
+
+@pytest.mark.slow
+def test_resume_never_unpickles_code_from_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert _run(['--output', out, *SMALL]) == (0, '')
+    newest = find_latest_checkpoint(out / 'checkpoints')
+    marker = tmp_path / 'marker'
+    for name in ('custom_checkpoint_0.pkl', 'custom_checkpoint_1.pkl'):  # where Accelerate keeps registered state
+        torch.save(_Payload(marker), newest / name)
+    _rewrite_checksums(newest)
+    _reset_accelerate()
+    code, err = _run(['--output', out, '--resume', 'auto', *SMALL], capsys)
+    assert not marker.exists()
+    assert code == 2 and str(newest) in err and 'Traceback' not in err, err  # Accelerate: files it did not expect
+    for name in ('custom_checkpoint_0.pkl', 'custom_checkpoint_1.pkl'):
+        (newest / name).unlink()
+
+    # a payload in a file that is loaded (with weights_only=True): refused, the file named, nothing run
+    torch.save(_Payload(marker), newest / 'random_states_0.pkl')
+    _rewrite_checksums(newest)
+    _reset_accelerate()
+    code, err = _run(['--output', out, '--resume', 'auto', *SMALL], capsys)
+    assert code == 2 and f'{newest / "random_states_0.pkl"} cannot be read' in err, err
+    assert 'Traceback' not in err and not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(tmp_path, capsys):
+    import shutil
+    reference = tmp_path / 'reference'
+    assert _run(['--output', reference, *SMALL]) == (0, '')
+    older, newest = list_checkpoints(reference / 'checkpoints')
+    expected = load_file(reference / 'last.safetensors')
+    # each file the resume reads, truncated: the RNG state Accelerate would skip with an INFO line, the
+    # weights, the optimizer, our EMA and train state (epoch, history, scheduler)
+    for name in ('random_states_0.pkl', 'model.safetensors', 'optimizer.bin', 'ema.safetensors',
+                 'train_state.json'):
+        out = tmp_path / name
+        shutil.copytree(reference, out)
+        damaged = out / 'checkpoints' / newest.name / name
+        damaged.write_bytes(damaged.read_bytes()[:len(damaged.read_bytes()) // 2])
+        _reset_accelerate()
+        code = train.main([str(a) for a in ['--output', out, '--resume', 'auto', *SMALL]])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert f'{damaged} is damaged' in captured.out, captured.out
+        assert f'resuming from {out / "checkpoints" / older.name}' in captured.out
+        got = load_file(out / 'last.safetensors')  # redone from the update-2 checkpoint: the same run
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+
+    # named explicitly: refused, naming the file and the checkpoint that is whole (the resume above replaced
+    # the damaged one with a new save: damage it again)
+    damaged.write_text('{"epoch": ')
+    _reset_accelerate()
+    code = train.main([str(a) for a in ['--resume', out / 'checkpoints' / newest.name, *SMALL]])
+    err = capsys.readouterr().err
+    assert code == 2 and 'train_state.json is damaged' in err and older.name in err, err
+    # nothing whole left: refused, each problem named
+    (out / 'checkpoints' / older.name / 'optimizer.bin').write_bytes(b'')
+    (out / 'checkpoints' / newest.name / 'train_state.json').write_text('{}')
+    _reset_accelerate()
+    code = train.main([str(a) for a in ['--output', out, '--resume', 'auto', *SMALL]])
+    err = capsys.readouterr().err
+    assert code == 2 and 'no checkpoint' in err and 'optimizer.bin is damaged' in err, err
+
+
+def _strict_json(path: Path):
+    """JSON as other readers read it: a bare NaN or Infinity is an error."""
+    def refuse(constant):
+        raise ValueError(f'{path} holds {constant}, which is not JSON')
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _inf_running_var_from_third_batch(monkeypatch) -> None:
+    """From the third training batch on, BatchNorm running variances become inf while the loss stays finite
+    (training-mode BN normalises with the batch's own statistics): a divergence the loss does not show."""
+    import torch.nn.functional as F
+    calls = {'n': 0}
+    loss_forward, batch_norm = torch.nn.CrossEntropyLoss.forward, F.batch_norm
+
+    def counting_loss(self, input, target):
+        calls['n'] += 1
+        return loss_forward(self, input, target)
+
+    def poisoned_batch_norm(input, running_mean, running_var, *args, **kwargs):
+        out = batch_norm(input, running_mean, running_var, *args, **kwargs)
+        if calls['n'] >= 2 and running_var is not None:
+            running_var.data.fill_(float('inf'))  # .data: no autograd version bump
+        return out
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', counting_loss)
+    monkeypatch.setattr(F, 'batch_norm', poisoned_batch_norm)
+
+
+@pytest.mark.slow
+def test_divergent_weights_stop_before_any_save_and_the_advice_works(tmp_path, capsys, monkeypatch):
+    _inf_running_var_from_third_batch(monkeypatch)
+    out = tmp_path / 'run'
+    code, err = _run(['--output', out, *SMALL], capsys)
+    assert code == 3 and 'running_var' in err and 'became non-finite' in err, err
+    lr = load_recipe('digits_demo')['lr']
+    assert f'--resume auto --lr {lr / 10:g}' in err and 'checkpoint-000000002' in err
+    # nothing non-finite saved: the update-2 checkpoint is the only one, no best / last weights of epoch 1
+    assert [c.name for c in list_checkpoints(out / 'checkpoints')] == ['checkpoint-000000002']
+    assert not (out / 'best.safetensors').exists() and not (out / 'last.safetensors').exists()
+    record = _strict_json(out / 'run.json')
+    assert record['status'] == 'stopped: non-finite weights' and 'running_var' in record['stop_reason']
+    started_at = record['started_at']
+
+    # the advice, followed: resume with a lower --lr (the fault removed), recorded in run.json
+    monkeypatch.undo()
+    _reset_accelerate()
+    time.sleep(1.1)  # a later second, so a reset started_at would show
+    code, err = _run(['--output', out, *SMALL, '--resume', 'auto', '--lr', lr / 10], capsys)
+    assert code == 0, err
+    record = _strict_json(out / 'run.json')
+    assert record['status'] == 'finished' and record['started_at'] == started_at
+    assert record['resumes'] == [{'checkpoint': 'checkpoint-000000002', 'num_updates': 2,
+                                  'changed': {'lr': [lr, lr / 10]}}]
+    newest = json.loads((find_latest_checkpoint(out / 'checkpoints') / 'train_state.json').read_text())
+    assert set(newest['scheduler']['base_values']) == {lr / 10}  # the new --lr's schedule, not the saved one's
+    weights = load_file(out / 'last.safetensors')
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_run_json_stays_json_when_a_metric_is_not_finite(tmp_path, monkeypatch):
+    evaluate = train.evaluate
+
+    def nan_loss_evaluate(*args, **kwargs):
+        return dict(evaluate(*args, **kwargs), loss=float('nan'))
+
+    monkeypatch.setattr(train, 'evaluate', nan_loss_evaluate)
+    out = tmp_path / 'run'
+    assert _run(['--output', out, '--epochs', '1', '--limit-train-batches', '1', '--workers', '0', *FAST])[0] == 0
+    record = _strict_json(out / 'run.json')
+    assert record['epochs'][0]['eval_loss'] is None and record['metrics']['loss'] is None
+    assert set(record['non_finite']) == {'epochs.0.eval_loss', 'metrics.loss'}
+
+
+def _bad_inputs(tmp_path: Path) -> dict:
+    safetensors = tmp_path / 'w.safetensors'
+    save_weights({'w': torch.zeros(1000)}, safetensors)
+    truncated, other_format = tmp_path / 'truncated.safetensors', tmp_path / 'pickle.safetensors'
+    truncated.write_bytes(safetensors.read_bytes()[:500])
+    torch.save({'w': torch.zeros(3)}, other_format)
+    local = tmp_path / 'local'
+    local.mkdir()
+    (local / 'config.json').write_text('{"architecture": ')
+    (tmp_path / 'a_file').write_text('')
+    return {
+        'placement preset': (['--placement', 'nope'], "--placement 'nope': unknown placement preset"),
+        'placement key': (['--placement', 'ic:foo=1'], "unknown placement key 'foo'"),
+        'placement value': (['--placement', 'ic:drop=uout,beta=-1'], 'Uout beta must be >= 0'),
+        'placement item': (['--placement', 'ic:drop'], "placement item 'drop' is not key=value"),
+        'negative lr': (['--lr', '-0.1'], '--lr must be greater than 0, not -0.1'),
+        'zero lr': (['--lr', '0'], '--lr must be greater than 0, not 0'),
+        'workers': (['--workers', '-1'], '--workers must be at least 0, not -1'),
+        'repo id': (['--push-to-hub', 'just-a-name'], "--push-to-hub 'just-a-name' is not a Hub repository id"),
+        'truncated weights': (['--initial-weights', truncated], f'{truncated} is not a readable safetensors file'),
+        'pickled weights': (['--initial-weights', other_format], f'{other_format} is not a readable safetensors'),
+        'local-dir config': (['--model', f'local-dir:{local}'], f'--model local-dir:{local}: could not load it'),
+        'output is a file': (['--output', tmp_path / 'a_file'], 'is a file, not a folder'),
+        'output under a file': (['--output', tmp_path / 'a_file' / 'run'], 'is a file, so the folder cannot be made'),
+    }
+
+
+@pytest.mark.parametrize('case', [
+    'placement preset', 'placement key', 'placement value', 'placement item', 'negative lr', 'zero lr', 'workers',
+    'repo id', 'truncated weights', 'pickled weights', 'local-dir config', 'output is a file',
+    'output under a file'])
+def test_bad_input_is_answered_with_exit_2_and_no_output_folder(tmp_path, capsys, case):
+    argv, message = _bad_inputs(tmp_path)[case]
+    out = tmp_path / 'o'
+    code, err = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '1', '--workers', '0', *FAST, *argv],
+                     capsys)
+    assert code == 2 and message in err and 'Traceback' not in err, err
+    assert not out.exists()  # checked before the folder is made
+
+
+def test_hub_model_unreachable_is_answered_with_exit_2(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)  # read at import; the env var too, for the message
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-cache'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    code, err = _run(['--output', tmp_path / 'o', '--model', 'hf-hub:some-org/some-model', *FAST], capsys)
+    assert code == 2 and '--model hf-hub:some-org/some-model: could not load it (HF_HUB_OFFLINE is set' in err, err
+    assert 'Traceback' not in err and not (tmp_path / 'o').exists()
+
+
+def test_unwritable_output_is_refused(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    access = os.access  # root may write anywhere: answer as the file system would for another user
+    monkeypatch.setattr(train.os, 'access', lambda path, mode, **kw: False if Path(path) == locked
+                        else access(path, mode, **kw))
+    code, err = _run(['--output', locked / 'run', '--epochs', '1', '--limit-train-batches', '1', *FAST], capsys)
+    assert code == 2 and f'{locked} is not writable by this user' in err, err
+
+
+def test_a_previous_run_is_not_overwritten_without_overwrite(tmp_path, capsys):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'run.json').write_text('{"status": "finished"}')
+    (out / 'best.safetensors').write_bytes(b'weights of a previous run')
+    code, err = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '1', '--workers', '0', *FAST],
+                     capsys)
+    assert code == 2 and 'holds a previous run (run.json, best.safetensors)' in err and '--overwrite' in err, err
+    assert (out / 'best.safetensors').read_bytes() == b'weights of a previous run'
+    _reset_accelerate()
+    code, err = _run(['--output', out, '--epochs', '1', '--limit-train-batches', '1', '--workers', '0', '--overwrite',
+                      *FAST], capsys)
+    assert code == 0, err
+    assert json.loads((out / 'run.json').read_text())['status'] == 'finished'
+    load_file(out / 'best.safetensors')  # the new run's weights

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from timm_ic.training import list_checkpoints
 
 from test_train import _write_shards
@@ -64,3 +66,26 @@ def test_two_cpu_processes_read_their_own_webdataset_shards(tmp_path):
     assert record['distributed']['world_size'] == 2
     assert record['epochs'][0]['train_samples_per_rank'] == [12, 12]  # each its own shard, 3 batches of 4
     assert record['epochs'][0]['eval_samples'] == 24  # both processes' validation shards, added up
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_resume_mid_epoch_exactly_with_an_ema(tmp_path):
+    """Each process's EMA drifts (its BatchNorm buffers follow its own batches) while a checkpoint holds the main
+    process's: the processes share the main one's at each checkpoint, so a resume continues the same run."""
+    import shutil
+    import torch
+    from safetensors.torch import load_file
+    out = tmp_path / 'run'
+    args = ('--output', str(out), '--epochs', '1', '--limit-train-batches', '6', '--checkpoint-every', '2',
+            '--workers', '0', '--input-size', '1', '8', '8', '--batch-size', str(BATCH), '--ema-decay', '0.9')
+    _launch_two_processes(tmp_path, *args)
+    expected = load_file(out / 'last.safetensors')
+    expected_epochs = json.loads((out / 'run.json').read_text())['epochs']
+    newest = list_checkpoints(out / 'checkpoints')[-1]
+    shutil.rmtree(newest)  # as if killed before the epoch's end: the resume redoes updates 5 and 6
+    result = _launch_two_processes(tmp_path, *args, '--resume', 'auto')
+    assert 'resuming from' in result.stdout and 'checkpoint-000000004' in result.stdout
+    got = load_file(out / 'last.safetensors')
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    got_epochs = json.loads((out / 'run.json').read_text())['epochs']
+    assert [r['eval_top1'] for r in got_epochs] == [r['eval_top1'] for r in expected_epochs]
