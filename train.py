@@ -1029,10 +1029,11 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         log(f'done: best top1 {best["top1"]:.2f} (epoch {best["epoch"]}); weights, checkpoints and '
             f'run.json in {output_dir}')
     if args.push_to_hub and accelerator.is_main_process:
-        from timm_ic.hub import HubPushError, push_run
+        from timm_ic.hub import ExportError, HubPushError, RunRecordError, push_run
         try:
             push_run(str(output_dir), args.push_to_hub)
-        except HubPushError as e:
+        # the export can refuse too (non-finite weights, a hub_export folder that is not ours): the run stays
+        except (HubPushError, ExportError, RunRecordError, FileExistsError) as e:
             raise PushError(f'training finished and {output_dir} is kept, but the push failed: {e}') from e
     return record
 

@@ -314,6 +314,17 @@ def test_push_to_hub_exports_and_pushes_the_run_or_keeps_it_and_says_why(tmp_pat
     assert (failed / 'best.safetensors').is_file() and (failed / 'hub_export' / 'model.safetensors').is_file()
     assert json.loads((failed / 'run.json').read_text())['status'] == 'finished'
 
+    # the export refuses (a hub_export folder that is not ours): exit 4 too, the user's file and the run are kept
+    foreign = tmp_path / 'foreign'
+    (foreign / 'hub_export').mkdir(parents=True)
+    (foreign / 'hub_export' / 'notes.txt').write_text('mine')
+    proc = subprocess.run(argv + ['--output', str(foreign), '--push-to-hub', 'me/digits'], cwd=tmp_path,
+                          env=dict(env, HF_ENDPOINT='http://127.0.0.1:9'), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 4, proc.stderr
+    assert 'Traceback' not in proc.stderr and 'notes.txt' in proc.stderr
+    assert (foreign / 'hub_export' / 'notes.txt').read_text() == 'mine' and (foreign / 'best.safetensors').is_file()
+
 
 def _subprocess_env():
     # one thread and no data workers: the same arithmetic in every run, so results can be compared exactly
