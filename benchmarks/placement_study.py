@@ -371,6 +371,8 @@ def run_metrics(record: Dict[str, Any], analysis: Optional[Dict[str, Any]], targ
         'epochs_to_target': reached,
         'stopped': stopped,
         'train_s': sum(e.get('epoch_time_s') or 0 for e in epochs),
+        'train_samples': (record.get('dataset') or {}).get('train_samples'),
+        'eval_samples': last.get('eval_samples'),
     }
     if analysis and 'skipped' not in analysis:
         metrics.update({k: analysis.get(k) for k in ('variance_shift', 'variance_shift_recalibrated',
@@ -467,11 +469,13 @@ def _fmt(stat: Dict[str, Any], digits: int = 2) -> str:
 
 def format_markdown(results: Dict[str, Any]) -> str:
     s = results['settings']
-    share = f'{s["images_per_epoch"]:,} images per epoch drawn from the 60,000' if s['images_per_epoch'] else \
-        'all 60,000 training images per epoch'
+    counts = lambda key: '/'.join(sorted({f'{r[key]:,}' for r in results['runs'].values() if r.get(key)})) or '?'
+    train, test = counts('train_samples'), counts('eval_samples')
+    share = f'{s["images_per_epoch"]:,} images per epoch drawn from all {train}' if s['images_per_epoch'] else \
+        f'all {train} training images every epoch'
     lines = [f'# Placement study on Fashion-MNIST: preset `{results["preset"]}`', '',
              f'{results["model"]} (1 input channel) with each arm\'s placement, recipe `{results["recipe"]}` (ours), '
-             f'{s["epochs"]} epochs, {share}, seeds 0..{s["seeds"] - 1}; test top-1 on all 10,000 test images '
+             f'{s["epochs"]} epochs, {share}, seeds 0..{s["seeds"] - 1}; test top-1 on all {test} test images '
              f'after the last epoch. {results["runs_done"]} of {results["runs_in_grid"]} runs done. '
              f'Mean ± sample std over seeds (n runs). Differences: 95% Welch interval; "no significant difference" '
              f'when it contains 0.' + (f' Note: {s["note"]}.' if s.get('note') else ''), '']
@@ -610,7 +614,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f'--questions {sorted(unknown)}: this preset has {", ".join(preset.questions)}')
         preset = Preset(**{**vars(preset), 'questions': tuple(args.questions or preset.questions),
                            'seeds': args.seeds or preset.seeds})
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # train.py runs from the repository root
+    data_dir = os.path.abspath(args.data_dir) if args.data_dir else None
     grid = build_grid(preset, args.train_args)
     if not args.merge_only:
         mine = shard(grid, *args.shard)
@@ -626,7 +631,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         analysed = {arm_args(preset, arm, args.train_args) for q in questions_for(preset).values() if q.analysis
                     for arm in q.arms.values()}
         analyse = {r.name: r.args in analysed for r in grid}
-        counts = execute(mine, out, preset, args.data_dir, analyse)
+        counts = execute(mine, out, preset, data_dir, analyse)
         print(f'shard {args.shard[0]}/{args.shard[1]}: {counts["ran"]} run, {counts["skipped"]} already done, '
               f'{counts["failed"]} failed')
     results = merge(out, args.preset, preset, args.train_args)
