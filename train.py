@@ -304,6 +304,9 @@ def resolve_transforms(args: argparse.Namespace, model: nn.Module, in_chans: int
     for key in ('mean', 'std'):  # a grey-scale input with a colour model's statistics: use their average
         if overrides[key] is None and len(cfg.get(key) or ()) not in (0, in_chans):
             overrides[key] = [sum(cfg[key]) / len(cfg[key])]
+    size = cfg.get('input_size')
+    if overrides['input_size'] is None and not overrides['img_size'] and size and size[0] != in_chans:
+        overrides['input_size'] = (in_chans, *size[1:])  # timm takes the cfg's size whole, channels included
     data_config = resolve_data_config(overrides, model=model)
     if data_config['input_size'][0] != in_chans:
         raise UsageError(f'--input-size has {data_config["input_size"][0]} channels but the model takes {in_chans}.')

@@ -193,3 +193,19 @@ def test_diagnose_reads_torch_fashion_mnist(tmp_path, debian, one_thread, capsys
     capsys.readouterr()
     assert main(['diagnose', '--model', 'cifar_resnet20', '--dataset', 'torch/mnist', '--out', str(out)]) == 2
     assert '--dataset-download' in capsys.readouterr().err
+
+
+def test_grey_default_without_recipe_and_resume_may_add_dataset_download(tmp_path, no_debian, train):
+    """No recipe, no --input-size: a grey data set on a model whose cfg says 3x32x32 trains at 1x32x32. And
+    --dataset-download only says where files may come from: resuming with it is the same run."""
+    write_idx_set(tmp_path / 'root' / 'FashionMNIST' / 'raw')
+    argv = ['--dataset', 'torch/fashion_mnist', '--data-dir', str(tmp_path / 'root'), '--output', str(tmp_path / 'run'),
+            *FAST]
+    assert train.main(argv) == 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    # the files are there, so torchvision checks them and downloads nothing
+    assert train.main(argv + ['--resume', 'auto', '--dataset-download']) == 0
+    record = json.loads((tmp_path / 'run' / 'run.json').read_text())
+    assert record['status'] == 'finished' and record['in_chans'] == 1  # grey by default for the MNIST family
+    assert record['data_config']['input_size'] == [1, 32, 32]
