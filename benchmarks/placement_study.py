@@ -327,9 +327,10 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
 # statistics
 
 def mean_std(values: Sequence[float]) -> Dict[str, Any]:
+    """Mean and sample standard deviation (None where undefined, so results.json stays strict JSON)."""
     n = len(values)
-    mean = sum(values) / n if n else float('nan')
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float('nan')
+    mean = sum(values) / n if n else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
     return dict(mean=mean, std=std, n=n, values=list(values))
 
 
@@ -345,7 +346,7 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> O
     va, vb = sa['std'] ** 2 / sa['n'], sb['std'] ** 2 / sb['n']
     se = math.sqrt(va + vb)
     if se == 0:
-        return dict(diff=diff, low=diff, high=diff, p=0.0 if diff else 1.0, df=float('nan'),
+        return dict(diff=diff, low=diff, high=diff, p=0.0 if diff else 1.0, df=None,
                     significant=diff != 0, confidence=confidence)
     df = (va + vb) ** 2 / (va ** 2 / (sa['n'] - 1) + vb ** 2 / (sb['n'] - 1))
     t = diff / se

@@ -146,6 +146,9 @@ def test_study_runs_shards_merges_and_never_redoes_a_finished_run(tmp_path, monk
     post = results['questions']['tiny']['arms']['post']
     assert post['top1']['n'] == 2 and post['variance_shift']['n'] == 2 and post['top1_recalibrated']['n'] == 2
     assert all(r['top1'] is not None for r in results['runs'].values())
+    for folder in out.glob('runs/*'):  # the analysis evaluates the same weights on the same images as train.py
+        analysis = json.loads((folder / 'analysis.json').read_text())
+        assert analysis['top1'] == json.loads((folder / 'run.json').read_text())['epochs'][-1]['eval_top1']
     assert (out / 'tiny_recalibration_and_shift.png').is_file()
 
     # the whole grid again: nothing is redone
@@ -163,3 +166,16 @@ def test_study_runs_shards_merges_and_never_redoes_a_finished_run(tmp_path, monk
     assert json.loads(killed.read_text())['status'] == 'finished'
     assert 'resuming from' in (killed.parent / 'train.log').read_text()
     assert {p: p.stat().st_mtime_ns for p in runs[1:]} == {p: stamps[p] for p in runs[1:]}
+
+
+def test_merge_of_a_partial_study_is_strict_json(tmp_path):
+    preset = study.PRESETS['tiny']
+    first = study.build_grid(preset)[0]
+    _fake_run(tmp_path / 'runs' / first.name, [50.0])  # one run of four: n=1 and n=0 arms
+    study.merge(tmp_path, 'tiny', preset)
+
+    def refuse(constant):
+        raise ValueError(f'{constant} in results.json')
+    results = json.loads((tmp_path / 'results.json').read_text(), parse_constant=refuse)
+    assert results['runs_done'] == 1
+    assert 'no interval (n = 0 and 1' in (tmp_path / 'results.md').read_text()
