@@ -574,9 +574,9 @@ def _save(fig, path: Path) -> Path:
 
 # An idle 2-core machine, one process, batch 128, 28x28 (/work/shared/notes/data.md and our runs): cifar_resnet20
 # trains ~410 img/s, with dropout in the units ~240 img/s (x1.7), evaluates the 10,000 test images in ~8 s, and
-# train.py starts in ~6 s. Batch 8 is assumed ~3x per image (not measured). Shared with 4 other jobs (load ~6),
-# we measured 22 img/s (post) and 18 img/s (ic) for 1,280 images: ~10x slower.
-CPU_SECONDS = dict(per_image=1 / 410, per_eval=8.0, per_start=6.0, batch8=3.0, dropout=1.7)
+# train.py starts in ~6 s. Batch 8 costs ~5x per image (a bare training loop under load 9: 42 img/s at batch 128,
+# 7 at batch 8). Shared with 4 other jobs (load ~6), train.py ran 22 img/s (post) and 18 img/s (ic): ~10x slower.
+CPU_SECONDS = dict(per_image=1 / 410, per_eval=8.0, per_start=6.0, batch8=5.0, dropout=1.7)
 
 
 def estimate_seconds(runs: Sequence[Run], preset: Preset, calib: Dict[str, float] = CPU_SECONDS) -> float:
