@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dataset', default='', help='digits | folder | hfds/NAME | wds/NAME | torch/NAME '
                        '(torchvision: fashion_mnist, mnist, kmnist, cifar10, cifar100)')
     group.add_argument('--dataset-download', action='store_true',
-                       help='torch/NAME: let torchvision download the data into --data-dir (needs a network)')
+                       help='torch/NAME: let torchvision download the data into --data-dir (default '
+                       '~/.cache/timm_ic/data; needs a network)')
     group.add_argument('--train-split', default='train')
     group.add_argument('--val-split', default='validation')
     group.add_argument('--input-key', default=None, help="hfds/wds image field (e.g. 'img' for CIFAR on the Hub)")
