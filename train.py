@@ -93,13 +93,14 @@ from timm_ic.training import (
 )
 from timm_ic.training.run_record import to_jsonable
 from timm_ic.training.checkpoint import TRAIN_STATE_FILE
-from timm_ic.training.data import BadImageError
+from timm_ic.training.data import BadImageError, dataset_key, default_in_chans
 from timm_ic.training.recipes import recipe_path
 
 DEFAULT_RECIPE = 'digits_demo'
 # options a resumed run may change; any other difference from the checkpoint's options is refused
 RESUME_MAY_CHANGE = ('output', 'resume', 'recipe', 'recipe_values', 'log_with', 'log_interval', 'workers',
-                     'checkpoint_every', 'checkpoint_limit', 'push_to_hub', 'bad_images', 'cpu', 'overwrite')
+                     'checkpoint_every', 'checkpoint_limit', 'push_to_hub', 'bad_images', 'cpu', 'overwrite',
+                     'dataset_download')
 # options a resumed run may adjust, e.g. after a divergence; run.json's `resumes` records each change
 RESUME_MAY_ADJUST = ('lr', 'clip_grad')
 
@@ -130,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('data')
     group.add_argument('--data-dir', default=None, help='ImageNet-layout folder (train/ and val/ class folders), '
                        'or the root of hfds/ caches and wds/ shards; none: the embedded digits')
-    group.add_argument('--dataset', default='', help='digits | folder | hfds/NAME | wds/NAME')
+    group.add_argument('--dataset', default='', help='digits | folder | hfds/NAME | wds/NAME | torch/NAME '
+                       '(torchvision: fashion_mnist, mnist, kmnist, cifar10, cifar100)')
+    group.add_argument('--dataset-download', action='store_true',
+                       help='torch/NAME: let torchvision download the data into --data-dir (default '
+                       '~/.cache/timm_ic/data; needs a network)')
     group.add_argument('--train-split', default='train')
     group.add_argument('--val-split', default='validation')
     group.add_argument('--input-key', default=None, help="hfds/wds image field (e.g. 'img' for CIFAR on the Hub)")
@@ -426,6 +431,9 @@ def resolve_transforms(args: argparse.Namespace, model: nn.Module, in_chans: int
     for key in ('mean', 'std'):  # a grey-scale input with a colour model's statistics: use their average
         if overrides[key] is None and len(cfg.get(key) or ()) not in (0, in_chans):
             overrides[key] = [sum(cfg[key]) / len(cfg[key])]
+    size = cfg.get('input_size')
+    if overrides['input_size'] is None and not overrides['img_size'] and size and size[0] != in_chans:
+        overrides['input_size'] = (in_chans, *size[1:])  # timm takes the cfg's size whole, channels included
     data_config = resolve_data_config(overrides, model=model)
     if data_config['input_size'][0] != in_chans:
         raise UsageError(f'--input-size has {data_config["input_size"][0]} channels but the model takes {in_chans}.')
@@ -788,7 +796,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         log(f'--resume: {note}')
 
     # data
-    default_chans = 1 if (not args.data_dir and args.dataset in ('', 'digits')) else 3
+    default_chans = default_in_chans(args.dataset, args.data_dir)
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else default_chans)
     img_modes = {1: 'L', 3: 'RGB', 4: 'RGBA'}
     if in_chans not in img_modes:
@@ -796,7 +804,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     train_ds, val_ds, label_names = build_datasets(
         args.dataset, args.data_dir, args.train_split, args.val_split, input_img_mode=img_modes[in_chans],
         bad_images=args.bad_images, seed=args.seed, batch_size=args.batch_size,
-        input_key=args.input_key, target_key=args.target_key)
+        input_key=args.input_key, target_key=args.target_key, download=args.dataset_download)
     source = args.dataset or args.data_dir or 'digits'
     num_classes = check_num_classes(args.num_classes, label_names, source)
 
@@ -915,7 +923,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
         'label_names': label_names,
         'pretrained_cfg': dict(getattr(unwrapped, 'pretrained_cfg', {}) or {}),
         'data_config': data_config,
-        'dataset': {'key': 'digits' if source == 'digits' else None,
+        'dataset': {'key': dataset_key(args.dataset, args.data_dir),
                     'name': args.dataset or ('folder' if args.data_dir else 'digits'), 'data_dir': args.data_dir,
                     'hub_id': args.dataset[5:] if args.dataset.startswith('hfds/') and not os.path.exists(
                         args.dataset[5:]) else None,

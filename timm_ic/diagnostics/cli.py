@@ -33,7 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--compare', nargs='+', default=[], metavar='NAME_OR_PLACEMENT[@FILE.safetensors]',
                    help='more models (timm names) or placements of --model to measure and draw beside it')
     p.add_argument('--data', default=None, metavar='DIR',
-                   help='ImageNet-layout folder (DIR/train/<class>/*.jpg); default: the embedded digits')
+                   help='ImageNet-layout folder (DIR/train/<class>/*.jpg), or the root of --dataset torch/NAME; '
+                   'default: the embedded digits')
+    p.add_argument('--dataset', default=None, metavar='torch/NAME',
+                   help='a torchvision data set as train.py takes it (torch/fashion_mnist, torch/mnist, torch/kmnist, '
+                   'torch/cifar10, torch/cifar100); its training split is read')
+    p.add_argument('--dataset-download', action='store_true',
+                   help='--dataset torch/NAME: let torchvision download it into --data (needs a network)')
     p.add_argument('--out', required=True, help='output folder for report.json and the PNG figures')
     p.add_argument('--batches', type=int, default=8, help='training batches read per diagnostic (default 8)')
     p.add_argument('--batch-size', type=int, default=64)
@@ -210,11 +216,53 @@ def _digits_data_config(model: nn.Module, img_size: Optional[int]) -> Dict[str, 
                                     mean=tuple(recipe['mean']), std=tuple(recipe['std'])), model=model)
 
 
+def _torch_data_config(model: nn.Module, dataset: str, img_size: Optional[int]) -> Dict[str, Any]:
+    """Preprocessing for a torch/NAME data set: the fashion_mnist recipe's for Fashion-MNIST (what train.py
+    trains with); else the model's, with a colour model's mean and std averaged for grey images."""
+    from timm.data import resolve_data_config
+
+    from timm_ic.training.data import default_in_chans
+    chans = default_in_chans(dataset)
+    overrides: Dict[str, Any] = {'in_chans': chans}
+    if dataset.lower() == 'torch/fashion_mnist':
+        from timm_ic.training.recipes import load_recipe
+        recipe = load_recipe('fashion_mnist_resnet20')
+        overrides.update(input_size=tuple(recipe['input_size']), crop_pct=recipe['crop_pct'],
+                         mean=tuple(recipe['mean']), std=tuple(recipe['std']))
+    else:
+        cfg = getattr(model, 'pretrained_cfg', {}) or {}
+        for key in ('mean', 'std'):
+            if len(cfg.get(key) or ()) not in (0, chans):
+                overrides[key] = (sum(cfg[key]) / len(cfg[key]),) * chans
+    if img_size:
+        overrides['input_size'] = (chans, img_size, img_size)
+    return resolve_data_config(overrides, model=model)
+
+
+def _build_torch_dataset(data: Optional[str], dataset: str, download: bool):
+    from timm_ic.training.data import DataError, build_torch_datasets, default_in_chans
+    mode = 'L' if default_in_chans(dataset) == 1 else 'RGB'
+    try:
+        return build_torch_datasets(dataset, data, download=download, input_img_mode=mode)[0]
+    except DataError as e:
+        raise DiagnoseError(str(e).replace('--data-dir', '--data')) from e
+
+
 def build_dataset(data: Optional[str], model: Optional[nn.Module] = None, img_size: Optional[int] = None,
-                  data_config: Optional[Dict[str, Any]] = None):
-    """The training split: embedded digits by default, else an ImageNet-layout folder (via
-    `timm.data.create_dataset`); with `model`, timm's eval transforms for it (or for `data_config`)."""
+                  data_config: Optional[Dict[str, Any]] = None, dataset: Optional[str] = None,
+                  download: bool = False):
+    """The training split: embedded digits by default, else an ImageNet-layout folder or a torch/NAME data set
+    (via `timm.data.create_dataset`); with `model`, timm's eval transforms for it (or for `data_config`)."""
     from timm.data import create_dataset, create_transform, resolve_data_config
+    if dataset:
+        if not dataset.lower().startswith('torch/'):
+            raise DiagnoseError(f'--dataset {dataset!r}: give a torchvision data set, torch/NAME (e.g. '
+                                'torch/fashion_mnist); for image folders use --data DIR alone')
+        torch_ds = _build_torch_dataset(data, dataset, download)
+        if model is not None:
+            config = data_config or _torch_data_config(model, dataset, img_size)
+            torch_ds.transform = create_transform(**config, is_training=False)
+        return torch_ds
     if data is None:
         from timm_ic.data import DigitsDataset
         if model is None:
@@ -273,8 +321,13 @@ def _diagnose(args: argparse.Namespace) -> int:
     specs = parse_specs(args)
     check_inputs(args, specs)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    in_chans = 1 if args.data is None else 3
-    num_classes = 10 if args.data is None else _num_classes(build_dataset(args.data))
+    if args.dataset:
+        from timm_ic.training.data import default_in_chans
+        in_chans = default_in_chans(args.dataset)
+        num_classes = _num_classes(build_dataset(args.data, dataset=args.dataset, download=args.dataset_download))
+    else:
+        in_chans = 1 if args.data is None else 3
+        num_classes = 10 if args.data is None else _num_classes(build_dataset(args.data))
     results = []
     torch.manual_seed(args.seed)
     with tqdm(total=len(specs) * (1 + len(DIAGNOSTIC_STEPS)), desc='diagnose', unit='step') as bar:
@@ -284,7 +337,7 @@ def _diagnose(args: argparse.Namespace) -> int:
                 label = f'{label} #{sum(r.label.startswith(label) for r in results) + 1}'
             bar.set_postfix_str(f'{label}: build')
             model, weights, data_config = build_model(spec, num_classes, in_chans)
-            dataset = build_dataset(args.data, model, args.img_size, data_config)
+            dataset = build_dataset(args.data, model, args.img_size, data_config, args.dataset, args.dataset_download)
             if len(dataset) < args.batch_size:
                 raise DiagnoseError(f'the data has {len(dataset)} images, fewer than --batch-size {args.batch_size}')
             # one fixed random sample of the training data for every diagnostic and model: recalibrated
@@ -309,7 +362,8 @@ def _diagnose(args: argparse.Namespace) -> int:
                                     recalibrate=not args.no_recalibrate, autocast=args.bf16, progress=step_done)
             result.model, result.weights = spec.model, weights
             results.append(result)
-    settings = dict(batches=args.batches, batch_size=args.batch_size, data=args.data or 'embedded digits (train)',
+    data_name = f'{args.dataset} (train)' if args.dataset else (args.data or 'embedded digits (train)')
+    settings = dict(batches=args.batches, batch_size=args.batch_size, data=data_name,
                     device=str(device), bf16=args.bf16, seed=args.seed, versions=library_versions())
     files = [write_report(build_report(results, settings), os.path.join(args.out, 'report.json'))]
     by_label = {r.label: r for r in results}

@@ -1,0 +1,645 @@
+#!/usr/bin/env python3
+"""The placement study: each paper's question on Fashion-MNIST, (arm x seed) runs of train.py, with intervals.
+
+    python benchmarks/placement_study.py --preset cpu --out study/cpu            # prints its time estimate first
+    python benchmarks/placement_study.py --preset full --out study/full --shard 0/4   # one of 4 machines
+    python benchmarks/placement_study.py --preset full --out study/full --merge-only  # tables and figures
+
+Every run is `train.py` itself, as a subprocess, in its own folder `OUT/runs/<arm>-<hash>-s<seed>/` with
+`--resume auto`: a killed study, started again, continues each unfinished run from its last checkpoint and never
+redoes a finished one (a run.json whose status is 'finished' or 'stopped: ...' and whose epochs are all there).
+`--shard i/n` takes every n-th run of the sorted grid, so n processes or machines share out the grid without
+overlap; `--merge-only` reads whatever run folders exist and writes the results:
+
+    results.json   every run's numbers, per-arm mean/std/n, every comparison with its 95% interval and p value
+    results.md     one table per question (mean ± std over seeds, n) and the comparisons, in words
+    *.png          accuracy per arm with every seed's point; for Li et al.: accuracy before/after BN
+                   recalibration, and variance shift against accuracy
+
+A comparison is the difference of two arms' means with a 95% interval from Welch's t-test (unequal variances);
+when the interval contains 0 the table says "no significant difference". The arms of every question are data
+(`QUESTIONS`), all on the CIFAR ResNet-20 skeleton with one input channel (`cifar_resnet20`, `placement=`),
+trained by the `fashion_mnist_resnet20` recipe (ours) with the preset's epochs and training-set share.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the repository's timm_ic, also when run from elsewhere
+
+from timm_ic._atomic import atomic_file, write_json_atomic  # noqa: E402
+from timm_ic.placement import Placement  # noqa: E402
+
+RECIPE = 'fashion_mnist_resnet20'
+MODEL = 'cifar_resnet20'
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One setting: the placement of the ResNet-20 skeleton and any train.py flags beyond the preset's."""
+    placement: str
+    flags: Tuple[str, ...] = ()
+    lr: Optional[float] = None  # None: the preset's (scaled with the batch size when `batch_size` is set)
+    batch_size: Optional[int] = None
+
+    def train_args(self, preset: 'Preset') -> List[str]:
+        batch = self.batch_size or preset.batch_size
+        lr = self.lr if self.lr is not None else preset.lr * batch / preset.batch_size  # linear scaling rule
+        args = ['--model', MODEL, '--placement', self.placement, '--batch-size', str(batch), '--lr', repr(lr)]
+        if preset.images_per_epoch:
+            args += ['--limit-train-batches', str(max(preset.images_per_epoch // batch, 1))]
+        return args + list(self.flags)
+
+
+@dataclass
+class Question:
+    title: str
+    paper: str
+    arms: Dict[str, Arm]
+    comparisons: List[Tuple[str, str]]  # (a, b): the difference a - b
+    metrics: Tuple[str, ...] = ('top1', 'gap', 'epochs_to_target')
+    analysis: bool = False  # variance shift and accuracy after BN recalibration, from the run's weights
+    lr_sweep: Dict[str, List[str]] = field(default_factory=dict)  # group -> arms in increasing lr
+
+
+def _lr_arms(prefix: str, placement: str, lrs: Sequence[float]) -> Dict[str, Arm]:
+    return {f'{prefix}@lr{lr:g}': Arm(placement, lr=lr) for lr in lrs}
+
+
+NORMS = {'bn': 'post', 'gn': 'post:norm=groupnorm,group_size=8', 'ln': 'post:norm=layernorm',
+         'in': 'post:norm=instancenorm', 'frn': 'post:norm=frn', 'evonorm_b0': 'post:norm=evonorm_b0',
+         'evonorm_s0': 'post:norm=evonorm_s0', 'vn': 'post:norm=variancenorm', 'ws': 'post:norm=none,conv=ws'}
+IOFFE_LRS = (0.1, 0.4, 1.6)
+
+
+def build_questions(norms: Sequence[str] = tuple(NORMS), lrs: Sequence[float] = IOFFE_LRS,
+                    small_batch_norms: Optional[Sequence[str]] = None) -> Dict[str, Question]:
+    """The five questions, one per paper, as data. `norms`, `lrs` and `small_batch_norms` (those also run at
+    batch 8; default all of `norms`) let a preset take a subset. Learning rates scale with the batch size."""
+    small = list(norms if small_batch_norms is None else small_batch_norms)
+    lubana_arms = {f'{n}@b64': Arm(NORMS[n], batch_size=64) for n in norms}
+    lubana_arms.update({f'{n}@b8': Arm(NORMS[n], batch_size=8) for n in small})
+    lubana_cmp = [(f'{n}@b64', 'bn@b64') for n in norms if n != 'bn']
+    lubana_cmp += [(f'{n}@b8', 'bn@b8') for n in small if n != 'bn' and 'bn' in small]
+    lubana_cmp += [(f'{n}@b8', f'{n}@b64') for n in small]
+    return {
+        'chen': Question(
+            'IC layer vs pre- and post-activation', 'Chen et al. 2019 (arXiv 1905.05928)',
+            {'ic': Arm('ic'), 'pre': Arm('pre'), 'post': Arm('post')},
+            [('ic', 'post'), ('ic', 'pre'), ('pre', 'post')]),
+        'kim': Question(
+            'where the dropout of a residual branch goes', 'Kim et al. 2023 (arXiv 2302.06112)',
+            {'kim': Arm('kim'), 'every_unit': Arm('kim:drop_units=all'),
+             'before_last_bn': Arm('kim:order=drop-norm-act-conv'), 'head_after_pool': Arm('kim:head=after_pool')},
+            [('kim', 'every_unit'), ('kim', 'before_last_bn'), ('kim', 'head_after_pool')]),
+        'li': Question(
+            'dropout before BN vs after it, and Uout', 'Li et al. 2019 (arXiv 1801.05134)',
+            {'before_bn': Arm('before_bn'), 'after_bn': Arm('after_bn'),
+             'uout_before_bn': Arm('before_bn:drop=uout,beta=0.2')},
+            [('after_bn', 'before_bn'), ('uout_before_bn', 'before_bn'), ('after_bn', 'uout_before_bn')],
+            metrics=('top1', 'top1_recalibrated', 'recalibration_gain', 'variance_shift'), analysis=True),
+        'ioffe': Question(
+            'BN vs no normalization: speed and the largest lr that trains', 'Ioffe & Szegedy 2015 (arXiv 1502.03167)',
+            {**_lr_arms('bn', 'post', lrs), **_lr_arms('none', 'post:norm=none', lrs)},
+            [('bn@lr0.1', 'none@lr0.1')] if 0.1 in lrs else [],
+            lr_sweep={'bn': [f'bn@lr{lr:g}' for lr in lrs], 'none': [f'none@lr{lr:g}' for lr in lrs]}),
+        'lubana': Question(
+            'the normalizer zoo at batch 64 and 8', 'Lubana et al. 2021 (arXiv 2106.05956)',
+            lubana_arms, lubana_cmp, metrics=('top1',)),
+    }
+
+
+@dataclass
+class Preset:
+    epochs: int
+    seeds: int
+    images_per_epoch: Optional[int]  # None: every training image each epoch; else batches drawn from all 60k
+    target: float  # top-1 (%) for "epochs to target"
+    trains_above: float  # a run "trains" when its final top-1 exceeds this (%; chance is 10%)
+    batch_size: int = 128
+    lr: float = 0.1
+    workers: int = 4
+    norms: Tuple[str, ...] = tuple(NORMS)
+    small_batch_norms: Optional[Tuple[str, ...]] = None  # None: every one of `norms`
+    lrs: Tuple[float, ...] = IOFFE_LRS
+    questions: Tuple[str, ...] = ('chen', 'kim', 'li', 'ioffe', 'lubana')
+    note: str = ''
+
+
+PRESETS = {
+    # a 2-core CPU machine, about 90 minutes when idle (the estimate is printed before it starts): 5,120 images
+    # per epoch drawn from all 60,000, 3 epochs, 3 seeds; the normalizer zoo and the lr sweep cut down
+    'cpu': Preset(epochs=3, seeds=3, images_per_epoch=5120, target=75.0, trains_above=50.0, workers=0,
+                  norms=('bn', 'gn', 'frn', 'ws'), small_batch_norms=('bn', 'gn'), lrs=(0.1, 1.6),
+                  note='short runs far from convergence: differences are those of early training'),
+    # one GPU: the whole training set, 30 epochs, 5 seeds
+    'full': Preset(epochs=30, seeds=5, images_per_epoch=None, target=92.0, trains_above=50.0, workers=4),
+    # the test suite's: two arms, one epoch of a few batches
+    'tiny': Preset(epochs=1, seeds=2, images_per_epoch=16, target=15.0, trains_above=10.0, batch_size=8, workers=0,
+                   questions=('tiny',)),
+}
+
+
+def questions_for(preset: Preset) -> Dict[str, Question]:
+    if preset.questions == ('tiny',):
+        return {'tiny': Question('two arms (test grid)', 'none', {'post': Arm('post'), 'pre': Arm('pre')},
+                                 [('pre', 'post')], analysis=True,
+                                 metrics=('top1', 'gap', 'epochs_to_target', 'top1_recalibrated', 'variance_shift'))}
+    return {k: v for k, v in build_questions(preset.norms, preset.lrs, preset.small_batch_norms).items()
+            if k in preset.questions}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the grid: unique runs, sorted, shardable
+
+@dataclass(frozen=True)
+class Run:
+    name: str  # folder name: <arm>-<hash of its train.py arguments>-s<seed>
+    args: Tuple[str, ...]  # train.py arguments, without output/resume/seed
+    seed: int
+
+
+def _slug(text: str) -> str:
+    return re.sub(r'[^A-Za-z0-9_.@-]+', '_', text)[:40]
+
+
+def arm_args(preset: Preset, arm: Arm, extra_args: Sequence[str] = ()) -> Tuple[str, ...]:
+    """train.py's arguments for an arm (without output, resume and seed): the run's identity."""
+    common = ['--recipe', RECIPE, '--epochs', str(preset.epochs), '--workers', str(preset.workers)]
+    return tuple(common + list(extra_args) + arm.train_args(preset))
+
+
+def build_grid(preset: Preset, extra_args: Sequence[str] = ()) -> List[Run]:
+    """Every (arm x seed) run, each once even when several questions share an arm, sorted by name."""
+    runs: Dict[Tuple[Tuple[str, ...], int], Run] = {}
+    for question in questions_for(preset).values():
+        for arm_name, arm in question.arms.items():
+            args = arm_args(preset, arm, extra_args)
+            digest = hashlib.sha1(json.dumps(args).encode()).hexdigest()[:8]
+            for seed in range(preset.seeds):  # the first question's arm name names a shared run
+                runs.setdefault((args, seed), Run(f'{_slug(arm_name)}-{digest}-s{seed}', args, seed))
+    return sorted(runs.values(), key=lambda r: r.name)
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    match = re.fullmatch(r'(\d+)/(\d+)', text or '')
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise argparse.ArgumentTypeError(f'--shard {text!r}: give i/n with 0 <= i < n, e.g. 0/4')
+    return int(match.group(1)), int(match.group(2))
+
+
+def shard(runs: Sequence[Run], index: int, count: int) -> List[Run]:
+    """Every `count`-th run from `index`: the shards of one grid partition it."""
+    return list(runs[index::count])
+
+
+def read_record(folder: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads((folder / 'run.json').read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(record: Optional[Dict[str, Any]], epochs: int) -> bool:
+    """A run that finished all its epochs, or that train.py stopped for good (a non-finite loss is a result)."""
+    if not record:
+        return False
+    status = str(record.get('status', ''))
+    return status.startswith('stopped') or (status == 'finished' and len(record.get('epochs') or []) >= epochs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+def train_command(run: Run, folder: Path, data_dir: Optional[str]) -> List[str]:
+    cmd = [sys.executable, str(REPO / 'train.py'), *run.args, '--seed', str(run.seed), '--output', str(folder),
+           '--resume', 'auto', '--log-interval', '50']
+    return cmd + (['--data-dir', data_dir] if data_dir else [])
+
+
+def execute(runs: Sequence[Run], out: Path, preset: Preset, data_dir: Optional[str], analyse: Dict[str, bool],
+            log=print) -> Dict[str, int]:
+    """Run what is not done yet, one after the other; returns counts of skipped / run / failed."""
+    counts = dict(skipped=0, ran=0, failed=0)
+    for i, run in enumerate(runs):
+        folder = out / 'runs' / run.name
+        if is_done(read_record(folder), preset.epochs):
+            counts['skipped'] += 1
+            if analyse.get(run.name) and not (folder / 'analysis.json').is_file():
+                analyse_run(folder, data_dir)
+            continue
+        log(f'[{i + 1}/{len(runs)}] {run.name}')
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(folder / 'train.log', 'a') as logfile:
+            code = subprocess.call(train_command(run, folder, data_dir), stdout=logfile, stderr=subprocess.STDOUT,
+                                   cwd=REPO)
+        record = read_record(folder)
+        if code not in (0, 3) or not is_done(record, preset.epochs):
+            counts['failed'] += 1
+            log(f'  failed (exit {code}); see {folder / "train.log"}')
+            if code == 2:  # bad input is the same for every run: stop at once
+                tail = (folder / 'train.log').read_text().strip().splitlines()[-1:]
+                raise SystemExit(f'train.py refused the options: {tail[0] if tail else ""}')
+            continue
+        counts['ran'] += 1
+        log(f'  {record.get("status")} in {time.perf_counter() - start:.0f} s, '
+            f'top-1 {final_top1(record)}')
+        if analyse.get(run.name):
+            analyse_run(folder, data_dir)
+    return counts
+
+
+def final_top1(record: Dict[str, Any]) -> Optional[float]:
+    """The last epoch's test top-1; None for a run train.py stopped (non-finite loss): it did not train."""
+    epochs = record.get('epochs') or []
+    if str(record.get('status', '')).startswith('stopped'):
+        return None
+    return float(epochs[-1]['eval_top1']) if epochs else None
+
+
+def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, batch_size: int = 128) -> Dict[str, Any]:
+    """Variance shift of the final weights, and test accuracy before and after BN recalibration (Li et al.),
+    written to analysis.json. Training images with the eval transform, as `timm-ic diagnose` reads them."""
+    import timm
+    import torch
+    from timm.data import create_transform
+    from safetensors.torch import load_file
+
+    import timm_ic  # noqa: F401
+    from timm_ic.diagnostics import recalibrate_bn, variance_shift
+    from timm_ic.diagnostics._common import bn_layers
+    from timm_ic.training.data import build_datasets
+
+    record = read_record(folder)
+    result: Dict[str, Any] = {'weights': 'last.safetensors', 'num_batches': num_batches, 'batch_size': batch_size}
+    if not record or str(record.get('status', '')).startswith('stopped') or not (folder / 'last.safetensors').is_file():
+        result['skipped'] = 'no final weights (the run did not finish)'
+        write_json_atomic(folder / 'analysis.json', result)
+        return result
+    model = timm.create_model(record['model'], **record['model_args'])
+    model.load_state_dict(load_file(folder / 'last.safetensors'))
+    model.eval()
+    dataset = record['dataset']
+    mode = 'L' if record['in_chans'] == 1 else 'RGB'
+    train_ds, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'),
+                                          dataset['train_split'], dataset['val_split'], input_img_mode=mode)
+    transform = create_transform(**record['data_config'], is_training=False)
+    train_ds.transform = test_ds.transform = transform
+    batch_size = min(batch_size, len(train_ds))  # tiny test data
+    num_batches = min(num_batches, len(train_ds) // batch_size)
+    result.update(num_batches=num_batches, batch_size=batch_size)
+    chosen = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[:num_batches * batch_size]
+    train_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, chosen.tolist()),
+                                               batch_size=batch_size, drop_last=True)
+    test_loader = torch.utils.data.DataLoader(test_ds, batch_size=256)
+
+    def accuracy() -> float:
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in test_loader:
+                correct += int((model(x).argmax(1) == y).sum())
+                total += len(y)
+        return 100.0 * correct / total
+
+    with torch.no_grad():
+        result['top1'] = accuracy()
+        if bn_layers(model):
+            result['variance_shift'] = variance_shift(model, train_loader, num_batches).mean_shift
+            recalibrate_bn(model, train_loader, num_batches)
+            result['variance_shift_recalibrated'] = variance_shift(model, train_loader, num_batches).mean_shift
+            result['top1_recalibrated'] = accuracy()
+    write_json_atomic(folder / 'analysis.json', result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# statistics
+
+def mean_std(values: Sequence[float]) -> Dict[str, Any]:
+    """Mean and sample standard deviation (None where undefined, so results.json stays strict JSON)."""
+    n = len(values)
+    mean = sum(values) / n if n else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return dict(mean=mean, std=std, n=n, values=list(values))
+
+
+def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Optional[Dict[str, Any]]:
+    """mean(a) - mean(b) with its Welch interval (unequal variances, Welch-Satterthwaite degrees of freedom) and
+    two-sided p value; None when either side has fewer than 2 values. Equal constant samples: a zero-width
+    interval, significant when the means differ."""
+    from scipy import stats
+    if len(a) < 2 or len(b) < 2:
+        return None
+    sa, sb = mean_std(a), mean_std(b)
+    diff = sa['mean'] - sb['mean']
+    va, vb = sa['std'] ** 2 / sa['n'], sb['std'] ** 2 / sb['n']
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return dict(diff=diff, low=diff, high=diff, p=0.0 if diff else 1.0, df=None,
+                    significant=diff != 0, confidence=confidence)
+    df = (va + vb) ** 2 / (va ** 2 / (sa['n'] - 1) + vb ** 2 / (sb['n'] - 1))
+    t = diff / se
+    half = stats.t.ppf(0.5 + confidence / 2, df) * se
+    p = 2 * stats.t.sf(abs(t), df)
+    return dict(diff=diff, low=diff - half, high=diff + half, p=p, df=df, t=t,
+                significant=bool(diff - half > 0 or diff + half < 0), confidence=confidence)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results
+
+def run_metrics(record: Dict[str, Any], analysis: Optional[Dict[str, Any]], target: float) -> Dict[str, Any]:
+    epochs = record.get('epochs') or []
+    stopped = str(record.get('status', '')).startswith('stopped')
+    reached = next((e['epoch'] for e in epochs if e.get('eval_top1') is not None and e['eval_top1'] >= target), None)
+    last = epochs[-1] if epochs else {}
+    metrics = {
+        'top1': final_top1(record),
+        'best_top1': max((e['eval_top1'] for e in epochs), default=None),
+        # evaluation loss minus training loss (the training loss is with dropout and augmentation on)
+        'gap': (last['eval_loss'] - last['train_loss']) if last and not stopped else None,
+        'epochs_to_target': reached,
+        'stopped': stopped,
+        'train_s': sum(e.get('epoch_time_s') or 0 for e in epochs),
+        'train_samples': (record.get('dataset') or {}).get('train_samples'),
+        'eval_samples': last.get('eval_samples'),
+    }
+    if analysis and 'skipped' not in analysis:
+        metrics.update({k: analysis.get(k) for k in ('variance_shift', 'variance_shift_recalibrated',
+                                                      'top1_recalibrated')})
+        if analysis.get('top1_recalibrated') is not None:
+            metrics['recalibration_gain'] = analysis['top1_recalibrated'] - analysis['top1']
+    return metrics
+
+
+METRIC_WORDS = {'top1': 'test top-1 (%)', 'gap': 'eval - train loss', 'epochs_to_target': 'epochs to target',
+                'top1_recalibrated': 'top-1 after BN recal. (%)', 'recalibration_gain': 'recal. gain (points)',
+                'variance_shift': 'variance shift'}
+
+
+def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str] = ()) -> Dict[str, Any]:
+    """results.json, results.md and the figures from the run folders that exist under `out`."""
+    grid = build_grid(preset, extra_args)
+    by_args: Dict[Tuple[Tuple[str, ...], int], Run] = {(r.args, r.seed): r for r in grid}
+    runs_out: Dict[str, Any] = {}
+    for run in grid:
+        folder = out / 'runs' / run.name
+        record = read_record(folder)
+        if not is_done(record, preset.epochs):
+            continue
+        analysis = None
+        if (folder / 'analysis.json').is_file():
+            analysis = json.loads((folder / 'analysis.json').read_text())
+        runs_out[run.name] = dict(seed=run.seed, status=record.get('status'),
+                                  **run_metrics(record, analysis, preset.target))
+    questions_out: Dict[str, Any] = {}
+    for qname, question in questions_for(preset).items():
+        arms: Dict[str, Any] = {}
+        for arm_name, arm in question.arms.items():
+            args = arm_args(preset, arm, extra_args)
+            names = [by_args[(args, s)].name for s in range(preset.seeds) if (args, s) in by_args]
+            done = [runs_out[n] for n in names if n in runs_out]
+            arm_out: Dict[str, Any] = {'placement': arm.placement, 'train_args': list(arm.train_args(preset)),
+                                       'runs': [n for n in names if n in runs_out], 'seeds': [r['seed'] for r in done]}
+            for metric in question.metrics:
+                values = [r[metric] for r in done if r.get(metric) is not None]
+                arm_out[metric] = mean_std(values)
+                if metric == 'epochs_to_target':
+                    arm_out[metric]['not_reached'] = sum(r.get(metric) is None for r in done)
+            arm_out['stopped'] = sum(r['stopped'] for r in done)
+            arms[arm_name] = arm_out
+        comparisons = []
+        for a, b in question.comparisons:
+            for metric in question.metrics:
+                va, vb = arms[a][metric]['values'], arms[b][metric]['values']
+                if metric == 'epochs_to_target' and (arms[a][metric]['not_reached'] or arms[b][metric]['not_reached']):
+                    test = None  # a run that never reached the target has no number: no interval
+                else:
+                    test = welch(va, vb)
+                comparisons.append(dict(a=a, b=b, metric=metric, n_a=len(va), n_b=len(vb), welch=test))
+        sweeps = {}
+        for group, names in question.lr_sweep.items():
+            per_seed = {}
+            for seed in range(preset.seeds):
+                trained = [question.arms[n].lr for n in names if _seed_top1(arms[n], runs_out, seed) is not None
+                           and _seed_top1(arms[n], runs_out, seed) > preset.trains_above]
+                per_seed[seed] = max(trained) if trained else None
+            sweeps[group] = dict(largest_lr_per_seed=per_seed, trains_above=preset.trains_above,
+                                 lrs=[question.arms[n].lr for n in names])
+        questions_out[qname] = dict(title=question.title, paper=question.paper, arms=arms, comparisons=comparisons,
+                                    lr_sweeps=sweeps, metrics=list(question.metrics))
+    results = dict(schema='timm_ic.placement_study/1', preset=preset_name, settings=_preset_dict(preset),
+                   model=MODEL, recipe=RECIPE, extra_train_args=list(extra_args),
+                   runs_done=len(runs_out), runs_in_grid=len(grid), runs=runs_out, questions=questions_out)
+    write_json_atomic(out / 'results.json', results)
+    with atomic_file(out / 'results.md') as tmp:
+        tmp.write_text(format_markdown(results))
+    plot_results(results, out)
+    return results
+
+
+def _seed_top1(arm_out: Dict[str, Any], runs_out: Dict[str, Any], seed: int) -> Optional[float]:
+    for name in arm_out['runs']:
+        if runs_out[name]['seed'] == seed:
+            return runs_out[name]['top1']
+    return None
+
+
+def _preset_dict(preset: Preset) -> Dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(preset).items()}
+
+
+def _fmt(stat: Dict[str, Any], digits: int = 2) -> str:
+    if not stat['n']:
+        return '-'
+    if stat['n'] == 1:
+        return f'{stat["mean"]:.{digits}f} (n=1)'
+    return f'{stat["mean"]:.{digits}f} ± {stat["std"]:.{digits}f} (n={stat["n"]})'
+
+
+def format_markdown(results: Dict[str, Any]) -> str:
+    s = results['settings']
+    counts = lambda key: '/'.join(sorted({f'{r[key]:,}' for r in results['runs'].values() if r.get(key)})) or '?'
+    train, test = counts('train_samples'), counts('eval_samples')
+    share = f'{s["images_per_epoch"]:,} images per epoch drawn from all {train}' if s['images_per_epoch'] else \
+        f'all {train} training images every epoch'
+    lines = [f'# Placement study on Fashion-MNIST: preset `{results["preset"]}`', '',
+             f'{results["model"]} (1 input channel) with each arm\'s placement, recipe `{results["recipe"]}` (ours), '
+             f'{s["epochs"]} epochs, {share}, seeds 0..{s["seeds"] - 1}; test top-1 on all {test} test images '
+             f'after the last epoch. {results["runs_done"]} of {results["runs_in_grid"]} runs done. '
+             f'Mean ± sample std over seeds (n runs). Differences: 95% Welch interval; "no significant difference" '
+             f'when it contains 0.' + (f' Note: {s["note"]}.' if s.get('note') else ''), '']
+    for qname, q in results['questions'].items():
+        lines += [f'## {q["paper"]}: {q["title"]}', '']
+        header = ['arm', 'placement'] + [METRIC_WORDS.get(m, m) for m in q['metrics']]
+        lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+        for arm_name, arm in q['arms'].items():
+            cells = [arm_name, f'`{arm["placement"]}`']
+            for m in q['metrics']:
+                cell = _fmt(arm[m], 3 if m in ('gap', 'variance_shift') else 2)
+                if m == 'epochs_to_target' and arm[m].get('not_reached'):
+                    cell += f'; not reached in {arm[m]["not_reached"]}'
+                cells.append(cell)
+            if arm.get('stopped'):
+                cells[0] += f' ({arm["stopped"]} stopped: non-finite loss)'
+            lines.append('| ' + ' | '.join(cells) + ' |')
+        lines.append('')
+        if any(m == 'epochs_to_target' for m in q['metrics']):
+            lines += [f'Target for "epochs to target": {s["target"]:g}% test top-1.', '']
+        for c in q['comparisons']:
+            w = c['welch']
+            what = f'- {c["a"]} − {c["b"]}, {METRIC_WORDS.get(c["metric"], c["metric"])}: '
+            if w is None:
+                lines.append(what + f'no interval (n = {c["n_a"]} and {c["n_b"]}; a run without a value, '
+                             f'or fewer than 2 seeds)')
+                continue
+            verdict = 'significant' if w['significant'] else 'no significant difference'
+            lines.append(what + f'{w["diff"]:+.3f} [{w["low"]:+.3f}, {w["high"]:+.3f}], Welch p = {w["p"]:.3g} '
+                         f'(n = {c["n_a"]}, {c["n_b"]}): {verdict}')
+        for group, sweep in q['lr_sweeps'].items():
+            per_seed = ', '.join(f's{k}: {v if v is not None else "none"}' for k, v in
+                                 sweep['largest_lr_per_seed'].items())
+            lines.append(f'- largest lr that trains (final top-1 > {sweep["trains_above"]:g}%, lrs tried '
+                         f'{sweep["lrs"]}), {group}: {per_seed}')
+        lines.append('')
+    return '\n'.join(lines) + '\n'
+
+
+def plot_results(results: Dict[str, Any], out: Path) -> List[Path]:
+    """accuracy.png (every question, every seed's point); for questions with the analysis, recalibration.png and
+    shift_vs_accuracy.png."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    written = []
+    questions = results['questions']
+    fig, axes = plt.subplots(1, len(questions), figsize=(4.5 * len(questions), 4), squeeze=False)
+    for ax, (qname, q) in zip(axes[0], questions.items()):
+        names = list(q['arms'])
+        for i, name in enumerate(names):
+            values = q['arms'][name]['top1']['values']
+            ax.scatter([i] * len(values), values, s=18, alpha=0.7)
+            if values:
+                ax.hlines(sum(values) / len(values), i - 0.3, i + 0.3, color='k')
+        ax.set_xticks(range(len(names)), names, rotation=45, ha='right', fontsize=8)
+        ax.set_title(f'{qname}: {q["paper"].split(" (")[0]}', fontsize=9)
+        ax.set_ylabel('test top-1 (%)')
+    fig.tight_layout()
+    written.append(_save(fig, out / 'accuracy.png'))
+    for qname, q in questions.items():
+        arms = {n: a for n, a in q['arms'].items() if a.get('top1_recalibrated', {}).get('n')}
+        if not arms:
+            continue
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        for i, (name, arm) in enumerate(arms.items()):
+            runs = [results['runs'][r] for r in arm['runs']]
+            pairs = [(r['top1'], r['top1_recalibrated']) for r in runs if r.get('top1_recalibrated') is not None]
+            for before, after in pairs:
+                ax1.plot([i - 0.15, i + 0.15], [before, after], marker='o', color=f'C{i}', alpha=0.7)
+            shifts = [(r['variance_shift'], r['top1']) for r in runs if r.get('variance_shift') is not None]
+            if shifts:
+                ax2.scatter(*zip(*shifts), label=name, color=f'C{i}')
+        ax1.set_xticks(range(len(arms)), list(arms), rotation=30, ha='right', fontsize=8)
+        ax1.set_ylabel('test top-1 (%): before -> after BN recalibration')
+        ax2.set_xlabel('mean variance shift (final weights)')
+        ax2.set_ylabel('test top-1 (%)')
+        ax2.legend(fontsize=8)
+        fig.suptitle(f'{qname}: {q["paper"]}', fontsize=9)
+        fig.tight_layout()
+        written.append(_save(fig, out / f'{qname}_recalibration_and_shift.png'))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+# An idle 2-core machine, one process, batch 128, 28x28 (/work/shared/notes/data.md and our runs): cifar_resnet20
+# trains ~410 img/s, with dropout in the units ~240 img/s (x1.7), evaluates the 10,000 test images in ~8 s, and
+# train.py starts in ~6 s. Batch 8 costs ~5x per image (a bare training loop under load 9: 42 img/s at batch 128,
+# 7 at batch 8). Shared with 4 other jobs (load ~6), train.py ran 22 img/s (post) and 18 img/s (ic): ~10x slower.
+CPU_SECONDS = dict(per_image=1 / 410, per_eval=8.0, per_start=6.0, batch8=5.0, dropout=1.7)
+
+
+def estimate_seconds(runs: Sequence[Run], preset: Preset, calib: Dict[str, float] = CPU_SECONDS) -> float:
+    """Rough time of `runs` on the machine `calib` was measured on: images trained, evaluations, start-ups;
+    batch-8 runs and runs with dropout or Uout in the units cost `calib`'s factors more per image."""
+    total = 0.0
+    for run in runs:
+        args = list(run.args)
+        batch = int(args[args.index('--batch-size') + 1])
+        limit = int(args[args.index('--limit-train-batches') + 1]) if '--limit-train-batches' in args else None
+        images = (limit * batch if limit else 60000) * preset.epochs
+        placement = Placement.parse(args[args.index('--placement') + 1])
+        factor = (calib['batch8'] if batch <= 8 else 1.0) * (calib['dropout'] if placement.has_drop else 1.0)
+        total += images * calib['per_image'] * factor + preset.epochs * calib['per_eval'] + calib['per_start']
+    return total
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('--preset', choices=sorted(PRESETS), default='cpu')
+    parser.add_argument('--out', required=True, help='study folder: runs/, results.json, results.md, figures')
+    parser.add_argument('--shard', type=parse_shard, default=(0, 1), metavar='I/N', help='run every N-th run from I')
+    parser.add_argument('--merge-only', action='store_true', help='no training: results from the run folders there')
+    parser.add_argument('--data-dir', default=None, help='passed to train.py (default: the Debian package / cache)')
+    parser.add_argument('--questions', nargs='+', default=None, help='a subset of the preset\'s questions')
+    parser.add_argument('--seeds', type=int, default=None, help="override the preset's seed count")
+    parser.add_argument('--dry-run', action='store_true', help='print the grid and the estimate, run nothing')
+    parser.add_argument('--train-args', nargs=argparse.REMAINDER, default=[],
+                        help='the rest goes to every train.py run (e.g. --mixed-precision bf16)')
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.questions or args.seeds:
+        unknown = set(args.questions or ()) - set(preset.questions)
+        if unknown:
+            parser.error(f'--questions {sorted(unknown)}: this preset has {", ".join(preset.questions)}')
+        preset = Preset(**{**vars(preset), 'questions': tuple(args.questions or preset.questions),
+                           'seeds': args.seeds or preset.seeds})
+    out = Path(args.out).resolve()  # train.py runs from the repository root
+    data_dir = os.path.abspath(args.data_dir) if args.data_dir else None
+    grid = build_grid(preset, args.train_args)
+    if not args.merge_only:
+        mine = shard(grid, *args.shard)
+        todo = [r for r in mine if not is_done(read_record(out / 'runs' / r.name), preset.epochs)]
+        estimate = estimate_seconds(todo, preset)
+        print(f'preset {args.preset}: {len(grid)} runs in the grid, {len(mine)} in shard {args.shard[0]}/'
+              f'{args.shard[1]}, {len(todo)} still to do; estimated {estimate / 60:.0f} min on an idle 2-core CPU '
+              f'(more when the machine is shared; a GPU is far faster)')
+        if args.dry_run:
+            for run in mine:
+                print(f'  {run.name}: {" ".join(run.args)} --seed {run.seed}')
+            return 0
+        analysed = {arm_args(preset, arm, args.train_args) for q in questions_for(preset).values() if q.analysis
+                    for arm in q.arms.values()}
+        analyse = {r.name: r.args in analysed for r in grid}
+        counts = execute(mine, out, preset, data_dir, analyse)
+        print(f'shard {args.shard[0]}/{args.shard[1]}: {counts["ran"]} run, {counts["skipped"]} already done, '
+              f'{counts["failed"]} failed')
+    results = merge(out, args.preset, preset, args.train_args)
+    print(f'{results["runs_done"]} of {results["runs_in_grid"]} runs done; wrote {out / "results.json"}, '
+          f'{out / "results.md"} and figures')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

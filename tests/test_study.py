@@ -1,0 +1,181 @@
+"""benchmarks/placement_study.py: the grid and its shards, resume (a finished run is never redone), merging,
+and the statistics (Welch's interval and p value against scipy). The end-to-end test trains a 2 x 2 grid of
+one-epoch runs on tiny synthetic IDX files."""
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from test_data_torchvision import write_idx_set
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location('placement_study', REPO / 'benchmarks' / 'placement_study.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_study()
+
+
+@pytest.mark.parametrize('a,b', [
+    ([91.2, 90.8, 91.5], [90.1, 90.4, 89.9, 90.3]),
+    ([80.0, 85.0, 82.0, 81.0, 79.5], [80.5, 84.0, 81.0, 83.0, 80.0]),
+    ([1.0, 2.0], [10.0, 30.0, 20.0]),
+])
+def test_welch_matches_scipy(a, b):
+    ours = study.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    low, high = ref.confidence_interval(0.95)
+    assert ours['p'] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert (ours['low'], ours['high']) == (pytest.approx(low, rel=1e-9), pytest.approx(high, rel=1e-9))
+    assert ours['diff'] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
+    assert ours['significant'] == (ref.pvalue < 0.05)
+
+
+def test_welch_needs_two_values_each_and_handles_zero_spread():
+    assert study.welch([1.0], [2.0, 3.0]) is None
+    same = study.welch([90.0, 90.0], [90.0, 90.0])
+    assert same['significant'] is False and same['low'] == same['high'] == 0.0
+    assert study.welch([91.0, 91.0], [90.0, 90.0])['significant'] is True
+
+
+def test_shards_partition_the_grid_and_shared_arms_run_once():
+    preset = study.PRESETS['cpu']
+    grid = study.build_grid(preset)
+    keys = [(r.args, r.seed) for r in grid]
+    assert len(keys) == len(set(keys)) == len({r.name for r in grid})
+    # chen's 'post' and ioffe's 'bn@lr0.1' are the same train.py run
+    arms = study.questions_for(preset)
+    assert study.arm_args(preset, arms['chen'].arms['post']) == study.arm_args(preset, arms['ioffe'].arms['bn@lr0.1'])
+    for n in (1, 2, 3, 7):
+        shards = [study.shard(grid, i, n) for i in range(n)]
+        names = [r.name for s in shards for r in s]
+        assert sorted(names) == sorted(r.name for r in grid) and len(names) == len(set(names))
+    assert study.parse_shard('2/3') == (2, 3)
+    for bad in ('3/3', '1', 'a/b', '-1/2'):
+        with pytest.raises(Exception):
+            study.parse_shard(bad)
+
+
+def test_every_placement_of_every_preset_builds():
+    import timm
+    import timm_ic  # noqa: F401
+    seen = set()
+    for preset in study.PRESETS.values():
+        for question in study.questions_for(preset).values():
+            for arm in question.arms.values():
+                if arm.placement not in seen:
+                    seen.add(arm.placement)
+                    timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement=arm.placement)
+    assert len(seen) >= 15
+
+
+def _fake_run(folder: Path, top1s, status='finished', train_loss=0.5, eval_loss=0.7):
+    folder.mkdir(parents=True)
+    epochs = [dict(epoch=i + 1, eval_top1=t, eval_loss=eval_loss, train_loss=train_loss, epoch_time_s=1.0)
+              for i, t in enumerate(top1s)]
+    (folder / 'run.json').write_text(json.dumps(dict(status=status, epochs=epochs)))
+
+
+def test_merge_reports_means_intervals_and_no_significant_difference(tmp_path):
+    preset = study.PRESETS['tiny']
+    preset = study.Preset(**{**vars(preset), 'seeds': 3})
+    grid = study.build_grid(preset)
+    values = {'post': [80.0, 81.0, 79.0], 'pre': [80.5, 79.5, 80.0]}  # overlapping: no significant difference
+    for run in grid:
+        arm = run.name.split('-')[0]
+        _fake_run(tmp_path / 'runs' / run.name, [values[arm][run.seed]])
+    results = study.merge(tmp_path, 'tiny', preset)
+    arm = results['questions']['tiny']['arms']['post']['top1']
+    assert (arm['n'], arm['mean'], arm['std']) == (3, 80.0, 1.0)
+    comparison = next(c for c in results['questions']['tiny']['comparisons'] if c['metric'] == 'top1')
+    ref = stats.ttest_ind(values['pre'], values['post'], equal_var=False)
+    assert comparison['welch']['p'] == pytest.approx(ref.pvalue)
+    text = (tmp_path / 'results.md').read_text()
+    assert 'pre − post, test top-1 (%): +0.000' in text and 'no significant difference' in text
+    assert '80.00 ± 1.00 (n=3)' in text
+    assert (tmp_path / 'accuracy.png').stat().st_size > 1000
+    # a clear difference is called significant
+    for run in grid:
+        if run.name.startswith('pre'):
+            _fake_run_path = tmp_path / 'runs' / run.name / 'run.json'
+            _fake_run_path.write_text(json.dumps(dict(status='finished', epochs=[dict(
+                epoch=1, eval_top1=90.0 + run.seed * 0.1, eval_loss=0.3, train_loss=0.2, epoch_time_s=1.0)])))
+    results = study.merge(tmp_path, 'tiny', preset)
+    comparison = next(c for c in results['questions']['tiny']['comparisons'] if c['metric'] == 'top1')
+    assert comparison['welch']['significant'] and comparison['welch']['low'] > 0
+
+
+def test_unfinished_and_stopped_runs():
+    assert not study.is_done(None, 2)
+    assert not study.is_done({'status': 'running', 'epochs': [{}]}, 2)
+    assert not study.is_done({'status': 'finished', 'epochs': [{}]}, 2)  # a run of fewer epochs: not this grid's
+    assert study.is_done({'status': 'finished', 'epochs': [{}, {}]}, 2)
+    assert study.is_done({'status': 'stopped: non-finite loss', 'epochs': []}, 2)
+    assert study.final_top1({'status': 'stopped: non-finite loss', 'epochs': [{'eval_top1': 50.0}]}) is None
+
+
+@pytest.mark.slow
+def test_study_runs_shards_merges_and_never_redoes_a_finished_run(tmp_path, monkeypatch, capsys):
+    write_idx_set(tmp_path / 'data' / 'FashionMNIST' / 'raw', n_train=40, n_test=20)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    monkeypatch.setenv('TIMM_IC_FASHION_MNIST_DEBIAN_DIR', str(tmp_path / 'no-package'))
+    monkeypatch.setenv('TIMM_IC_DATA_CACHE', str(tmp_path / 'cache'))
+    out = tmp_path / 'study'
+    common = ['--preset', 'tiny', '--out', str(out), '--data-dir', str(tmp_path / 'data')]
+    assert study.main(common + ['--shard', '0/2']) == 0
+    first = capsys.readouterr().out
+    assert '2 run, 0 already done, 0 failed' in first
+    done_first = {p.parent.name for p in out.glob('runs/*/run.json')}
+    assert len(done_first) == 2
+    assert study.main(common + ['--shard', '1/2']) == 0
+    capsys.readouterr()
+    runs = sorted(out.glob('runs/*/run.json'))
+    assert len(runs) == 4 and done_first < {p.parent.name for p in runs}  # the shards partition the grid
+    results = json.loads((out / 'results.json').read_text())
+    assert results['runs_done'] == 4
+    post = results['questions']['tiny']['arms']['post']
+    assert post['top1']['n'] == 2 and post['variance_shift']['n'] == 2 and post['top1_recalibrated']['n'] == 2
+    assert all(r['top1'] is not None for r in results['runs'].values())
+    for folder in out.glob('runs/*'):  # the analysis evaluates the same weights on the same images as train.py
+        analysis = json.loads((folder / 'analysis.json').read_text())
+        assert analysis['top1'] == json.loads((folder / 'run.json').read_text())['epochs'][-1]['eval_top1']
+    assert (out / 'tiny_recalibration_and_shift.png').is_file()
+
+    # the whole grid again: nothing is redone
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    assert study.main(common) == 0
+    assert '0 run, 4 already done' in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+
+    # a run killed before it finished (its record says running): only that one is continued, from its checkpoint
+    killed = runs[0]
+    record = json.loads(killed.read_text())
+    killed.write_text(json.dumps({**record, 'status': 'running'}))
+    assert study.main(common) == 0
+    assert '1 run, 3 already done' in capsys.readouterr().out
+    assert json.loads(killed.read_text())['status'] == 'finished'
+    assert 'resuming from' in (killed.parent / 'train.log').read_text()
+    assert {p: p.stat().st_mtime_ns for p in runs[1:]} == {p: stamps[p] for p in runs[1:]}
+
+
+def test_merge_of_a_partial_study_is_strict_json(tmp_path):
+    preset = study.PRESETS['tiny']
+    first = study.build_grid(preset)[0]
+    _fake_run(tmp_path / 'runs' / first.name, [50.0])  # one run of four: n=1 and n=0 arms
+    study.merge(tmp_path, 'tiny', preset)
+
+    def refuse(constant):
+        raise ValueError(f'{constant} in results.json')
+    results = json.loads((tmp_path / 'results.json').read_text(), parse_constant=refuse)
+    assert results['runs_done'] == 1
+    assert 'no interval (n = 0 and 1' in (tmp_path / 'results.md').read_text()
