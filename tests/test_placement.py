@@ -31,7 +31,7 @@ def test_modified_presets_round_trip_exactly(spec):
 
 
 def test_equal_specs_print_alike():
-    p = Placement.parse('pre:drop=dropout,drop_rate=0.1,drop_units=last,head=before_pool,head_rate=0.1')
+    p = Placement.parse('pre:drop=dropout,drop_rate=0.1,drop_units=before_last,head=before_pool,head_rate=0.1')
     assert p == PRESETS['kim'] and str(p) == 'kim'
 
 
@@ -61,7 +61,7 @@ def test_derived_views():
     ('ic:dropout=0.1', "unknown placement key 'dropout'; valid:"),
     ('ic:drop=gauss', "valid: ['dropout', 'uout', 'none']"),
     ('ic:norm=bn', 'batchnorm'),
-    ('ic:drop_units=first', "valid: ['all', 'last', 'none']"),
+    ('ic:drop_units=first', "valid: ['all', 'last', 'before_last', 'none']"),
     ('ic:head=middle', "valid: ['before_pool', 'after_pool', 'none']"),
     ('ic:drop_rate=1.5', 'drop_rate must be in [0, 1)'),
     ('ic:beta=-1', 'beta must be >= 0'),
