@@ -249,7 +249,6 @@ def test_uout_models_use_beta_0_2(name):
 def test_post_blocks_with_frn_or_evonorm_apply_their_nonlinearity_after_the_sum(norm):
     # Lubana et al.'s reference block: the norm before the sum without its nonlinearity, TLU / EvoNorm after it
     from timm.layers import FilterResponseNormTlu2d
-    from timm_ic.layers import TLU
     from timm_ic.models import ResidualBlock
     torch.manual_seed(0)
     model = timm.create_model('cifar_resnet20', placement=f'post:norm={norm},group_size=4'
@@ -259,6 +258,7 @@ def test_post_blocks_with_frn_or_evonorm_apply_their_nonlinearity_after_the_sum(
         last_norm = block.units[-1].post.norm
         short_norm = block.downsample.norm if block.downsample is not None else None
         if norm == 'frn':
+            from timm_ic.layers import TLU
             assert isinstance(block.act, TLU)
             assert all(isinstance(n, FilterResponseNormTlu2d) and n.tau is None for n in (last_norm, short_norm) if n)
         else:

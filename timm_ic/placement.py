@@ -228,7 +228,7 @@ PRESETS: Dict[str, Placement] = {
     'post': Placement(order=('conv', 'norm', 'act', 'drop')),
     # He et al. 2016 identity mappings: BN-ReLU-conv, the skip carries conv outputs
     'pre': Placement(order=('norm', 'act', 'drop', 'conv')),
-    # Chen et al. 2019: ReLU-BN-Dropout-conv before every weight layer (IC layer = BN + Dropout);
+    # Chen et al. 2019: ReLU-BN-Dropout-conv before every weight layer but the stem conv (IC layer = BN + Dropout);
     # 0.05 is the small rate seen in secondary notes, the paper's exact rates are not known here
     'ic': Placement(order=('act', 'norm', 'drop', 'conv'), drop='dropout', drop_rate=0.05,
                     head='after_pool', head_rate=0.05),
@@ -246,7 +246,7 @@ PRESETS: Dict[str, Placement] = {
 PRESET_DOCS = {
     'post': 'conv-BN-ReLU (timm ResNet; He et al. 2015; Ioffe & Szegedy 2015 put BN before the nonlinearity)',
     'pre': 'BN-ReLU-conv pre-activation (He et al. 2016); the baseline of Kim et al. 2023',
-    'ic': 'ReLU-BN-Dropout-conv before every weight layer (Chen et al. 2019, arXiv 1905.05928)',
+    'ic': 'ReLU-BN-Dropout-conv before every weight layer but the stem conv (Chen et al. 2019, arXiv 1905.05928)',
     'kim': 'one dropout after the last BN before the last conv of each branch, head dropout before pooling '
            '(Kim et al. 2023, arXiv 2302.06112); kim:order=conv-norm-act-drop for post-activation blocks',
     'after_bn': 'dropout only after all BN layers, before the classifier (Li et al. 2019, arXiv 1801.05134)',
