@@ -169,3 +169,26 @@ def test_grouped_norms_default_to_a_divisor_of_the_width():
     assert create_norm('groupnorm', 24, group_size=8).num_groups == 3
     assert create_norm('instancenorm', 12).num_groups == 12
     assert create_norm('layernorm', 12).num_groups == 1
+
+
+def test_uout_default_beta_is_the_papers_reported_setting():
+    # 0.2 is the only Uout setting with an accuracy result in Li et al. 2019 (papers.md)
+    assert Uout().beta == 0.2
+
+
+def test_split_norm_act_separates_frn_and_evonorm_nonlinearity():
+    from timm.layers import EvoNorm2dB0, FilterResponseNormTlu2d
+    from timm_ic.layers import TLU, split_norm_act
+    norm, act = split_norm_act('frn', 8)
+    assert isinstance(norm, FilterResponseNormTlu2d) and norm.tau is None and isinstance(act, TLU)
+    x = torch.randn(4, 8, 5, 5)
+    with torch.no_grad():
+        act.tau.fill_(0.3)
+        torch.testing.assert_close(act(x), torch.maximum(x, torch.tensor(0.3)))
+        full = create_norm('frn', 8)
+        full.tau.fill_(0.3)
+        torch.testing.assert_close(act(norm(x)), full(x))  # the two parts make the whole
+    norm, act = split_norm_act('evonorm_b0', 8)  # no norm before, the whole EvoNorm after (Lubana et al.)
+    assert isinstance(norm, nn.Identity) and isinstance(act, EvoNorm2dB0) and act.apply_act
+    norm, act = split_norm_act('batchnorm', 8)
+    assert isinstance(norm, nn.BatchNorm2d) and act is None

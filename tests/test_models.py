@@ -234,3 +234,52 @@ def test_grad_checkpointing_gives_the_same_gradients():
     model(x).square().mean().backward()
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize('name', [m for m in MODELS if m.startswith('uout_')])
+def test_uout_models_use_beta_0_2(name):
+    # the one Uout setting Li et al. 2019 report an accuracy result for (CIFAR-100, DenseNet and WRN)
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    betas = {m.beta for m in model.modules() if isinstance(m, Uout)}
+    assert betas == {0.2} and model.placement.beta == 0.2
+
+
+@pytest.mark.parametrize('norm', ['frn', 'evonorm_b0', 'evonorm_s0'])
+def test_post_blocks_with_frn_or_evonorm_apply_their_nonlinearity_after_the_sum(norm):
+    # Lubana et al.'s reference block: the norm before the sum without its nonlinearity, TLU / EvoNorm after it
+    from timm.layers import FilterResponseNormTlu2d
+    from timm_ic.models import ResidualBlock
+    torch.manual_seed(0)
+    model = timm.create_model('cifar_resnet20', placement=f'post:norm={norm},group_size=4'
+                              if norm == 'evonorm_s0' else f'post:norm={norm}').eval()
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    for block in blocks:
+        last_norm = block.units[-1].post.norm
+        short_norm = block.downsample.norm if block.downsample is not None else None
+        if norm == 'frn':
+            from timm_ic.layers import TLU
+            assert isinstance(block.act, TLU)
+            assert all(isinstance(n, FilterResponseNormTlu2d) and n.tau is None for n in (last_norm, short_norm) if n)
+        else:
+            assert type(block.act) is type(model.stem.norm) and block.act.apply_act  # the whole EvoNorm
+            assert isinstance(last_norm, nn.Identity) and (short_norm is None or isinstance(short_norm, nn.Identity))
+    # behaviour: the branch reaches the sum unthresholded; the threshold follows the sum
+    if norm == 'frn':
+        block, x = blocks[0], torch.randn(2, 16, 8, 8)
+        with torch.no_grad():
+            block.act.tau.fill_(0.5)
+            branch = block.units[1](block.units[0](x))
+            assert (branch < 0.5).any()
+            torch.testing.assert_close(block(x), torch.maximum(branch + x, torch.tensor(0.5)))
+
+
+def test_grouped_norm_that_degenerates_to_instancenorm_warns_once_with_the_widths():
+    with pytest.warns(UserWarning, match=r'one channel per group \(InstanceNorm.*widths \[16, 32\]') as record:
+        timm.create_model('cifar_resnet20', placement='pre:norm=groupnorm')
+    assert len([w for w in record if 'InstanceNorm' in str(w.message)]) == 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        timm.create_model('cifar_resnet20', placement='pre:norm=groupnorm,group_size=8')
+        timm.create_model('cifar_resnet20', placement='pre:norm=groupnorm,group_size=1')  # asked for: no warning

@@ -31,7 +31,7 @@ def test_modified_presets_round_trip_exactly(spec):
 
 
 def test_equal_specs_print_alike():
-    p = Placement.parse('pre:drop=dropout,drop_rate=0.1,drop_units=last,head=before_pool,head_rate=0.1')
+    p = Placement.parse('pre:drop=dropout,drop_rate=0.1,drop_units=before_last,head=before_pool,head_rate=0.1')
     assert p == PRESETS['kim'] and str(p) == 'kim'
 
 
@@ -61,7 +61,7 @@ def test_derived_views():
     ('ic:dropout=0.1', "unknown placement key 'dropout'; valid:"),
     ('ic:drop=gauss', "valid: ['dropout', 'uout', 'none']"),
     ('ic:norm=bn', 'batchnorm'),
-    ('ic:drop_units=first', "valid: ['all', 'last', 'none']"),
+    ('ic:drop_units=first', "valid: ['all', 'last', 'before_last', 'none']"),
     ('ic:head=middle', "valid: ['before_pool', 'after_pool', 'none']"),
     ('ic:drop_rate=1.5', 'drop_rate must be in [0, 1)'),
     ('ic:beta=-1', 'beta must be >= 0'),
@@ -88,3 +88,24 @@ def test_parse_passes_placements_through():
     assert Placement.parse(p) is p
     with pytest.raises(ValueError, match='string form'):
         Placement.parse(0.1)
+
+
+def test_kim_before_last_round_trips_and_selects_the_unit_before_the_last_weight_layer():
+    post = Placement.parse('kim:order=conv-norm-act-drop')
+    assert str(post) == 'kim:order=conv-norm-act-drop' and Placement.parse(str(post)) == post
+    assert post.drop_units == 'before_last' and not post.preact
+    # post-activation: the unit whose drop slot (after its norm-act) feeds the last conv
+    assert [post.drop_in_unit(i, 3) for i in range(3)] == [False, True, False]
+    assert [post.drop_in_unit(i, 2) for i in range(2)] == [True, False]
+    assert not post.drop_in_unit(0, 1)  # a single weight layer has nothing before it in its branch
+    pre = Placement.preset('kim')  # pre-activation: the last unit's drop slot precedes its conv
+    assert [pre.drop_in_unit(i, 2) for i in range(2)] == [False, True]
+    assert 'before the last weight layer of each branch' in post.describe()
+
+
+def test_describe_shows_the_groups_of_grouped_norms():
+    assert 'groupnorm with group size 8' in Placement.preset('pre', norm='groupnorm', group_size=8).describe()
+    assert 'evonorm_s0 with 4 groups' in Placement.preset('pre', norm='evonorm_s0', groups=4).describe()
+    default = Placement.preset('pre', norm='groupnorm').describe()
+    assert 'up to 32 groups' in default and 'group size 1' in default
+    assert 'groups' not in Placement.preset('pre').describe()

@@ -19,7 +19,8 @@ POOLS = (nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.AvgPool2d)
 class DataFlow:
     """Which module produced each module's input, recorded with forward hooks during one real forward pass.
 
-    Leaf modules only, Identity skipped (it passes its input through, so the producer stays the real one).
+    Leaf modules only, Identity and empty Sequentials skipped (they pass their input through, so the producer
+    stays the real one).
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor):
@@ -38,7 +39,7 @@ class DataFlow:
             keep.append(output)
 
         for m in model.modules():
-            if not list(m.children()) and not isinstance(m, nn.Identity):
+            if not list(m.children()) and not isinstance(m, (nn.Identity, nn.Sequential)):  # empty: pass-through
                 handles.append(m.register_forward_hook(hook))
         model.train()
         model(x)
@@ -139,6 +140,79 @@ def test_uout_placement_puts_uout_in_the_drop_slots():
     assert all(isinstance(flow.producer(n), Uout) for n in convs if isinstance(flow.modules[n], nn.Conv2d))
 
 
+NORM_PASS_THROUGH = (*ACTS, *POOLS, *DROPOUTS)
+
+
+def norms_fed_by_norms(flow: DataFlow) -> List[str]:
+    """The norms whose input comes from another norm through activations, pooling and dropout only."""
+    found = []
+    for name in flow.order:
+        if not isinstance(flow.modules[name], NORMS):
+            continue
+        producer = flow.producer_of_input.get(name, '?')
+        while isinstance(flow.modules.get(producer), NORM_PASS_THROUGH):
+            producer = flow.producer_of_input.get(producer, '?')
+        if isinstance(flow.modules.get(producer), NORMS):
+            found.append(f'{producer} -> {name}')
+    return found
+
+
+@pytest.mark.parametrize('placement', ['pre', 'ic', 'post'])
+@pytest.mark.parametrize('skeleton', ['cifar_basic', 'timm_resnet50', 'timm_resnetv2_50', 'densenet_bc'])
+def test_no_unit_sees_two_norms_in_a_row(skeleton, placement):
+    model, flow = run(skeleton, placement)
+    assert not norms_fed_by_norms(flow)
+
+
+def test_densenet_stem_keeps_its_norm_act_only_under_its_own_unit_order():
+    # ImageNet DenseNet's own design is conv-BN-ReLU-pool: kept under BN-ReLU-conv units, where the first dense
+    # layer's BN follows it as in DenseNet; under IC's ReLU-BN units the stem has no norm, so no double norm
+    model, flow = run('timm_densenet121', 'ic')
+    assert not norms_fed_by_norms(flow) and list(model.stem._modules) == ['conv']
+    model, flow = run('timm_densenet121', 'pre')
+    assert norms_fed_by_norms(flow) == ['stem.norm -> stages.0.0.units.0.pre.norm']
+    # the family's stem survives a rewrite chain; a ResNet's does not come back
+    assert 'norm' in rewrite(rewrite(timm.create_model('densenet121'), 'post'), 'pre').stem._modules
+    assert 'norm' not in rewrite(rewrite(timm.create_model('resnet18'), 'post'), 'pre').stem._modules
+
+
+@pytest.mark.parametrize('name, timm_name', [('ic_resnet50', 'resnetv2_50'), ('kim_resnet50', 'resnetv2_50'),
+                                             ('ic_resnet18', 'resnetv2_18')])
+def test_imagenet_preact_models_have_no_stem_norm(name, timm_name):
+    # timm's ResNetV2 convention: stem conv then pool, the first unit normalizes; the same parameter count
+    with torch.device('meta'):
+        model, ref = timm.create_model(name), timm.create_model(timm_name)
+        pre = rewrite(timm.create_model(BASELINES[name]), 'pre')
+    count = [sum(p.numel() for p in m.parameters()) for m in (model, ref, pre)]
+    assert count[0] == count[1] == count[2], count
+    assert list(model.stem._modules) == ['conv'] and list(pre.stem._modules) == ['conv']
+
+
+@pytest.mark.parametrize('skeleton', ['cifar_basic', 'cifar_bottleneck', 'timm_resnet50'])
+def test_kim_on_post_activation_blocks_drops_before_the_last_conv(skeleton):
+    # Kim et al.'s position in a post-activation branch: conv-BN-ReLU-Dropout-conv-BN, then the sum and ReLU
+    model, flow = run(skeleton, 'kim:order=conv-norm-act-drop')
+    assert not model.placement.preact
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ResidualBlock)]
+    for block_name, block in blocks:
+        drops = [n for n in flow.order if n.startswith(block_name + '.') and isinstance(flow.modules[n], DROPOUTS)]
+        assert len(drops) == 1, (block_name, drops)
+        last = f'{block_name}.units.{len(block.units) - 1}'
+        drop, act, norm = flow.chain(f'{last}.conv', 3)
+        assert drop is flow.modules[drops[0]] and isinstance(act, ACTS) and isinstance(norm, NORMS)
+        assert flow.producer(f'{last}.post.norm') is flow.modules[f'{last}.conv']  # no dropout after the last BN
+    assert flow.producer('global_pool.pool') is model.head_drop_pre
+
+
+def test_kim_on_a_post_activation_timm_resnet_keeps_every_norm():
+    torch.manual_seed(0)
+    source = timm.create_model('resnet18').eval()
+    model = rewrite(source, 'kim:order=conv-norm-act-drop').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # every BN stays where it was; dropouts are off in eval
+        assert torch.equal(model(x), source(x))
+
+
 @pytest.mark.parametrize('name', ['resnet50', 'resnext50_32x4d', 'wide_resnet50_2', 'seresnet50', 'resnet26d'])
 def test_post_rewrite_of_timm_resnet_is_exact(name):
     torch.manual_seed(0)
@@ -171,7 +245,9 @@ def test_rewrite_keeps_every_conv_and_the_classifier():
     convs = [m for m in source.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 53 and all(id(c.weight) in kept for c in convs)
     assert model.fc is source.fc
-    assert model.stem.norm is source.bn1  # the stem's norm stays after the stem conv, before the pool
+    # a pre-activation placement drops the stem's norm-act (bn1): stem conv, then the pool (timm's ResNetV2)
+    assert list(model.stem._modules) == ['conv'] and all(m is not source.bn1 for m in model.modules())
+    assert rewrite(source, 'post').stem.norm is source.bn1
     # norms moved to the input side of each conv: new, fresh statistics
     assert model.stages[0][0].units[0].pre.norm.num_features == 64
     assert model.stages[0][0].units[0].pre.norm.running_var.eq(1).all()
@@ -236,7 +312,22 @@ def test_every_registered_model_is_in_a_baseline_pair():
     # only the Wide ResNets no paper placement is built on (README's table) stand alone
     assert models - paired == {'cifar_wrn16_8', 'cifar_wrn40_4'}
     assert all(timm.is_model(n) for n in paired)
-    assert not set(BASELINES) & set(BASELINES.values())
+    # a baseline has no paper placement (a pre-activation baseline may have its own post-activation baseline)
+    assert not {b for b in BASELINES.values() if b.startswith(('ic_', 'kim_', 'uout_'))}
+
+
+@pytest.mark.parametrize('name', sorted(n for n in BASELINES if n.startswith('kim_')))
+def test_kim_models_pair_with_the_baseline_readme_names(name):
+    # README's zoo table: timm resnet* for the ImageNet skeleton, cifar_preresnet* for the pre-activation CIFAR
+    # ResNet (Kim et al.'s baseline is pre-activation), cifar_wrn28_10 for the WRN
+    expected = {'kim_resnet50': 'resnet50', 'kim_preresnet110': 'cifar_preresnet110', 'kim_wrn28_10': 'cifar_wrn28_10'}
+    assert BASELINES[name] == expected[name]
+    with torch.device('meta'):
+        model, baseline = timm.create_model(name), timm.create_model(BASELINES[name])
+    if hasattr(baseline, 'placement'):  # the same network but for the dropouts
+        undropped = model.placement.replace(drop='none', drop_rate=0.0, head='none', head_rate=0.0)
+        assert undropped.order == baseline.placement.order and undropped.norm == baseline.placement.norm
+        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in baseline.parameters())
 
 
 @pytest.mark.parametrize('name, baseline', sorted(BASELINES.items()))

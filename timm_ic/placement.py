@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
 from .layers.dropout import DROP_KINDS, check_beta, check_drop_rate
-from .layers.norm import CONV_KINDS, GROUPED_NORMS, NORM_KINDS
+from .layers.norm import CONV_KINDS, DEFAULT_MAX_GROUPS, GROUPED_NORMS, NORM_KINDS
 
 __all__ = ['Placement', 'PRESETS', 'PRESET_DOCS']
 
 SLOTS = ('norm', 'act', 'drop', 'conv')
-DROP_UNITS = ('all', 'last', 'none')
+DROP_UNITS = ('all', 'last', 'before_last', 'none')
 HEAD_DROPS = ('before_pool', 'after_pool', 'none')
 
 
@@ -35,7 +35,12 @@ class Placement:
         conv: weight layer kind, 'conv' or 'ws' (scaled weight standardization).
         act: activation name understood by `timm.layers.get_act_layer`.
         drop: dropout kind in the drop slot: 'dropout' (Bernoulli, `drop_rate`), 'uout' (`beta`), 'none'.
-        drop_units: units of each residual branch / dense layer that get the dropout: 'all', 'last', 'none'.
+        drop_units: units of each residual branch / dense layer that get the dropout: 'all', 'last',
+            'before_last' or 'none'. 'last' is the branch's last unit: before its conv in a pre-activation
+            order, after its norm and before the residual sum in a post-activation one. 'before_last' is the
+            unit whose drop slot comes right before the branch's last weight layer (Kim et al.'s rule): the
+            last unit in a pre-activation order, the one before it in a post-activation order
+            (conv-BN-ReLU-Dropout-conv-BN, then the sum); a post-activation branch of one weight layer gets none.
             With 'all', transitions between dense blocks get it too.
         head: where the head's Bernoulli dropout goes: 'before_pool', 'after_pool' or 'none'.
         head_rate: the head's drop rate.
@@ -106,7 +111,13 @@ class Placement:
 
     def drop_in_unit(self, index: int, num_units: int) -> bool:
         """Whether unit `index` of a branch of `num_units` units gets the dropout."""
-        return self.has_drop and (self.drop_units == 'all' or index == num_units - 1)
+        if not self.has_drop:
+            return False
+        if self.drop_units == 'all':
+            return True
+        if self.drop_units == 'before_last' and not self.preact:  # post: the unit feeding the last conv
+            return index == num_units - 2
+        return index == num_units - 1
 
     # --- construction
     @classmethod
@@ -159,14 +170,26 @@ class Placement:
         unit = '-'.join(s.replace('conv', 'weight') for s in self.order)
         if self.has_drop:
             kind = f'Bernoulli dropout p={self.drop_rate:g}' if self.drop == 'dropout' else f'Uout beta={self.beta:g}'
-            where = 'every unit' if self.drop_units == 'all' else 'the last unit of each branch'
-            drops = f'{kind} in {where}'
+            where = {'all': 'in every unit', 'last': 'in the last unit of each branch',
+                     'before_last': 'before the last weight layer of each branch'}[self.drop_units]
+            drops = f'{kind} {where}'
         else:
             drops = 'no dropout inside blocks'
         head = 'no head dropout' if self.head == 'none' or not self.head_rate else \
             f'head dropout p={self.head_rate:g} {self.head.replace("_", " ")}'
         style = 'pre-activation' if self.preact else 'post-activation'
-        return f'{style} units {unit}, {self.norm}, {drops}, {head}'
+        return f'{style} units {unit}, {self._describe_norm()}, {drops}, {head}'
+
+    def _describe_norm(self) -> str:
+        if self.norm not in GROUPED_NORMS:
+            return self.norm
+        if self.groups is not None:
+            return f'{self.norm} with {self.groups} groups'
+        if self.group_size is not None:
+            return f'{self.norm} with group size {self.group_size}'
+        # the default of timm_ic.layers.resolve_groups, whose group size depends on the width
+        return (f'{self.norm} with up to {DEFAULT_MAX_GROUPS} groups (the largest divisor of each width: '
+                f'group size 1, InstanceNorm, on widths up to {DEFAULT_MAX_GROUPS})')
 
 
 _FIELD_ORDER = tuple(f.name for f in dataclasses.fields(Placement))
@@ -205,13 +228,14 @@ PRESETS: Dict[str, Placement] = {
     'post': Placement(order=('conv', 'norm', 'act', 'drop')),
     # He et al. 2016 identity mappings: BN-ReLU-conv, the skip carries conv outputs
     'pre': Placement(order=('norm', 'act', 'drop', 'conv')),
-    # Chen et al. 2019: ReLU-BN-Dropout-conv before every weight layer (IC layer = BN + Dropout);
+    # Chen et al. 2019: ReLU-BN-Dropout-conv before every weight layer but the stem conv (IC layer = BN + Dropout);
     # 0.05 is the small rate seen in secondary notes, the paper's exact rates are not known here
     'ic': Placement(order=('act', 'norm', 'drop', 'conv'), drop='dropout', drop_rate=0.05,
                     head='after_pool', head_rate=0.05),
-    # Kim et al. 2023: pre-activation, one dropout per branch after its last BN(+ReLU), before its last conv;
-    # head dropout before global pooling. The rates are our defaults: the paper's are not known here
-    'kim': Placement(order=('norm', 'act', 'drop', 'conv'), drop='dropout', drop_rate=0.1, drop_units='last',
+    # Kim et al. 2023: one dropout per branch after its last BN(+ReLU), right before its last conv; head dropout
+    # before global pooling. Pre-activation here; 'kim:order=conv-norm-act-drop' keeps a post-activation
+    # network's order with the dropout in the same place. The rates are our defaults: the paper's are not known
+    'kim': Placement(order=('norm', 'act', 'drop', 'conv'), drop='dropout', drop_rate=0.1, drop_units='before_last',
                      head='before_pool', head_rate=0.1),
     # Li et al. 2019 remedy (1): no dropout inside blocks, dropout only after the last BN, before the classifier
     'after_bn': Placement(order=('conv', 'norm', 'act', 'drop'), head='after_pool', head_rate=0.2),
@@ -222,9 +246,9 @@ PRESETS: Dict[str, Placement] = {
 PRESET_DOCS = {
     'post': 'conv-BN-ReLU (timm ResNet; He et al. 2015; Ioffe & Szegedy 2015 put BN before the nonlinearity)',
     'pre': 'BN-ReLU-conv pre-activation (He et al. 2016); the baseline of Kim et al. 2023',
-    'ic': 'ReLU-BN-Dropout-conv before every weight layer (Chen et al. 2019, arXiv 1905.05928)',
+    'ic': 'ReLU-BN-Dropout-conv before every weight layer but the stem conv (Chen et al. 2019, arXiv 1905.05928)',
     'kim': 'one dropout after the last BN before the last conv of each branch, head dropout before pooling '
-           '(Kim et al. 2023, arXiv 2302.06112)',
+           '(Kim et al. 2023, arXiv 2302.06112); kim:order=conv-norm-act-drop for post-activation blocks',
     'after_bn': 'dropout only after all BN layers, before the classifier (Li et al. 2019, arXiv 1801.05134)',
     'before_bn': 'dropout right before the last BN of each block: the variance-shift case of Li et al. 2019',
 }

@@ -8,7 +8,11 @@ with `build_placed_net`. What is kept and what is new:
   width (e.g. `post` over a timm ResNet keeps all of them, `pre` over a timm ResNetV2 too; timm's
   BatchNormAct2d becomes a plain BatchNorm2d with the same statistics);
 - new, initialised as timm does (weight 1, bias 0, fresh statistics): every other norm. A norm that moves
-  to the other side of a weight layer changes width (in_channels vs out_channels), so it cannot be kept.
+  to the other side of a weight layer changes width (in_channels vs out_channels), so it cannot be kept;
+- dropped: a timm ResNet's stem norm-act (`bn1`, `act1`) under a pre-activation placement (`pre`, `ic`,
+  `kim`): the stem conv then feeds the max pool directly and the first unit's new norm normalizes the pooled
+  output, as in timm's ResNetV2, so that no unit sees two norms in a row. A DenseNet keeps its stem norm-act
+  under `pre` (its own design; see `timm_ic.models.placed`).
 Fine-tune after a rewrite that moved norms: the network computes a different function until then.
 """
 from collections import OrderedDict
@@ -151,7 +155,8 @@ def _timm_densenet(model) -> Tuple[Skeleton, Dict]:
             norms[('final', 'pre')] = m
         else:
             raise _unsupported(f'{type(m).__name__} at features.{name}')
-    return Skeleton(stem, stem_pool, stages, fc=_linear(model.classifier), source_norms=norms), dict(
+    return Skeleton(stem, stem_pool, stages, fc=_linear(model.classifier), source_norms=norms,
+                    preact_stem_norm=stem_norm is not None), dict(
         first_conv='stem.conv' if isinstance(stem, nn.Conv2d) else 'stem.conv.0',
         global_pool=model.global_pool.pool_type)
 
@@ -193,7 +198,8 @@ def _placed_net(model: PlacedNet) -> Tuple[Skeleton, Dict]:
                 raise _unsupported(f'block {type(blk).__name__}')
         stages.append(specs)
     first_conv = model.pretrained_cfg.get('first_conv') if hasattr(model, 'pretrained_cfg') else None
-    return Skeleton(stem, model.stem_pool, stages, fc=_linear(model.fc), source_norms=norms), dict(
+    return Skeleton(stem, model.stem_pool, stages, fc=_linear(model.fc), source_norms=norms,
+                    preact_stem_norm=getattr(model, 'preact_stem_norm', False)), dict(
         first_conv=first_conv or 'stem.conv', global_pool=model.global_pool.pool_type)
 
 

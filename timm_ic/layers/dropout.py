@@ -30,9 +30,13 @@ def check_beta(beta: float) -> float:
 
 
 class Uout(nn.Module):
-    """Uniform multiplicative noise: training x + x * r, r ~ U(-beta, beta) drawn per element; eval identity."""
+    """Uniform multiplicative noise: training x + x * r, r ~ U(-beta, beta) drawn per element; eval identity.
 
-    def __init__(self, beta: float = 0.1):
+    The default beta 0.2 is our choice: it is the one setting Li et al. 2019 report an accuracy result for
+    (CIFAR-100, DenseNet and WRN), not a recommendation of theirs for every network.
+    """
+
+    def __init__(self, beta: float = 0.2):
         super().__init__()
         self.beta = check_beta(beta)
 

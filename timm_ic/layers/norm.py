@@ -1,9 +1,19 @@
 """The normalizer zoo of "Beyond BatchNorm" (Lubana et al. 2021), by name.
 
 Everything timm.layers already implements is taken from there; only variance normalization (BatchNorm
-without mean subtraction) is written here. Filter response norm and the EvoNorms carry their own
-nonlinearity (TLU, SiLU-like gating): a unit that uses them drops its separate activation
-(`NORMS_WITH_ACT`), as in the papers that introduced them.
+without mean subtraction) and FRN's TLU on its own are written here. Filter response norm and the EvoNorms
+carry their own nonlinearity (TLU, SiLU-like gating): a unit that uses them drops its separate activation
+(`NORMS_WITH_ACT`), as in the papers that introduced them. Where a norm must come without its nonlinearity
+(the last norm of a post-activation residual branch, before the sum; a projection shortcut),
+`split_norm_act` gives the two parts as Lubana et al.'s reference code does: FRN without TLU then a TLU,
+or no norm then the whole EvoNorm.
+
+Grouped norms (GroupNorm, EvoNorm-S0) default to the largest divisor of the width up to 32 groups. The group
+size that gives depends on the width: 1 (InstanceNorm in all but name) on widths up to 32, such as the
+16 / 32 / 64 channels of the CIFAR ResNets (group sizes 1, 1, 2) and the 16-channel stem of every CIFAR
+skeleton; 5 / 10 / 20 on the 160 / 320 / 640 of WRN-28-10; 2 / 4 / 8 / 16 / 32 / 64 on the 64 to 2048
+channels of the ImageNet ResNets. Lubana et al. 2021 find that the
+behaviour depends on group size, so give `groups` or `group_size` where it matters.
 """
 from typing import Callable, Dict, Optional, Tuple
 
@@ -12,7 +22,7 @@ import torch.nn as nn
 from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d, GroupNorm, GroupNorm1, ScaledStdConv2d
 
 __all__ = [
-    'VarianceNorm2d', 'create_norm', 'create_conv', 'resolve_groups',
+    'VarianceNorm2d', 'TLU', 'create_norm', 'split_norm_act', 'create_conv', 'resolve_groups',
     'NORM_KINDS', 'NORMS_WITH_ACT', 'GROUPED_NORMS', 'CONV_KINDS',
 ]
 
@@ -50,11 +60,28 @@ class VarianceNorm2d(nn.Module):
         return f'{self.num_features}, eps={self.eps}, momentum={self.momentum}'
 
 
+class TLU(nn.Module):
+    """Thresholded linear unit, max(x, tau) with a learned tau per channel (tau starts at 0, as in FRN):
+    the nonlinearity of timm's FilterResponseNormTlu2d on its own, to follow a residual sum."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+        self.tau = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(x, self.tau.view(1, -1, 1, 1).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f'{self.num_features}'
+
+
 def resolve_groups(num_channels: int, groups: Optional[int] = None, group_size: Optional[int] = None) -> int:
     """Number of groups for a grouped norm, checked against the channel count.
 
     With neither given: the largest divisor of `num_channels` up to 32 (GroupNorm's usual 32 groups where
-    the width allows it, so one spec fits every width of a network).
+    the width allows it, so one spec fits every width of a network). On 32 channels or fewer that is one
+    channel per group: InstanceNorm (see the module docstring for the group size per width).
     """
     if groups is not None and group_size is not None:
         raise ValueError('give the norm either groups or group_size, not both')
@@ -108,6 +135,23 @@ def create_norm(
     if (groups is not None or group_size is not None) and name not in GROUPED_NORMS:
         raise ValueError(f'norm {name!r} takes no groups; grouped norms: {sorted(GROUPED_NORMS)}')
     return NORM_KINDS[name](num_channels, groups, group_size)
+
+
+def split_norm_act(
+        name: str,
+        num_channels: int,
+        groups: Optional[int] = None,
+        group_size: Optional[int] = None,
+) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """(the norm without a nonlinearity, the nonlinearity it carries or None), as Lubana et al. 2021's
+    reference code splits them: FRN without TLU and a TLU; for the EvoNorms, whose nonlinearity does not
+    come apart from their normalization, no norm (Identity) and the whole EvoNorm. Other norms: (norm, None).
+    """
+    if name == 'frn':
+        return FilterResponseNormTlu2d(num_channels, apply_act=False), TLU(num_channels)
+    if name in NORMS_WITH_ACT:
+        return nn.Identity(), create_norm(name, num_channels, groups=groups, group_size=group_size)
+    return create_norm(name, num_channels, groups=groups, group_size=group_size), None
 
 
 def _ws_gamma() -> float:

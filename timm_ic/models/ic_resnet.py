@@ -6,6 +6,11 @@ CIFAR skeletons (32x32 input, 3x3 stem conv of 16 channels, three stages of stri
 - Zagoruyko & Komodakis Wide ResNets WRN-d-k: basic blocks, n=(d-4)/6 per stage, widths 16k/32k/64k.
 Each skeleton has a plain baseline entrypoint (`cifar_*`: `post` for ResNets, `pre` for pre-activation
 ResNets and WRNs) so every comparison runs on the same weight layers.
+
+IC and Kim placements are pre-activation: every weight layer after the stem conv has its IC layer (or BN-ReLU)
+before it; the stem conv sees the image and has none. On the ImageNet skeletons the stem conv feeds the max
+pool directly and the first unit normalizes, as in timm's ResNetV2 (`ic_resnet50` has resnetv2_50's
+25,549,352 parameters), so no unit sees two norms in a row; the CIFAR stems have no pool and no norm.
 """
 from functools import partial
 from typing import Sequence
@@ -101,8 +106,9 @@ def _imagenet_cfg(**kwargs):
     }
 
 
-# WRN's own dropout position (between the convs, after BN-ReLU) with Uout instead of Bernoulli dropout
-UOUT_WRN = str(Placement.preset('pre', drop='uout', beta=0.1, drop_units='last'))
+# WRN's own dropout position (between the convs, after BN-ReLU) with Uout instead of Bernoulli dropout, at
+# beta 0.2: the one Uout setting Li et al. 2019 report an accuracy result for (CIFAR-100, DenseNet and WRN)
+UOUT_WRN = str(Placement.preset('pre', drop='uout', beta=0.2, drop_units='last'))
 
 default_cfgs = generate_default_cfgs(add_pretrained_tags({
     **{f'ic_resnet{d}.untrained': _imagenet_cfg() for d in (18, 34, 50, 101, 152)},
@@ -121,38 +127,39 @@ default_cfgs = generate_default_cfgs(add_pretrained_tags({
 # --- ImageNet: timm's ResNet skeletons
 @register_model
 def ic_resnet18(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """ResNet-18 with IC layers (ReLU-BN-Dropout-conv) before every weight layer (Chen et al. 2019)."""
+    """ResNet-18 with IC layers (ReLU-BN-Dropout-conv) before every weight layer after the stem conv (Chen et al.
+    2019); the stem is conv then max pool, as in timm's ResNetV2."""
     return _create_imagenet('ic_resnet18', pretrained, 'ic', (2, 2, 2, 2), False, **kwargs)
 
 
 @register_model
 def ic_resnet34(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """ResNet-34 with IC layers before every weight layer (Chen et al. 2019)."""
+    """ResNet-34 with IC layers before every weight layer after the stem conv (Chen et al. 2019)."""
     return _create_imagenet('ic_resnet34', pretrained, 'ic', (3, 4, 6, 3), False, **kwargs)
 
 
 @register_model
 def ic_resnet50(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """ResNet-50 with IC layers before every weight layer (Chen et al. 2019)."""
+    """ResNet-50 with IC layers before every weight layer after the stem conv (Chen et al. 2019)."""
     return _create_imagenet('ic_resnet50', pretrained, 'ic', (3, 4, 6, 3), True, **kwargs)
 
 
 @register_model
 def ic_resnet101(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """ResNet-101 with IC layers before every weight layer (Chen et al. 2019)."""
+    """ResNet-101 with IC layers before every weight layer after the stem conv (Chen et al. 2019)."""
     return _create_imagenet('ic_resnet101', pretrained, 'ic', (3, 4, 23, 3), True, **kwargs)
 
 
 @register_model
 def ic_resnet152(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """ResNet-152 with IC layers before every weight layer (Chen et al. 2019)."""
+    """ResNet-152 with IC layers before every weight layer after the stem conv (Chen et al. 2019)."""
     return _create_imagenet('ic_resnet152', pretrained, 'ic', (3, 8, 36, 3), True, **kwargs)
 
 
 @register_model
 def kim_resnet50(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """Pre-activation ResNet-50, one dropout per branch before its last conv, head dropout before pooling
-    (Kim et al. 2023)."""
+    """Pre-activation ResNet-50 (stem conv then max pool, as timm's ResNetV2), one dropout per branch before its
+    last conv, head dropout before pooling (Kim et al. 2023; the rates are ours)."""
     return _create_imagenet('kim_resnet50', pretrained, 'kim', (3, 4, 6, 3), True, **kwargs)
 
 
@@ -210,7 +217,7 @@ def cifar_preresnet164(pretrained: bool = False, **kwargs) -> PlacedNet:
 # --- CIFAR ResNets with paper placements
 @register_model
 def ic_resnet20(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """CIFAR ResNet-20 with IC layers before every weight layer (Chen et al. 2019)."""
+    """CIFAR ResNet-20 with IC layers before every weight layer after the stem conv (Chen et al. 2019)."""
     return _create_cifar('ic_resnet20', pretrained, 'ic', partial(cifar_resnet_skeleton, 20), **kwargs)
 
 
@@ -235,7 +242,8 @@ def ic_resnet164(pretrained: bool = False, **kwargs) -> PlacedNet:
 
 @register_model
 def kim_preresnet110(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """Pre-activation CIFAR ResNet-110 with Kim et al.'s dropout placement (Kim et al. 2023)."""
+    """Pre-activation CIFAR ResNet-110 with Kim et al.'s dropout placement (Kim et al. 2023; the rates are ours).
+    Its baseline is `cifar_preresnet110`, the same network without the dropouts."""
     return _create_cifar('kim_preresnet110', pretrained, 'kim', partial(cifar_resnet_skeleton, 110), **kwargs)
 
 
@@ -260,17 +268,18 @@ def cifar_wrn40_4(pretrained: bool = False, **kwargs) -> PlacedNet:
 
 @register_model
 def ic_wrn28_10(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """WRN-28-10 with IC layers before every weight layer (Chen et al. 2019)."""
+    """WRN-28-10 with IC layers before every weight layer after the stem conv (Chen et al. 2019)."""
     return _create_cifar('ic_wrn28_10', pretrained, 'ic', partial(wide_resnet_skeleton, 28, 10), **kwargs)
 
 
 @register_model
 def kim_wrn28_10(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """WRN-28-10 with Kim et al.'s placement (WRN's own dropout position, head dropout before pooling)."""
+    """WRN-28-10 with Kim et al.'s placement (WRN's own dropout position, head dropout before pooling; the rates
+    are ours)."""
     return _create_cifar('kim_wrn28_10', pretrained, 'kim', partial(wide_resnet_skeleton, 28, 10), **kwargs)
 
 
 @register_model
 def uout_wrn28_10(pretrained: bool = False, **kwargs) -> PlacedNet:
-    """WRN-28-10 with Uout (beta 0.1) in WRN's dropout position (Li et al. 2019)."""
+    """WRN-28-10 with Uout in WRN's dropout position (Li et al. 2019), beta 0.2 as in their CIFAR-100 result."""
     return _create_cifar('uout_wrn28_10', pretrained, UOUT_WRN, partial(wide_resnet_skeleton, 28, 10), **kwargs)

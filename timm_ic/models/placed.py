@@ -7,14 +7,26 @@ transitions, and the classifier. `build_placed_net` lays a `Placement` over a sk
 so every model of the package goes through this one builder.
 
 Layout of a built network, in forward order (timm's model API on top):
-    stem       weight layers of the stem, then norm-act for post-activation placements
+    stem       weight layers of the stem, then norm-act for post-activation placements (see below)
     stem_pool  the stem's pooling (Identity for CIFAR stems)
     stages     nn.Sequential of stages; each stage an nn.Sequential of ResidualBlock / DenseLayer / Transition
     final      norm-act after the last stage for pre-activation placements (their blocks end on a conv)
     head_drop_pre, global_pool, head_drop, fc
+
+The stem under pre-activation placements (`pre`, `ic`, `kim`): no unit sees two norms in a row, so the stem
+conv feeds the pool directly and the first unit normalizes, as timm's ResNetV2 does (He et al.'s own
+pre-activation code keeps the stem's BN-ReLU and skips the first unit's instead: the same parameter count).
+A timm ResNet's `bn1` is dropped by such a rewrite (`post` keeps it): it normalized the conv output before
+the pool, which no norm sees any more. The one exception is a family whose own design normalizes the stem
+(`Skeleton.preact_stem_norm`: timm's ImageNet DenseNet, conv-BN-ReLU-pool, as in Huang et al.): its stem
+keeps its norm-act under placements whose units open with norm-act (`pre` and its Uout variants), so
+`rewrite(densenet121, 'pre')` computes what timm's densenet121 does; there the first dense layer's BN-ReLU
+follows the stem's, as in DenseNet itself. Under any other order (`ic`: ReLU-BN) the DenseNet stem has no
+norm either.
 """
 import contextlib
 import copy
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -25,7 +37,8 @@ from timm.layers import create_classifier, get_act_layer
 from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq
 
-from ..layers import NORMS_WITH_ACT, create_conv, create_dropout, create_norm
+from ..layers import GROUPED_NORMS, NORMS_WITH_ACT, create_conv, create_dropout, create_norm, resolve_groups, \
+    split_norm_act
 from ..placement import Placement
 
 __all__ = [
@@ -74,6 +87,9 @@ class Skeleton:
     # norms of the source model that may be kept, by (id(weight layer), 'pre' | 'post') and ('final', 'pre');
     # a kept norm must be a BatchNorm of the channel count the placement needs there
     source_norms: Dict[Tuple[object, str], nn.Module] = field(default_factory=dict)
+    # the family's own pre-activation design normalizes the stem (conv-norm-act-pool: ImageNet DenseNet);
+    # False: the stem conv feeds the pool and the first unit normalizes (timm's ResNetV2, He's CIFAR code)
+    preact_stem_norm: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,9 +180,11 @@ class PlacedNet(nn.Module):
             num_classes: int = 1000,
             global_pool: str = 'avg',
             in_chans: int = 3,
+            preact_stem_norm: bool = False,
     ):
         super().__init__()
         self.placement = placement
+        self.preact_stem_norm = preact_stem_norm  # the skeleton's, kept for a later rewrite
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = num_features
@@ -285,6 +303,7 @@ class _Slots:
         self.source_norms = source_norms
         self.act_layer = get_act_layer(placement.act)
         self.norm_has_act = placement.norm in NORMS_WITH_ACT
+        self.instance_widths = set()  # widths where a grouped norm resolves to one channel per group
 
     def norm(self, channels: int, key: Optional[Tuple[object, str]] = None) -> nn.Module:
         src = self.source_norms.get(key) if key is not None else None
@@ -296,7 +315,19 @@ class _Slots:
                                 track_running_stats=src.track_running_stats)
             bn.load_state_dict({k: v for k, v in src.state_dict().items() if k in bn.state_dict()}, assign=True)
             return bn
+        self._check_groups(channels)
         return create_norm(self.p.norm, channels, groups=self.p.groups, group_size=self.p.group_size)
+
+    def norm_act_split(self, channels: int) -> Tuple[nn.Module, Optional[nn.Module]]:
+        """A norm that must come without its nonlinearity, and that nonlinearity (FRN, EvoNorm; else None)."""
+        self._check_groups(channels)
+        return split_norm_act(self.p.norm, channels, groups=self.p.groups, group_size=self.p.group_size)
+
+    def _check_groups(self, channels: int) -> None:
+        # group_size=1 asks for InstanceNorm on purpose: only a resolved default or `groups` gets a warning
+        if self.p.norm in GROUPED_NORMS and self.p.group_size is None and channels > 1 and \
+                resolve_groups(channels, self.p.groups, None) == channels:
+            self.instance_widths.add(channels)
 
     def act(self) -> Optional[nn.Module]:
         # FRN and EvoNorm bring their own nonlinearity; inplace would overwrite a residual input
@@ -305,11 +336,12 @@ class _Slots:
     def drop(self) -> nn.Module:
         return create_dropout(self.p.drop, drop_rate=self.p.drop_rate, beta=self.p.beta)
 
-    def sequence(self, slots: Sequence[str], channels: int, key, with_drop: bool) -> nn.Sequential:
+    def sequence(self, slots: Sequence[str], channels: int, key, with_drop: bool,
+                 norm: Optional[nn.Module] = None) -> nn.Sequential:
         mods = OrderedDict()
         for slot in slots:
             if slot == 'norm':
-                mods['norm'] = self.norm(channels, key)
+                mods['norm'] = norm if norm is not None else self.norm(channels, key)
             elif slot == 'act':
                 act = self.act()
                 if act is not None:
@@ -318,10 +350,11 @@ class _Slots:
                 mods['drop'] = self.drop()
         return nn.Sequential(mods)
 
-    def unit(self, conv: nn.Conv2d, with_drop: bool, post_slots: Optional[Sequence[str]] = None) -> Unit:
+    def unit(self, conv: nn.Conv2d, with_drop: bool, post_slots: Optional[Sequence[str]] = None,
+             post_norm: Optional[nn.Module] = None) -> Unit:
         pre = self.sequence(self.p.pre_slots, conv.in_channels, (id(conv), 'pre'), with_drop)
         post_slots = self.p.post_slots if post_slots is None else post_slots
-        post = self.sequence(post_slots, conv.out_channels, (id(conv), 'post'), with_drop)
+        post = self.sequence(post_slots, conv.out_channels, (id(conv), 'post'), with_drop, norm=post_norm)
         return Unit(pre, create_conv(self.p.conv, conv), post)
 
 
@@ -349,13 +382,18 @@ def build_placed_net(
     p = Placement.parse(placement)
     slots = _Slots(p, skeleton.source_norms)
 
-    # stem: post-activation normalizes the stem conv. Pre-activation leaves that to the first unit, except
-    # where the source stem has its own norm-act before the pool (timm's ResNet and DenseNet): it stays
+    # stem: post-activation normalizes the stem conv; pre-activation leaves that to the first unit (no unit
+    # sees two norms in a row), unless the family's own pre-activation design has a stem norm-act and the
+    # units open with norm-act as that design's do (module docstring)
     stem = skeleton.stem
     stem_conv = _last_conv(stem)
     stem_key = (id(stem_conv), 'post')
-    if not p.preact or stem_key in skeleton.source_norms:
-        stem_slots = [s for s in p.post_slots if s != 'drop'] if not p.preact else ['norm', 'act']
+    stem_slots = []
+    if not p.preact:
+        stem_slots = [s for s in p.post_slots if s != 'drop']
+    elif skeleton.preact_stem_norm and [s for s in p.pre_slots if s != 'drop'] == ['norm', 'act']:
+        stem_slots = ['norm', 'act']
+    if stem_slots:
         with _located(p, 'stem'):
             stem_post = slots.sequence(stem_slots, stem_conv.out_channels, stem_key, with_drop=False)
         stem = nn.Sequential(OrderedDict([('conv', stem), *stem_post.named_children()]))
@@ -378,7 +416,13 @@ def build_placed_net(
         final = nn.Identity()
 
     model = PlacedNet(stem, skeleton.stem_pool, stages, final, num_features, p,
-                      num_classes=num_classes, global_pool=global_pool, in_chans=in_chans)
+                      num_classes=num_classes, global_pool=global_pool, in_chans=in_chans,
+                      preact_stem_norm=skeleton.preact_stem_norm)
+    if slots.instance_widths:
+        warnings.warn(
+            f'placement {p}: {p.norm} has one channel per group (InstanceNorm in all but name) on widths '
+            f'{sorted(slots.instance_widths)}; Lubana et al. 2021 find its behaviour depends on the group size: '
+            f'set group_size= (or groups=) in the placement to choose it', UserWarning, stacklevel=2)
     fc = skeleton.fc
     if fc is not None and isinstance(model.fc, nn.Linear) and fc.weight.shape == model.fc.weight.shape:
         model.fc = fc
@@ -413,11 +457,19 @@ def _block(spec: BlockSpec, p: Placement, slots: _Slots) -> nn.Module:
 def _residual_block(spec: ResidualSpec, p: Placement, slots: _Slots) -> ResidualBlock:
     n = len(spec.convs)
     units = []
+    act = None
     for i, conv in enumerate(spec.convs):
-        post_slots = None
+        post_slots = post_norm = None
         if not p.preact and i == n - 1:
-            post_slots = [s for s in p.post_slots if s != 'act']  # the last activation follows the sum
-        units.append(slots.unit(conv, p.drop_in_unit(i, n), post_slots))
+            # the last activation follows the sum (He et al. 2015); a norm with its own nonlinearity (FRN,
+            # EvoNorm) gives it up there too, as in Lubana et al.'s reference block: norm before the sum,
+            # its TLU / the EvoNorm after it
+            post_slots = [s for s in p.post_slots if s != 'act']
+            if slots.norm_has_act and 'norm' in post_slots:
+                post_norm, act = slots.norm_act_split(conv.out_channels)
+            elif 'act' in p.post_slots:
+                act = slots.act()
+        units.append(slots.unit(conv, p.drop_in_unit(i, n), post_slots, post_norm))
     downsample = None
     if spec.shortcut_conv is not None:
         conv = create_conv(p.conv, spec.shortcut_conv)
@@ -425,10 +477,10 @@ def _residual_block(spec: ResidualSpec, p: Placement, slots: _Slots) -> Residual
         if spec.shortcut_pool is not None:
             mods['pool'] = spec.shortcut_pool
         mods['conv'] = conv
-        if not p.preact:
-            mods['norm'] = slots.norm(conv.out_channels, (id(spec.shortcut_conv), 'post'))
+        if not p.preact:  # the projection's norm, without a nonlinearity before the sum
+            mods['norm'] = slots.norm(conv.out_channels, (id(spec.shortcut_conv), 'post')) \
+                if not slots.norm_has_act else slots.norm_act_split(conv.out_channels)[0]
         downsample = nn.Sequential(mods)
-    act = slots.act() if not p.preact and 'act' in p.post_slots else None
     return ResidualBlock(units, downsample, spec.attn, spec.drop_path, act, preact=p.preact)
 
 
