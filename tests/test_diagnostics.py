@@ -452,6 +452,7 @@ def test_figures_and_report(loader, tmp_path):
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_cli_diagnose_on_embedded_digits(tmp_path):
     out = tmp_path / 'diag'
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
@@ -509,3 +510,59 @@ def test_cli_loads_train_checkpoint_and_rejects_others(tmp_path, capsys):
     assert 'neither a registered model name nor a placement' in capsys.readouterr().err
     assert main(['diagnose', '--model', 'cifar_resnet20', '--placement', 'bogus', '--out', str(out)]) == 2
     assert "--placement 'bogus' is not a placement" in capsys.readouterr().err
+
+
+# --- docs/make_figures.py: the figures and numbers in README and docs/ ----------------------------------------
+
+def _make_figures():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('make_figures', os.path.join(REPO_ROOT, 'docs', 'make_figures.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_figures_and_numbers_are_those_make_figures_wrote():
+    make_figures = _make_figures()
+    with open(os.path.join(REPO_ROOT, 'docs', 'figures.json')) as f:
+        numbers = json.load(f)
+    with open(os.path.join(REPO_ROOT, 'README.md')) as f:
+        readme = f.read()
+    assert set(numbers) == set(make_figures.FIGURES)  # every figure made, none left over
+    for name, figure in make_figures.FIGURES.items():
+        assert make_figures.readme_span(readme, name) == figure.render(numbers[name])  # no hand edit, none stale
+        for file in numbers[name]['files']:
+            _assert_png(os.path.join(REPO_ROOT, 'docs', file))
+            assert f'](docs/{file})' in readme
+    # the README command is the one the script ran, on this code's defaults
+    placements = numbers['diagnose_placements']
+    assert placements['command'] in readme and "'batches': 8" not in placements['command']
+    assert placements['settings']['batches'] == 8 and placements['settings']['batch_size'] == 64
+    assert all(m['recalibrated_measured_on'].startswith('held-out') for m in placements['models'].values())
+
+
+@pytest.mark.slow
+def test_make_figures_regenerates_figures_numbers_and_readme(tmp_path):
+    make_figures = _make_figures()
+    readme = tmp_path / 'README.md'
+    readme.write_text('intro\n<!-- make_figures:diagnose_placements -->\nstale 1.58 / 2.44\n'
+                      '<!-- /make_figures:diagnose_placements -->\nend\n')
+    assert make_figures.main(['--quick', '--out', str(tmp_path / 'docs'), '--readme', str(readme)]) == 0
+    with open(tmp_path / 'docs' / 'figures.json') as f:
+        numbers = json.load(f)
+    text = readme.read_text()
+    assert 'stale' not in text and text.startswith('intro\n') and text.endswith('end\n')
+    figure = make_figures.FIGURES['diagnose_placements']
+    assert make_figures.readme_span(text, 'diagnose_placements') == figure.render(numbers['diagnose_placements'])
+    models = numbers['diagnose_placements']['models']
+    assert list(models) == ['cifar_resnet20 [before_bn]', 'cifar_resnet20 [after_bn]', 'cifar_resnet20 [ic]',
+                            'cifar_resnet20 [ic:drop=uout,beta=0.5]']
+    assert f"{models['cifar_resnet20 [before_bn]']['shift_mean']:.3g}" in text
+    assert sorted(os.listdir(tmp_path / 'docs')) == ['correlation.png', 'figures.json', 'signal.png',
+                                                     'variance_shift.png']  # no temporary file left
+    for name in ('correlation.png', 'signal.png', 'variance_shift.png'):
+        _assert_png(str(tmp_path / 'docs' / name))
+    readme.write_text('no markers\n')
+    with pytest.raises(SystemExit, match='markers'):
+        make_figures.main(['--quick', '--out', str(tmp_path / 'docs'), '--readme', str(readme)])
+    assert readme.read_text() == 'no markers\n'  # nothing half-written
