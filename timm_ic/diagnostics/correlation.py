@@ -7,13 +7,13 @@ p_keep^2 and their correlation by p_keep, each under its own condition on the in
   more: with E[y^2] scaled by k (k = 1/p_keep for dropout, 1 + beta^2/3 for Uout) the variance becomes
   k*(v + mu^2) - mu^2 while the covariance is unchanged, so rho_ij scales by sqrt(v_i v_j / (v'_i v'_j)). This
   mean-aware prediction holds for any input and is reported everywhere; x p_keep only where the input is
-  zero-mean: mean over units of |mu|/sigma at most `ZERO_MEAN_TOL`, which keeps x p_keep within
-  (1 - p_keep) * ZERO_MEAN_TOL^2 <= 1% of the mean-aware prediction.
-- MI x p_keep^2 needs an input with no mass at 0 (a BN output): then y = 0 exactly when the gate dropped the
-  unit, and I(y_i; y_j) = p_keep^2 I(x_i; x_j). After a ReLU about half the inputs are exactly 0 and a zero
-  output no longer tells a dropped unit from a kept one, so the MI falls further (on the digits, conv-ReLU-
-  dropout(0.5) measures about 0.13, not 0.25). Predicted only where at most `NO_ATOM_TOL` of the input values
-  are exactly 0; Uout has no closed form.
+  zero-mean: mean over units of |mu|/sigma at most `ZERO_MEAN_TOL` (a unit at |mu|/sigma = 0.1 has x p_keep
+  within (1 - p_keep) * 0.1^2 <= 1% of its mean-aware ratio).
+- MI x p_keep^2 needs an input with no mass at 0 (a BN or conv output): then y = 0 exactly when the gate
+  dropped the unit, and I(y_i; y_j) = p_keep^2 I(x_i; x_j). After a ReLU about half the inputs are exactly 0
+  and a zero output no longer tells a dropped unit from a kept one, so the MI falls further (on the digits,
+  conv-ReLU-dropout measures 0.17 for p_keep 0.5, 0.72 for 0.9). Predicted only where at most `NO_ATOM_TOL`
+  of the input values are exactly 0; Uout has no closed form.
 
 Units are channels; the samples of a unit are all its values over images and spatial positions. Each result
 records the measured conditions (`input_abs_mean_over_std`, `input_zero_fraction`, `zero_mean`,

@@ -145,9 +145,9 @@ def plot_correlation(correlations: Mapping[str, Sequence[CorrelationResult]], pa
     ax_abs.set_title('mean |correlation| between units\n(o before dropout, \u25CF after, dotted: noise floor)',
                      fontsize=9)
     ax_corr.set_title('correlation ratio after/before (\u25CF measured)\n'
-                      'line: predicted from measured means; dotted: p_keep, only at zero-mean inputs', fontsize=9)
+                      'line: predicted from the measured means\ndotted: p_keep, only at zero-mean inputs', fontsize=9)
     ax_mi.set_title('mutual information ratio after/before (\u25CF measured)\n'
-                    'line: p_keep^2, only at inputs with no atom at 0 (not after a ReLU)', fontsize=9)
+                    'line: p_keep^2, only at inputs with no atom at 0\n(not after a ReLU); none for Uout', fontsize=9)
     for ax in (ax_abs, ax_corr, ax_mi):
         _depth_axis(ax, 'dropout layer')
     fig.legend(loc='outside lower center', ncols=min(4, len(correlations)), fontsize=8)
