@@ -52,7 +52,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 
 def _g(value: Optional[float]) -> str:
-    return '-' if value is None else f'{value:.3g}'
+    return '-' if value is None else f'{value:#.3g}'
 
 
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -104,13 +104,13 @@ def _render_placements(n: Numbers) -> str:
                        f'(conv outputs {_g(m["conv_var_first"])} to {_g(m["conv_var_last"])})'
                        for label, m in models.items())
     corr = '; '.join(
-        f'`{label}` {_g(m["corr_ratio"])} vs {_g(m["corr_ratio_mean_aware"])} mean-aware'
-        + (f', x p_keep {_g(m["corr_ratio_zero_mean"])} at {m["zero_mean_sites"]} zero-mean sites'
-           if m['zero_mean_sites'] else ', no zero-mean site')
-        + (f', MI {_g(m["mi_ratio"])} vs p_keep^2 {_g(m["mi_ratio_expected"])} at {m["mi_sites"]} sites'
-           if m['mi_sites'] else '')
+        f'`{label}` {_g(m["corr_ratio"])} (mean-aware {_g(m["corr_ratio_mean_aware"])}'
+        + (f', zero-mean {_g(m["corr_ratio_zero_mean"])} at {m["zero_mean_sites"]} zero-mean inputs'
+           if m['zero_mean_sites'] else ', no zero-mean input')
+        + (f'), MI {_g(m["mi_ratio"])} (p_keep^2 {_g(m["mi_ratio_expected"])}, {m["mi_sites"]} inputs with no atom '
+           'at 0)' if m['mi_sites'] else ')')
         for label, m in models.items() if m['dropouts_used'])
-    return f"""Made by `{SCRIPT}` (CPU, about 5 minutes; our measurement, not a paper number), which runs
+    return f"""Made by `{SCRIPT}` (CPU; 5 to 10 minutes on 2 cores; our measurement, not a paper number), which runs
 
 ```bash
 {n['command']}
@@ -132,7 +132,9 @@ Activation variance from the first to the last block output (the residual stream
 ![correlation and mutual information across each dropout; each prediction drawn only where its condition \
 holds](docs/correlation.png)
 
-Correlation ratio across the dropouts (mean over the sites above the noise floor): {corr}."""
+Correlation ratio after/before each dropout, mean over the dropouts whose input correlation is over 3x its
+sampling-noise floor, with its predictions (mean-aware: any input; zero-mean: p_keep, 3/(3+beta^2) for Uout, only at
+zero-mean inputs); MI ratio where p_keep^2 applies: {corr}."""
 
 
 @figure(render=_render_placements)
@@ -158,13 +160,13 @@ def diagnose_placements(out: Path, quick: bool = False) -> Numbers:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _span(name: str) -> 're.Pattern[str]':
-    return re.compile(rf'(<!-- make_figures:{name} -->\n)(.*?)(\n<!-- /make_figures:{name} -->)', re.S)
+    return re.compile(rf'<!-- make_figures:{name} -->\n(.*?)\n?<!-- /make_figures:{name} -->', re.S)
 
 
 def readme_span(text: str, name: str) -> Optional[str]:
     """The Markdown README.md shows for figure `name`, or None without its markers."""
     found = _span(name).search(text)
-    return found.group(2) if found else None
+    return found.group(1) if found else None
 
 
 def _check_markers(text: str, names: Sequence[str]) -> None:
@@ -177,7 +179,8 @@ def _check_markers(text: str, names: Sequence[str]) -> None:
 def update_readme(text: str, rendered: Dict[str, str]) -> str:
     _check_markers(text, list(rendered))
     for name, markdown in rendered.items():
-        text = _span(name).sub(lambda m: m.group(1) + markdown + m.group(3), text)
+        text = _span(name).sub(lambda _: f'<!-- make_figures:{name} -->\n{markdown}\n<!-- /make_figures:{name} -->',
+                               text)
     return text
 
 

@@ -10,8 +10,8 @@ fine-grained `blocks` pattern names (`stages.0.1`, `layer1.0`, ...). At each poi
 - stable rank tr(G) / ||G||_2 of that Gram matrix (between 1 and N: how many directions the batch spans);
 - gradient norm ||dL/d(output)|| of the batch's mean loss, from one backward pass per batch.
 """
-from dataclasses import asdict, dataclass
 import re
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple, Union
 
 import torch
