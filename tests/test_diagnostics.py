@@ -17,10 +17,12 @@ from torchvision import transforms
 import timm_ic
 from timm_ic.data import DigitsDataset
 from timm_ic.diagnostics import (
-    build_report, correlation_reduction, diagnose_model, format_table, mean_abs_correlation, mutual_information,
-    plot_correlation, plot_gradient_norm, plot_signal, plot_variance_shift, recalibrate_bn,
+    ModelDiagnostics, build_report, correlation_reduction, diagnose_model, format_table, mean_abs_correlation,
+    mutual_information, plot_correlation, plot_gradient_norm, plot_signal, plot_variance_shift, recalibrate_bn,
     sample_cosine_similarity, signal_propagation, stable_rank, variance_shift, write_report,
 )
+from timm_ic.diagnostics.signal import BLOCK_PROBE, LAYER_PROBE, block_names
+from timm_ic.layers import VarianceNorm2d
 from timm_ic.cli import main
 
 BATCHES = 6
@@ -30,13 +32,23 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
+def _digits_loader(first: int, count: int):
+    ds = DigitsDataset('train', transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize([0.305], [0.376])]))
+    subset = torch.utils.data.Subset(ds, list(range(first, first + count)))
+    return torch.utils.data.DataLoader(subset, batch_size=64, shuffle=False, drop_last=True)
+
+
 @pytest.fixture(scope='module')
 def loader():
     """Fixed batches of real images: the digits, normalised, 64 per batch, always in the same order."""
-    ds = DigitsDataset('train', transform=transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize([0.305], [0.376])]))
-    subset = torch.utils.data.Subset(ds, list(range(BATCHES * 64)))
-    return torch.utils.data.DataLoader(subset, batch_size=64, shuffle=False, drop_last=True)
+    return _digits_loader(0, BATCHES * 64)
+
+
+@pytest.fixture(scope='module')
+def heldout():
+    """Other digits than `loader`'s, in as many batches."""
+    return _digits_loader(BATCHES * 64, BATCHES * 64)
 
 
 def dropout_then_bn_net(p: float = 0.5) -> nn.Module:
@@ -117,6 +129,56 @@ def test_before_bn_placement_shifts_after_bn_does_not(loader):
     assert variance_shift(before, loader, num_batches=BATCHES).max_shift < 1.05
 
 
+def test_every_norm_with_running_statistics_is_shifted_and_recalibrated(loader, heldout):
+    # VarianceNorm2d and EvoNorm-B0 divide by a running variance at test time, like BN: dropout before them
+    # shifts it, and recalibration must re-estimate it
+    from timm.layers import EvoNorm2dB0
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.Dropout(0.5), VarianceNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.Dropout(0.5), EvoNorm2dB0(16),
+        nn.Conv2d(16, 16, 3, padding=1), EvoNorm2dB0(16, apply_act=False),  # never uses its running_var
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    train_like_statistics(model, loader)
+    shift = variance_shift(model, loader, num_batches=BATCHES)
+    assert [layer.name for layer in shift.layers] == ['2', '6']
+    assert min(layer.shift for layer in shift.layers) > 1.8  # at least 1/p_keep = 2 in theory
+
+    # train-mode passes of the other diagnostics leave those running statistics as they were
+    running = [model[2].running_var.clone(), model[6].running_var.clone()]
+    signal_propagation(model, loader, num_batches=1)
+    correlation_reduction(model, loader, num_batches=1)
+    assert torch.equal(model[2].running_var, running[0]) and torch.equal(model[6].running_var, running[1])
+
+    momenta = (model[2].momentum, model[6].momentum)
+    recalibrate_bn(model, loader, num_batches=BATCHES)
+    assert (model[2].momentum, model[6].momentum) == momenta
+    assert variance_shift(model, heldout, num_batches=BATCHES).max_shift < 1.05
+    # the cumulative average over the batches, as BatchNorm's momentum=None takes it
+    with torch.no_grad():
+        per_batch = [model[0](images).var(dim=(0, 2, 3)) for images, _ in loader]
+    assert torch.allclose(model[2].running_var, torch.stack(per_batch).mean(0), rtol=1e-4)
+
+
+def test_recalibrated_shift_is_measured_on_heldout_batches(loader, heldout):
+    model = train_like_statistics(cifar_net('before_bn'), loader)
+    result = diagnose_model(model, loader, num_batches=BATCHES, heldout=heldout)
+    after = result.variance_shift_recalibrated
+    assert 'held-out' in after.measured_on and not result.notes
+    # the same number as recalibrating on `loader` and measuring on `heldout`, not on `loader`
+    recalibrated = recalibrate_bn(copy.deepcopy(model), loader, num_batches=BATCHES)
+    on_heldout = variance_shift(recalibrated, heldout, num_batches=BATCHES)
+    in_sample = variance_shift(recalibrated, loader, num_batches=BATCHES)
+    assert after.mean_shift == pytest.approx(on_heldout.mean_shift, rel=1e-6)
+    assert in_sample.mean_shift < after.mean_shift < 1.1  # in sample it is ~1 by construction
+    assert result.variance_shift.mean_shift > 1.3
+    assert 'held-out' in format_table([result])
+
+    without = diagnose_model(model, loader, num_batches=2)
+    assert 'estimated from' in without.variance_shift_recalibrated.measured_on
+    assert any('estimated from' in note for note in without.notes)
+
+
 # --- correlation and mutual information -----------------------------------------------------------------------
 
 @pytest.mark.parametrize('drop', [nn.Dropout(0.5), nn.Dropout(0.2), timm_ic.layers.Uout(0.5)], ids=str)
@@ -129,8 +191,11 @@ def test_ic_layer_reduces_correlation_by_p_keep(loader, drop):
     assert result.follows_bn and result.layer == '2'
     assert result.input_abs_mean_over_std < 1e-3  # BN centred the units
     assert result.corr_before > 10 * result.corr_noise_floor  # neighbouring conv channels of real images correlate
+    assert result.zero_mean and result.no_atom_at_zero and result.input_zero_fraction == 0  # both laws apply
     if isinstance(drop, nn.Dropout):
         p_keep = 1 - drop.p
+        assert result.corr_ratio_zero_mean == pytest.approx(p_keep)
+        assert result.mi_ratio_expected == pytest.approx(p_keep ** 2)
         assert result.corr_ratio == pytest.approx(p_keep, abs=0.02)
         assert result.mi_ratio == pytest.approx(p_keep ** 2, abs=0.04)
     else:
@@ -146,6 +211,32 @@ def test_uncentred_input_loses_more_correlation_as_predicted(loader):
     assert not result.follows_bn
     assert result.corr_ratio < 0.45  # clearly below p_keep = 0.5
     assert result.corr_ratio == pytest.approx(result.corr_ratio_expected, abs=0.02)
+    assert not result.zero_mean and result.corr_ratio_zero_mean is None  # x p_keep is not claimed here
+
+
+@pytest.mark.parametrize('p_keep', [0.5, 0.9])
+def test_mi_law_is_not_predicted_after_relu(loader, p_keep):
+    torch.manual_seed(0)
+    # after a ReLU about half the inputs are exactly 0: a zero output no longer says the unit was dropped
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Dropout(1 - p_keep))
+    (result,) = correlation_reduction(model, loader, num_batches=4)
+    assert result.input_zero_fraction > 0.2 and not result.no_atom_at_zero
+    assert result.mi_ratio < p_keep ** 2 - 0.05  # the law does not hold here...
+    assert result.mi_ratio_expected is None  # ...so it is not printed as the expectation
+    table = format_table([ModelDiagnostics(label='relu', correlation=[result])])
+    row = next(line for line in table.splitlines() if line.startswith('2 '))
+    assert 'neither' in row and f'{p_keep ** 2:.4g}' not in row
+
+
+def test_kim_placement_dropouts_follow_relu(loader):
+    torch.manual_seed(0)
+    # Kim et al.'s position: after the last BN-ReLU of each branch, so neither law's condition holds there
+    model = timm.create_model('cifar_preresnet20', placement='kim', in_chans=1, num_classes=10,
+                              zero_init_last=False)
+    units = [r for r in correlation_reduction(model, loader, num_batches=2) if r.layer.startswith('stages')]
+    assert len(units) == 9
+    assert all(not r.no_atom_at_zero and r.mi_ratio_expected is None for r in units)
+    assert all(not r.zero_mean and r.corr_ratio_zero_mean is None for r in units)
 
 
 def test_ic_resnet20_dropouts_follow_bn(loader):
@@ -199,6 +290,32 @@ def test_signal_matches_manual_computation(loader):
         n = gram.shape[0]
         assert layer.cosine_similarity == pytest.approx(((gram.sum() - n) / (n * (n - 1))).item(), rel=1e-4)
         assert layer.stable_rank == pytest.approx((n / torch.linalg.eigvalsh(gram.double())[-1]).item(), rel=1e-4)
+
+
+def test_signal_probes_the_residual_stream(loader):
+    torch.manual_seed(0)
+    model = timm.create_model('cifar_preresnet20', in_chans=1, num_classes=10, zero_init_last=False)
+    train_like_statistics(model, loader, 2)
+    result = signal_propagation(model, loader, num_batches=1)
+    blocks = [f'stages.{i}.{j}' for i in range(3) for j in range(3)]
+    assert block_names(model) == blocks
+    assert [layer.name for layer in result.at(BLOCK_PROBE)] == blocks
+    assert sorted(layer.name for layer in result.at(LAYER_PROBE)) == sorted(
+        n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    # in execution order: each block after the convs inside it
+    names = [layer.name for layer in result.layers]
+    assert names.index('stages.0.0') > names.index('stages.0.0.units.1.conv')
+    # the block output is what the block returns (checked by hand on a copy, same batch, train mode)
+    manual = copy.deepcopy(model).train()
+    seen = []
+    manual.stages[2][2].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    manual(next(iter(loader))[0])
+    last = result.at(BLOCK_PROBE)[-1]
+    assert last.activation_variance == pytest.approx(seen[0].var(dim=(0, 2, 3)).mean().item(), rel=1e-4)
+    # pre-activation: the stream grows with depth, far more than the conv outputs do (Lubana et al.)
+    stream, convs = result.at(BLOCK_PROBE), result.at(LAYER_PROBE)
+    assert stream[-1].activation_variance > 2 * stream[0].activation_variance
+    assert stream[-1].activation_variance > 2 * convs[-1].activation_variance
 
 
 def test_similarity_and_stable_rank_extremes():
@@ -323,7 +440,9 @@ def test_figures_and_report(loader, tmp_path):
         assert sorted(layer['name'] for layer in entry['variance_shift']['layers']) == sorted(bn_names)
         assert len(entry['variance_shift_recalibrated']['layers']) == len(bn_names)
         conv_names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        assert sorted(layer['name'] for layer in entry['signal']['layers']) == sorted(conv_names)
+        probes = entry['signal']['layers']
+        assert sorted(p['name'] for p in probes if p['probe'] == LAYER_PROBE) == sorted(conv_names)
+        assert [p['name'] for p in probes if p['probe'] == BLOCK_PROBE] == block_names(model)
         drop_names = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
         assert sorted(c['layer'] for c in entry['correlation']) == sorted(drop_names)
         assert all(name in table for name in bn_names)
@@ -333,6 +452,7 @@ def test_figures_and_report(loader, tmp_path):
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_cli_diagnose_on_embedded_digits(tmp_path):
     out = tmp_path / 'diag'
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
@@ -341,12 +461,14 @@ def test_cli_diagnose_on_embedded_digits(tmp_path):
          '--out', str(out), '--batches', '2', '--batch-size', '32', '--compare', 'after_bn'],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert 'cifar_resnet20 [before_bn]' in proc.stdout and 'Variance shift per BN layer' in proc.stdout
+    assert 'cifar_resnet20 [before_bn]' in proc.stdout and 'Variance shift per norm layer' in proc.stdout
     assert 'diagnose' in proc.stderr  # the tqdm progress bar
     with open(out / 'report.json') as f:
         report = json.load(f)
     assert list(report['models']) == ['cifar_resnet20 [before_bn]', 'cifar_resnet20 [after_bn]']
     shifts = {k: m['variance_shift']['summary']['mean_shift'] for k, m in report['models'].items()}
+    for entry in report['models'].values():  # recalibration checked on images it was not estimated from
+        assert entry['variance_shift_recalibrated']['summary']['measured_on'].startswith('held-out')
     assert shifts['cifar_resnet20 [before_bn]'] > 1.3 > shifts['cifar_resnet20 [after_bn]']
     for entry in report['models'].values():  # at init every residual branch carries signal, none is zeroed
         assert 'zero_init_last=False' in entry['weights']
@@ -432,3 +554,59 @@ def test_cli_bad_inputs_are_found_before_computing(tmp_path, capsys, monkeypatch
         err = capsys.readouterr().err
         assert all(w in err for w in words) and 'Traceback' not in err, err
     assert a_file.read_text() == 'mine' and not os.path.exists(out)
+
+
+# --- docs/make_figures.py: the figures and numbers in README and docs/ ----------------------------------------
+
+def _make_figures():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('make_figures', os.path.join(REPO_ROOT, 'docs', 'make_figures.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_figures_and_numbers_are_those_make_figures_wrote():
+    make_figures = _make_figures()
+    with open(os.path.join(REPO_ROOT, 'docs', 'figures.json')) as f:
+        numbers = json.load(f)
+    with open(os.path.join(REPO_ROOT, 'README.md')) as f:
+        readme = f.read()
+    assert set(numbers) == set(make_figures.FIGURES)  # every figure made, none left over
+    for name, figure in make_figures.FIGURES.items():
+        assert make_figures.readme_span(readme, name) == figure.render(numbers[name])  # no hand edit, none stale
+        for file in numbers[name]['files']:
+            _assert_png(os.path.join(REPO_ROOT, 'docs', file))
+            assert f'](docs/{file})' in readme
+    # made with the command's defaults (8 batches of 64), not --quick's
+    placements = numbers['diagnose_placements']
+    assert '--batches' not in placements['command']
+    assert placements['settings']['batches'] == 8 and placements['settings']['batch_size'] == 64
+    assert all(m['recalibrated_measured_on'].startswith('held-out') for m in placements['models'].values())
+
+
+@pytest.mark.slow
+def test_make_figures_regenerates_figures_numbers_and_readme(tmp_path):
+    make_figures = _make_figures()
+    readme = tmp_path / 'README.md'
+    readme.write_text('intro\n<!-- make_figures:diagnose_placements -->\nstale 1.58 / 2.44\n'
+                      '<!-- /make_figures:diagnose_placements -->\nend\n')
+    assert make_figures.main(['--quick', '--out', str(tmp_path / 'docs'), '--readme', str(readme)]) == 0
+    with open(tmp_path / 'docs' / 'figures.json') as f:
+        numbers = json.load(f)
+    text = readme.read_text()
+    assert 'stale' not in text and text.startswith('intro\n') and text.endswith('end\n')
+    figure = make_figures.FIGURES['diagnose_placements']
+    assert make_figures.readme_span(text, 'diagnose_placements') == figure.render(numbers['diagnose_placements'])
+    models = numbers['diagnose_placements']['models']
+    assert list(models) == ['cifar_resnet20 [before_bn]', 'cifar_resnet20 [after_bn]', 'cifar_resnet20 [ic]',
+                            'cifar_resnet20 [ic:drop=uout,beta=0.5]']
+    assert f"{models['cifar_resnet20 [before_bn]']['shift_mean']:.3g}" in text
+    assert sorted(os.listdir(tmp_path / 'docs')) == ['correlation.png', 'figures.json', 'signal.png',
+                                                     'variance_shift.png']  # no temporary file left
+    for name in ('correlation.png', 'signal.png', 'variance_shift.png'):
+        _assert_png(str(tmp_path / 'docs' / name))
+    readme.write_text('no markers\n')
+    with pytest.raises(SystemExit, match='markers'):
+        make_figures.main(['--quick', '--out', str(tmp_path / 'docs'), '--readme', str(readme)])
+    assert readme.read_text() == 'no markers\n'  # nothing half-written

@@ -36,6 +36,25 @@ def bn_layers(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
+def tracks_running_stats(module: nn.Module) -> bool:
+    """A norm that normalises with running statistics at test time: a BatchNorm with `track_running_stats`, or any
+    other module with a `running_var` buffer and a `momentum` (timm_ic's VarianceNorm2d, timm's EvoNorm2dB0/B1/B2;
+    the EvoNorm-Bs use it only with their activation on, `apply_act`)."""
+    if isinstance(module, _BatchNorm):
+        return module.running_var is not None
+    return (isinstance(getattr(module, 'running_var', None), torch.Tensor) and hasattr(module, 'momentum')
+            and getattr(module, 'apply_act', True) is not False)
+
+
+def running_stat_norms(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every norm that keeps running statistics (`tracks_running_stats`), in module order.
+
+    These are the layers that dropout's train-time variance can shift (Li et al.), and that recalibration
+    re-estimates: not only BatchNorm but also variance normalization and EvoNorm-B0 (Lubana et al.'s zoo).
+    """
+    return [(name, m) for name, m in model.named_modules() if tracks_running_stats(m)]
+
+
 def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
     """Device and floating dtype of the model's first parameter (or buffer); CPU/float32 for an empty model."""
     for t in itertools.chain(model.parameters(), model.buffers()):
@@ -87,16 +106,16 @@ def autocast_context(device: torch.device, enabled: bool) -> contextlib.Abstract
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, bn_buffers: bool = False) -> Iterator[List[RemovableHandle]]:
+def preserved(model: nn.Module, norm_buffers: bool = False) -> Iterator[List[RemovableHandle]]:
     """Restore every module's train/eval flag on exit and remove the hook handles appended to the yielded list.
 
-    With `bn_buffers`, the running statistics of every BatchNorm are also restored (for passes that run BN in
-    train mode, which updates them).
+    With `norm_buffers`, the buffers of every norm that keeps running statistics (`running_stat_norms`) are also
+    restored (for passes that run the norms in train mode, which updates them).
     """
     training: Dict[nn.Module, bool] = {m: m.training for m in model.modules()}
     saved: Dict[str, torch.Tensor] = {}
-    if bn_buffers:
-        for name, m in bn_layers(model):
+    if norm_buffers:
+        for name, m in running_stat_norms(model):
             for buf_name, buf in m.named_buffers(recurse=False):
                 if buf is not None:
                     saved[f'{name}.{buf_name}'] = buf.detach().clone()

@@ -310,7 +310,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     import timm_ic  # noqa: F401  (registers the timm_ic models)
     from timm_ic.training.run_record import library_versions
 
-    from ._common import bn_layers
+    from ._common import running_stat_norms
     from .plots import plot_correlation, plot_gradient_norm, plot_signal, plot_variance_shift
     from .report import build_report, format_table, write_report
     from .run import DIAGNOSTIC_STEPS, diagnose_model
@@ -340,14 +340,18 @@ def _diagnose(args: argparse.Namespace) -> int:
             dataset = build_dataset(args.data, model, args.img_size, data_config, args.dataset, args.dataset_download)
             if len(dataset) < args.batch_size:
                 raise DiagnoseError(f'the data has {len(dataset)} images, fewer than --batch-size {args.batch_size}')
-            # one fixed random sample of the training data for every diagnostic and model: recalibrated
-            # statistics and the variance they are compared with then come from the same images
+            # one fixed random sample of the training data for every diagnostic and model
             chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(dataset, chosen[:args.batches * args.batch_size].tolist()),
                 batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=args.workers)
+            # the next images, never used for any statistic: where recalibration is checked
+            rest = chosen[args.batches * args.batch_size:2 * args.batches * args.batch_size].tolist()
+            heldout = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, rest), batch_size=args.batch_size, shuffle=False, drop_last=True,
+                num_workers=args.workers) if len(rest) >= args.batch_size else None
             model.to(device)
-            if weights.startswith('init') and bn_layers(model):
+            if weights.startswith('init') and running_stat_norms(model):
                 # untrained running statistics (mean 0, var 1) say nothing: estimate them as training would
                 recalibrate_bn(model, loader, num_batches=args.batches, train_mode=True, autocast=args.bf16)
                 weights += ('; BN running statistics estimated over the diagnostic batches in train mode '
@@ -359,7 +363,8 @@ def _diagnose(args: argparse.Namespace) -> int:
                 bar.update(1)
 
             result = diagnose_model(model, loader, num_batches=args.batches, label=label,
-                                    recalibrate=not args.no_recalibrate, autocast=args.bf16, progress=step_done)
+                                    recalibrate=not args.no_recalibrate, autocast=args.bf16, progress=step_done,
+                                    heldout=heldout)
             result.model, result.weights = spec.model, weights
             results.append(result)
     data_name = f'{args.dataset} (train)' if args.dataset else (args.data or 'embedded digits (train)')

@@ -1,11 +1,14 @@
-"""The JSON report (every number) and the printed table (summary and per-layer variance shift)."""
+"""The JSON report (every number) and the printed table (summary, per-dropout correlation/MI with the conditions
+each site meets, per-layer variance shift)."""
 import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from timm_ic.training.run_record import write_json_atomic
 
+from .correlation import NO_ATOM_TOL, ZERO_MEAN_TOL
 from .run import ModelDiagnostics
+from .signal import BLOCK_PROBE, LAYER_PROBE
 
 __all__ = ['build_report', 'write_report', 'format_table']
 
@@ -52,17 +55,37 @@ def _mean(values: List[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _conditions(c) -> str:
+    met = [name for name, ok in (('zero-mean', c.zero_mean), ('no atom at 0', c.no_atom_at_zero)) if ok]
+    return ', '.join(met) if met else 'neither'
+
+
+def _correlation_rows(corr) -> List[List[str]]:
+    rows = []
+    for c in corr:
+        kind = f'{c.drop} keep {c.p_keep:.3g}' if c.p_keep is not None else f'{c.drop} beta {_g(c.beta)}'
+        signal = c.corr_before == c.corr_before and c.corr_before > 3 * c.corr_noise_floor
+        rows.append([c.layer, kind, _g(c.input_abs_mean_over_std), f'{c.input_zero_fraction:.1%}', _conditions(c),
+                     _g(c.corr_before) + ('' if signal else ' (noise)'), _g(c.corr_ratio), _g(c.corr_ratio_zero_mean),
+                     _g(c.corr_ratio_expected), _g(c.mi_ratio), _g(c.mi_ratio_expected)])
+    return rows
+
+
 def format_table(results: Sequence[ModelDiagnostics], per_layer: bool = True) -> str:
-    """Summary table (one row per model), then each model's per-BN-layer variance shift."""
-    header = ['model', 'BN', 'shift mean', 'shift max', 'recal. mean', 'recal. max', 'dropouts', 'corr ratio',
-              'expected', 'MI ratio', 'expected', 'act.var first/last', 'cos sim last', 'grad norm first/last']
+    """Summary table (one row per model), then each model's per-dropout correlation/MI with the conditions each
+    site meets, and its per-norm-layer variance shift."""
+    header = ['model', 'norms', 'shift mean', 'shift max', 'recal. mean', 'recal. max', 'dropouts', 'corr ratio',
+              'mean-aware', 'MI ratio', 'x p_keep^2', 'conv var first/last', 'stream var first/last',
+              'cos sim last', 'grad norm first/last']
     rows = []
     for r in results:
         vs, rc, sig, corr = r.variance_shift, r.variance_shift_recalibrated, r.signal, r.correlation
-        first, last = (sig.layers[0], sig.layers[-1]) if sig and sig.layers else (None, None)
+        convs = sig.at(LAYER_PROBE) if sig else []
+        stream = sig.at(BLOCK_PROBE) if sig else []
+        first, last = (convs[0], convs[-1]) if convs else (None, None)
         # layers whose correlation is well above the sampling-noise floor: elsewhere the ratio measures noise
         used = [c for c in corr if c.corr_before == c.corr_before and c.corr_before > 3 * c.corr_noise_floor]
-        # MI: Bernoulli dropouts only, the ones with a prediction (p_keep^2); Uout's are in the JSON
+        # MI: only the sites where p_keep^2 holds (Bernoulli dropout, input without an atom at 0)
         with_mi = [c for c in used if c.mi_ratio is not None and c.mi_ratio_expected is not None]
         rows.append([
             r.label, len(vs.layers) if vs else 0,
@@ -72,13 +95,25 @@ def format_table(results: Sequence[ModelDiagnostics], per_layer: bool = True) ->
             _g(_mean([c.corr_ratio_expected for c in used])),
             _g(_mean([c.mi_ratio for c in with_mi])), _g(_mean([c.mi_ratio_expected for c in with_mi])),
             f'{_g(first.activation_variance)}/{_g(last.activation_variance)}' if first else '-',
+            f'{_g(stream[0].activation_variance)}/{_g(stream[-1].activation_variance)}' if stream else '-',
             _g(last.cosine_similarity) if last else '-',
             f'{_g(first.grad_norm)}/{_g(last.grad_norm)}' if first else '-',
         ])
-    parts = ['Summary (shift: mean over BN layers of the channel-mean shift; ratios: mean over the dropout layers '
-             'whose input correlation is over 3x its sampling-noise floor, MI over the Bernoulli ones among them)',
+    parts = ['Summary (shift: mean over norm layers with running statistics of the channel-mean shift; recal.: the '
+             'same after recalibration, measured on held-out batches; ratios: mean over the dropout layers whose '
+             'input correlation is over 3x its sampling-noise floor, MI only over those where p_keep^2 holds; '
+             'conv var: at conv outputs; stream var: at block outputs, the residual stream)',
              _table(header, rows)]
     if per_layer:
+        for r in results:
+            if not r.correlation:
+                continue
+            parts += ['', f'Correlation and MI at each dropout: {r.label} (x p_keep holds for a zero-mean input, '
+                      f'|mean|/std <= {ZERO_MEAN_TOL}; x p_keep^2 for an input with no atom at 0, zeros <= '
+                      f'{NO_ATOM_TOL:.0%}; the mean-aware prediction for any input; "-": condition not met)',
+                      _table(['dropout', 'kind', 'input |mean|/std', 'input zeros', 'conditions met', 'corr before',
+                              'corr ratio', 'x p_keep', 'mean-aware', 'MI ratio', 'x p_keep^2'],
+                             _correlation_rows(r.correlation))]
         for r in results:
             if not r.variance_shift:
                 continue
@@ -88,8 +123,11 @@ def format_table(results: Sequence[ModelDiagnostics], per_layer: bool = True) ->
                            _g(layer.real_var), _g(layer.moving_var),
                            _g(recal[layer.name].shift) if layer.name in recal else '-']
                           for layer in r.variance_shift.layers]
-            parts += ['', f'Variance shift per BN layer: {r.label}',
-                      _table(['BN layer', 'channels', 'shift (mean)', 'shift (max)', 'real var', 'moving var',
+            title = f'Variance shift per norm layer: {r.label}'
+            if r.variance_shift_recalibrated:
+                title += f' (recalibrated: measured on {r.variance_shift_recalibrated.measured_on})'
+            parts += ['', title,
+                      _table(['norm layer', 'channels', 'shift (mean)', 'shift (max)', 'real var', 'moving var',
                               'recalibrated'], layer_rows)]
     for r in results:
         parts += [f'note ({r.label}): {note}' for note in r.notes]

@@ -5,7 +5,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch.nn as nn
 
-from ._common import bn_layers, is_active_dropout
+from ._common import is_active_dropout, running_stat_norms
 from .correlation import CorrelationResult, correlation_reduction
 from .signal import SignalPropagation, signal_propagation
 from .variance_shift import VarianceShift, recalibrate_bn, variance_shift
@@ -47,9 +47,15 @@ def diagnose_model(
         recalibrate: bool = True,
         autocast: bool = False,
         progress: Optional[Callable[[str], None]] = None,
+        heldout: Optional[Iterable] = None,
 ) -> ModelDiagnostics:
     """Signal propagation, correlation at each active dropout, variance shift, and variance shift after BN
-    recalibration (on a copy: `model` itself is left unchanged). `progress(step)` is called after each step."""
+    recalibration (on a copy: `model` itself is left unchanged). `progress(step)` is called after each step.
+
+    The recalibration estimates its statistics on `loader`; the shift after it is measured on `heldout` (other
+    images, up to `num_batches` batches), since on the very batches it was estimated from it is 1 by construction.
+    Without `heldout` it is measured on `loader` and a note says so.
+    """
     result = ModelDiagnostics(label=label, placement=str(getattr(model, 'placement', None) or '') or None)
     done = progress or (lambda step: None)
     result.signal = signal_propagation(model, loader, num_batches=num_batches, autocast=autocast)
@@ -59,17 +65,24 @@ def diagnose_model(
     else:
         result.notes.append('correlation: no active dropout layer')
     done('correlation')
-    tracked = [m for _, m in bn_layers(model) if m.track_running_stats]
-    if tracked:
+    if running_stat_norms(model):
         result.variance_shift = variance_shift(model, loader, num_batches=num_batches, autocast=autocast)
         done('variance_shift')
         if recalibrate:
             recalibrated = recalibrate_bn(copy.deepcopy(model), loader, num_batches=num_batches, autocast=autocast)
-            result.variance_shift_recalibrated = variance_shift(
-                recalibrated, loader, num_batches=num_batches, autocast=autocast)
+            shift = variance_shift(recalibrated, heldout if heldout is not None else loader,
+                                   num_batches=num_batches, autocast=autocast)
+            if heldout is not None:
+                shift.measured_on = 'held-out training batches (not those the recalibration was estimated from)'
+            else:
+                shift.measured_on = 'the batches the recalibration was estimated from (no held-out batches given)'
+                result.notes.append('recalibrated shift measured on the batches it was estimated from: near 1 by '
+                                    'construction; pass held-out batches for a real check')
+            result.variance_shift_recalibrated = shift
         done('recalibration')
     else:
-        result.notes.append('variance shift: no BatchNorm layer with running statistics')
+        result.notes.append('variance shift: no norm layer with running statistics (BatchNorm, VarianceNorm2d, '
+                            'EvoNorm2dB0)')
         done('variance_shift')
         done('recalibration')
     return result
