@@ -64,6 +64,9 @@ def _fast_path(x: torch.Tensor) -> bool:
     return x.device.type == 'cpu' and not torch.compiler.is_compiling()
 
 
+# Both functions build their output in the one tensor they allocate (mask or noise, then in-place multiplies): on
+# CPU a fresh tensor's first touch (page faults) costs about as much as a pass over it.
+
 class _MaskScale(torch.autograd.Function):
     """y = x * keep * scale in forward, grad * keep * scale in backward; keeps only the 1-byte mask."""
 
@@ -71,35 +74,36 @@ class _MaskScale(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
         ctx.save_for_backward(keep)
-        return torch.where(keep, x, 0).mul_(scale)
+        # bool -> float is a slow conversion on CPU; uint8 -> float (the same bytes) is not
+        return keep.view(torch.uint8).to(x.dtype).mul_(x).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         keep, = ctx.saved_tensors
-        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+        return keep.view(torch.uint8).to(grad.dtype).mul_(grad).mul_(ctx.scale), None, None
 
 
 class _Uout(torch.autograd.Function):
-    """y = x + x * r with r = beta * (k + 1/2) / 32768 from 16-bit draws k; keeps only the 2-byte draws."""
+    """y = x * u with u = 1 + beta * (k + 1/2) / 32768 from 16-bit draws k; keeps only the 2-byte draws."""
 
     @staticmethod
     def noise(draws: torch.Tensor, beta: float, dtype: torch.dtype) -> torch.Tensor:
-        # computed in at least float32: bfloat16 would round the 65536 values to a few hundred
-        r = draws.to(torch.promote_types(dtype, torch.float32)).add_(0.5).mul_(beta / (LEVELS // 2))
-        return r.to(dtype)
+        # in at least float32: bfloat16 would round the 65536 values to a few hundred
+        step = beta / (LEVELS // 2)
+        u = draws.to(torch.promote_types(dtype, torch.float32)).mul_(step).add_(1.0 + step / 2)
+        return u.to(dtype)
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, draws: torch.Tensor, beta: float) -> torch.Tensor:
         ctx.beta = beta
         ctx.save_for_backward(draws)
-        r = _Uout.noise(draws, beta, x.dtype)
-        return torch.addcmul(x, x, r)
+        return _Uout.noise(draws, beta, x.dtype).mul_(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         draws, = ctx.saved_tensors
         # regenerated from the saved draws: 2 bytes per element kept instead of the 4 of a float noise tensor
-        return torch.addcmul(grad, grad, _Uout.noise(draws, ctx.beta, grad.dtype)), None, None
+        return _Uout.noise(draws, ctx.beta, grad.dtype).mul_(grad), None, None
 
 
 def drop_levels(p: float) -> int:
