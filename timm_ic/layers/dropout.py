@@ -5,10 +5,10 @@
 - IC layer (Chen et al. 2019): a normalizer followed by a dropout, placed right before a weight layer.
   BN centres the units so that dropout's gates scale pairwise correlation by p_keep.
 
-Training speed on CPU: torch's `F.dropout` and `uniform_` draw 32 random bits per element one at a time and then
-make several full passes (mask, convert, scale, multiply). On CPU both layers here draw 16 bits per element (64-bit
-words from torch's own generator, read as four 16-bit integers), keep a 1-byte mask (Uout: the 2-byte draws) for
-backward, and apply mask and scale in a custom autograd function. The draws come from torch's default generator,
+Training speed on CPU: torch's `F.dropout` and `uniform_` spend most of their time drawing a random float per
+element, then make several full passes (mask, scale, multiply). On CPU both layers here draw 16 bits per element
+(64-bit words from torch's own generator, read as four 16-bit integers), keep a 1-byte mask (Uout: the 2-byte
+draws) for backward, and apply mask and scale in a custom autograd function. The draws come from torch's default generator,
 so `torch.manual_seed`, `torch.get_rng_state` / `set_rng_state` (exact resume) and activation checkpointing work as
 before. 16 bits fix the granularity: a Bernoulli drop probability is a multiple of 1/65536 (the requested one
 rounded, off by at most 2^-17), Uout's noise takes 65536 equally likely values, the midpoints of an even split
@@ -16,7 +16,6 @@ of [1 - beta, 1 + beta]. Other devices (GPU, meta), TorchScript, and rates too s
 own ops, which are already the fastest there; so does torch.compile (inductor draws its own fused random
 numbers, seeded from torch's generator).
 """
-import math
 from typing import Optional, Tuple
 
 import torch
