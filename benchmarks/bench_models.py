@@ -4,9 +4,9 @@ For every (model, baseline) pair: inference images/s (eval, no grad) and trainin
 (forward + backward + SGD step); a baseline and all its models run on the same input, interleaved
 repeats, median of the repeats; prints each model's ratio to its baseline (1.00 = as fast). Then the peak
 memory of two training steps, each model in a fresh child process: on CPU the rise of the child's peak RSS
-(`resource.getrusage`) over its RSS once model, optimizer and input exist; on CUDA `torch.cuda.max_memory_allocated`
-over the memory allocated before the steps. Also times `timm_ic.rewrite` of resnet152 (real weights, then meta
-device).
+(Linux VmHWM, reset once model, optimizer and input exist) over its RSS then (without /proc the whole peak);
+on CUDA `torch.cuda.max_memory_allocated` over the memory allocated before the steps. Also times
+`timm_ic.rewrite` of resnet152 (real weights, then meta device).
 
 The pairs are `timm_ic.models.BASELINES` (every paper-placement model and its baseline); `--only` keeps some.
 
@@ -18,6 +18,7 @@ import argparse
 import multiprocessing
 import statistics
 import time
+from typing import Optional
 
 import timm
 import torch
@@ -78,17 +79,20 @@ def measure(name: str, x: torch.Tensor, steps: int, amp: bool):
     return model, infer, train
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc; elsewhere 0, so the peak is reported whole)."""
+def proc_status_bytes(field: str) -> Optional[int]:
+    """A memory field of /proc/self/status (Linux: VmRSS now, VmHWM peak), or None where there is none."""
     try:
-        with open('/proc/self/statm') as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) * 1024  # kB
     except OSError:
-        return 0
+        pass
+    return None
 
 
 def peak_train_memory(name: str, batch_size: int, size: int, amp: bool, device: str) -> float:
-    """MiB that two training steps of `name` add at their peak; run in a fresh process (peak RSS only grows)."""
+    """MiB that two training steps of `name` add at their peak, over what model, optimizer and input hold."""
     device = torch.device(device)
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, size, size, device=device)
@@ -99,9 +103,19 @@ def peak_train_memory(name: str, batch_size: int, size: int, amp: bool, device: 
         before = torch.cuda.memory_allocated(device)
         train(), train()  # the second step holds the optimizer state the first one created
         return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    before = rss_bytes()
+    # not getrusage's ru_maxrss: Linux carries the parent's RSS at fork into it, across exec. VmHWM is this
+    # process's own peak, and writing 5 to clear_refs resets it to the RSS now
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+    before = proc_status_bytes('VmRSS')
     train(), train()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2 ** 20  # Linux: KiB
+    peak = proc_status_bytes('VmHWM')
+    if before is None or peak is None:  # no /proc (macOS): the whole peak, in bytes there
+        before, peak = 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak - before) / 2 ** 20
 
 
 def peak_train_memory_in_child(*args) -> float:

@@ -7,14 +7,14 @@
 
 Training speed on CPU: torch's `F.dropout` and `uniform_` spend most of their time drawing a random float per
 element, then make several full passes (mask, scale, multiply). On CPU both layers here draw 16 bits per element
-(64-bit words from torch's own generator, read as four 16-bit integers), keep a 1-byte mask (Uout: the 2-byte
-draws) for backward, and apply mask and scale in a custom autograd function. The draws come from torch's default generator,
+(64-bit words from torch's own generator, read as four 16-bit integers), keep a 1-byte mask (Uout: the 2-byte draws)
+for backward, and apply mask and scale in a custom autograd function. The draws come from torch's default generator,
 so `torch.manual_seed`, `torch.get_rng_state` / `set_rng_state` (exact resume) and activation checkpointing work as
 before. 16 bits fix the granularity: a Bernoulli drop probability is a multiple of 1/65536 (the requested one
-rounded, off by at most 2^-17), Uout's noise takes 65536 equally likely values, the midpoints of an even split
-of [1 - beta, 1 + beta]. Other devices (GPU, meta), TorchScript, and rates too small for 16 bits use torch's
-own ops, which are already the fastest there; so does torch.compile (inductor draws its own fused random
-numbers, seeded from torch's generator).
+rounded, off by at most 2^-17), Uout's noise takes 65536 equally likely values, the midpoints of an even split of
+[1 - beta, 1 + beta]. Other devices (GPU, meta), TorchScript, and rates too small for 16 bits use torch's own
+ops, which are already the fastest there; so does torch.compile (inductor draws its own fused random numbers,
+seeded from torch's generator).
 """
 from typing import Optional, Tuple
 
