@@ -2,7 +2,10 @@
 
 For every (model, baseline) pair: inference images/s (eval, no grad) and training images/s
 (forward + backward + SGD step); a baseline and all its models run on the same input, interleaved
-repeats, median of the repeats; prints each model's ratio to its baseline (1.00 = as fast). Also times
+repeats, median of the repeats; prints each model's ratio to its baseline (1.00 = as fast). Then the peak
+memory of two training steps, each model in a fresh child process: on CPU the rise of the child's peak RSS
+(Linux VmHWM, reset once model, optimizer and input exist) over its RSS then (without /proc the whole peak);
+on CUDA `torch.cuda.max_memory_allocated` over the memory allocated before the steps. Also times
 `timm_ic.rewrite` of resnet152 (real weights, then meta device).
 
 The pairs are `timm_ic.models.BASELINES` (every paper-placement model and its baseline); `--only` keeps some.
@@ -12,11 +15,18 @@ The pairs are `timm_ic.models.BASELINES` (every paper-placement model and its ba
     python benchmarks/bench_models.py --device cuda --amp --batch-size 128 --image-size 224
 """
 import argparse
+import multiprocessing
 import statistics
 import time
+from typing import Optional
 
 import timm
 import torch
+
+try:
+    import resource  # Unix only: peak RSS of a process
+except ImportError:
+    resource = None
 
 import timm_ic
 from timm_ic.models import BASELINES
@@ -38,7 +48,8 @@ def time_step(fn, device, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def measure(name: str, x: torch.Tensor, steps: int, amp: bool):
+def build(name: str, x: torch.Tensor, amp: bool):
+    """The model in train mode and its inference and training-step closures, not yet run."""
     device = x.device
     model = timm.create_model(name, num_classes=10).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -56,11 +67,61 @@ def measure(name: str, x: torch.Tensor, steps: int, amp: bool):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return model, infer, train
+
+
+def measure(name: str, x: torch.Tensor, steps: int, amp: bool):
+    model, infer, train = build(name, x, amp)
     model.eval()
     infer()  # warm-up
     model.train()
     train()
     return model, infer, train
+
+
+def proc_status_bytes(field: str) -> Optional[int]:
+    """A memory field of /proc/self/status (Linux: VmRSS now, VmHWM peak), or None where there is none."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_train_memory(name: str, batch_size: int, size: int, amp: bool, device: str) -> float:
+    """MiB that two training steps of `name` add at their peak, over what model, optimizer and input hold."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    model, infer, train = build(name, x, amp)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        train(), train()  # the second step holds the optimizer state the first one created
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    # not getrusage's ru_maxrss: Linux carries the parent's RSS at fork into it, across exec. VmHWM is this
+    # process's own peak, and writing 5 to clear_refs resets it to the RSS now
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+    before = proc_status_bytes('VmRSS')
+    train(), train()
+    peak = proc_status_bytes('VmHWM')
+    if before is None or peak is None:  # no /proc (macOS): the whole peak, in bytes there
+        before, peak = 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak - before) / 2 ** 20
+
+
+def peak_train_memory_in_child(*args) -> float:
+    # spawn, not fork: a forked child would inherit the parent's peak RSS and CUDA context
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        return pool.apply(peak_train_memory, args)
 
 
 def main() -> None:
@@ -72,6 +133,7 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
     parser.add_argument('--only', nargs='*', help='model names to keep')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak training memory columns')
     args = parser.parse_args()
     unknown = sorted(set(args.only or ()) - set(BASELINES))
     if unknown:  # a typo would otherwise benchmark nothing, silently
@@ -80,7 +142,9 @@ def main() -> None:
     torch.manual_seed(0)
 
     print(f'device {device}, batch {args.batch_size}, steps {args.steps} x {args.repeats} repeats, amp {args.amp}')
-    print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>6s} {"train img/s":>12s} {"ratio":>6s}')
+    memory = not args.no_memory and (device.type == 'cuda' or resource is not None)
+    print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>6s} {"train img/s":>12s} {"ratio":>6s}'
+          + (f' {"train MiB":>10s} {"ratio":>6s}' if memory else ''))
     groups = {}  # baseline -> its models: each baseline runs once, interleaved with all of them
     for name, baseline in PAIRS:
         if not args.only or name in args.only:
@@ -97,11 +161,15 @@ def main() -> None:
                 model.train()
                 times[n]['train'].append(time_step(train, device, args.steps))
         rate = {n: {k: args.batch_size / statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+        del runs
+        if memory:
+            mib = {n: peak_train_memory_in_child(n, args.batch_size, size, args.amp, str(device))
+                   for n in (baseline, *names)}
         for name in names:
             print(f'{name:24s} {baseline:22s} {rate[name]["infer"]:12.1f}'
                   f' {rate[name]["infer"] / rate[baseline]["infer"]:6.2f}'
-                  f' {rate[name]["train"]:12.1f} {rate[name]["train"] / rate[baseline]["train"]:6.2f}')
-        del runs
+                  f' {rate[name]["train"]:12.1f} {rate[name]["train"] / rate[baseline]["train"]:6.2f}'
+                  + (f' {mib[name]:10.1f} {mib[name] / mib[baseline]:6.2f}' if memory else ''))
 
     source = timm.create_model('resnet152')
     t = time.perf_counter()

@@ -1,9 +1,15 @@
 """Layers: the papers' formulas measured on synthetic data, plus modes, dtypes, compile and bad arguments."""
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
 
-from timm_ic.layers import NORM_KINDS, ICLayer, Uout, VarianceNorm2d, create_conv, create_dropout, create_norm
+from timm_ic.layers import (
+    NORM_KINDS, Dropout, ICLayer, Uout, VarianceNorm2d, create_conv, create_dropout, create_norm,
+)
+
+dropout_mod = importlib.import_module('timm_ic.layers.dropout')  # the module, whatever names the package exports
 
 N = 2_000_000  # elements: the variance of a variance estimate is ~2/N, far inside a 1% tolerance
 
@@ -192,3 +198,139 @@ def test_split_norm_act_separates_frn_and_evonorm_nonlinearity():
     assert isinstance(norm, nn.Identity) and isinstance(act, EvoNorm2dB0) and act.apply_act
     norm, act = split_norm_act('batchnorm', 8)
     assert isinstance(norm, nn.BatchNorm2d) and act is None
+
+
+# The CPU fast path of Dropout and Uout (16-bit draws from torch's generator, 1-byte mask; timm_ic.layers.dropout)
+
+def test_random_int16_draws_all_64_bits_of_each_word():
+    # random_() with its default range leaves an int64's sign bit 0: the top 16-bit piece would never be negative
+    torch.manual_seed(0)
+    lanes = dropout_mod.random_int16(torch.empty(4_000_000)).view(-1, 4)
+    assert lanes.dtype == torch.int16
+    negative = (lanes < 0).double().mean(0)
+    torch.testing.assert_close(negative, torch.full((4,), 0.5, dtype=torch.float64), atol=0.003, rtol=0)
+    # the lowest bit and a middle one of every lane are fair coins too
+    for bit in (0, 7):
+        ones = ((lanes >> bit) & 1).double().mean(0)
+        torch.testing.assert_close(ones, torch.full((4,), 0.5, dtype=torch.float64), atol=0.003, rtol=0)
+
+
+@pytest.mark.parametrize('p', [0.05, 0.1, 0.3, 0.5, 0.9])
+def test_dropout_drops_each_16_bit_value_below_its_threshold_exactly(p, monkeypatch):
+    # the exact-granularity argument: fed every one of the 65536 16-bit values once, the layer drops exactly
+    # round(p * 65536) of them, so with uniform draws P(drop) = round(p * 65536) / 65536, within 2^-17 of p
+    every = torch.arange(-32768, 32768, dtype=torch.int16)
+    monkeypatch.setattr(dropout_mod, 'random_int16', lambda like: every.view(like.shape))
+    levels = dropout_mod.drop_levels(p)
+    assert abs(levels / 65536 - p) <= 2 ** -17
+    y = Dropout(p).train()(torch.ones(65536))
+    assert int((y == 0).sum()) == levels
+    # kept units are scaled by 1 / P(keep) of the rounded rate, so E[y] = x exactly
+    torch.testing.assert_close(y[y != 0], torch.full((65536 - levels,), 65536 / (65536 - levels)))
+    assert float(y.double().mean()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize('p', [0.05, 0.2, 0.5])
+def test_dropout_rate_on_a_large_tensor(p):
+    torch.manual_seed(0)
+    n = 4_000_000
+    dropped = float((Dropout(p).train()(torch.ones(n)) == 0).double().mean())
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5  # 5 standard errors: ~1e-4 at p = 0.05
+
+
+@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Uout(0.3)], ids=['dropout', 'uout'])
+def test_same_seed_or_restored_rng_state_gives_the_same_noise(make):
+    layer = make().train()
+    x = torch.randn(8, 16, 7, 7)
+    torch.manual_seed(3)
+    first = layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), first)
+    state = torch.get_rng_state()  # exact resume restores the generator state
+    after = layer(x)
+    assert not torch.equal(after, first)
+    torch.set_rng_state(state)
+    assert torch.equal(layer(x), after)
+
+
+def test_dropout_forward_and_gradient_are_mask_times_scale():
+    torch.manual_seed(0)
+    p = 0.3
+    x = (torch.rand(16, 8, 5, 5) + 0.5).requires_grad_()  # no zeros: a zero output means a dropped unit
+    y = Dropout(p).train()(x)
+    keep = y != 0
+    assert 0.6 < keep.float().mean() < 0.8
+    scale = 65536 / (65536 - dropout_mod.drop_levels(p))
+    torch.testing.assert_close(y, x.detach() * keep * scale)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g * keep * scale)
+
+
+def test_uout_noise_is_the_65536_midpoints_and_its_gradient_is_the_noise():
+    torch.manual_seed(0)
+    beta = 0.3
+    x = (torch.rand(400_000) + 0.5).double().requires_grad_()
+    y = Uout(beta).train()(x)
+    noise = (y / x).detach()
+    steps = (noise - 1) / beta * 32768 - 0.5  # k in [-32768, 32767] for noise 1 + beta * (k + 1/2) / 32768
+    torch.testing.assert_close(steps, steps.round(), atol=1e-6, rtol=0)
+    assert steps.min() >= -32768 and steps.max() <= 32767
+    assert float(noise.mean()) == pytest.approx(1.0, abs=3 * beta / (3 * 400_000) ** 0.5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g * noise)
+
+
+def saved_for_backward(fn, x: torch.Tensor):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn(x)
+    return [(t.dtype, t.element_size() * t.numel()) for t in saved if t is not x]
+
+
+def test_cpu_dropouts_keep_a_small_mask_for_backward():
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    # Bernoulli: one byte per element, not the float mask F.dropout keeps; Uout: the 2-byte draws
+    assert saved_for_backward(Dropout(0.2).train(), x) == [(torch.bool, x.numel())]
+    assert saved_for_backward(Uout(0.2).train(), x) == [(torch.int16, 2 * x.numel())]
+
+
+def no_fast_path(like):
+    raise AssertionError('16-bit draws used')
+
+
+@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Uout(0.3)], ids=['dropout', 'uout'])
+def test_other_devices_use_torch_ops(make, monkeypatch):
+    monkeypatch.setattr(dropout_mod, 'random_int16', no_fast_path)
+    with torch.device('meta'):  # stands in for CUDA: any device but the CPU
+        assert make().train()(torch.empty(4, 8)).shape == (4, 8)
+    with pytest.raises(AssertionError, match='16-bit draws'):  # and the CPU takes the fast path
+        make().train()(torch.ones(4, 8))
+
+
+def test_rates_too_small_for_16_bits_use_f_dropout(monkeypatch):
+    # 1e-4 is 6.55 / 65536: rounding to 7 / 65536 would move it by 7%
+    monkeypatch.setattr(dropout_mod, 'random_int16', no_fast_path)
+    for p in (1e-4, 1 - 1e-4):
+        y = Dropout(p).train()(torch.ones(1000))
+        kept = y[y != 0]  # scaled by F.dropout's 1 / (1 - p), not by that of a rounded rate
+        torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
+
+
+@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Uout(0.3)], ids=['dropout', 'uout'])
+def test_train_mode_fx_trace_torchscript_and_compile(make):
+    layer = make().train()
+    x = torch.randn(4, 8, 6, 6)
+    torch.manual_seed(0)
+    expected = layer(x)
+    traced = torch.fx.symbolic_trace(layer)  # the fast path is one wrapped call in the graph
+    assert any(n.op == 'call_function' for n in traced.graph.nodes)
+    torch.manual_seed(0)
+    assert torch.equal(traced(x), expected)
+    scripted = torch.jit.script(layer)  # TorchScript takes torch's own ops
+    y = scripted(x)
+    assert y.shape == x.shape and not torch.equal(y, x)
+    compiled = torch.compile(layer, backend='eager', fullgraph=True)  # torch's ops again: no graph break
+    y = compiled(x)
+    assert y.shape == x.shape and not torch.equal(y, x)

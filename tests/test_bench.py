@@ -1,0 +1,19 @@
+"""benchmarks/bench_models.py: the peak training memory column measures the model, not the parent process."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+
+
+@pytest.mark.slow  # ~10 s: a spawned child imports torch and timm
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='VmHWM is Linux /proc')
+def test_peak_train_memory_is_the_childs_own_rise(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # importable by name in the spawned child too
+    import bench_models
+    ballast = torch.ones(64 * 2 ** 20)  # 256 MiB held by the parent: getrusage's ru_maxrss would carry it over
+    rise = bench_models.peak_train_memory_in_child('cifar_resnet20', 2, 32, False, 'cpu')
+    assert ballast.sum() > 0
+    assert 0 < rise < 64, rise  # two steps at batch 2 hold a few MiB of activations and gradients
