@@ -392,8 +392,9 @@ def test_wheel_ships_hub_cards(tmp_path, monkeypatch):
     # an installed wheel: the data package lands beside cards.py, where the cards are read first
     site = tmp_path / 'site' / 'timm_ic' / 'hub' / 'hub_cards'
     _write_cards(site)
-    assert hub.cards._DEFAULT_DIRS[0] == Path(hub.cards.__file__).resolve().parent / 'hub_cards'
-    monkeypatch.setattr(hub.cards, '_DEFAULT_DIRS', (site, *hub.cards._DEFAULT_DIRS[1:]))
+    from timm_ic.models import tags
+    assert tags._DEFAULT_DIRS[0] == Path(hub.cards.__file__).resolve().parent / 'hub_cards'
+    monkeypatch.setattr(tags, '_DEFAULT_DIRS', (site, *tags._DEFAULT_DIRS[1:]))
     monkeypatch.delenv(hub.HUB_CARDS_ENV, raising=False)
     assert hub.hub_cards_dir() == site
     assert hub.pretrained_tags() == [TAG]

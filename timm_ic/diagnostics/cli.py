@@ -209,11 +209,10 @@ def _digits_data_config(model: nn.Module, img_size: Optional[int]) -> Dict[str, 
     were trained on."""
     from timm.data import resolve_data_config
 
-    from timm_ic.training.recipes import load_recipe
-    recipe = load_recipe('digits_demo')
-    size = img_size or recipe['input_size'][-1]
-    return resolve_data_config(dict(input_size=(1, size, size), crop_pct=recipe['crop_pct'],
-                                    mean=tuple(recipe['mean']), std=tuple(recipe['std'])), model=model)
+    from timm_ic.data import DIGITS_INPUT_SIZE, DIGITS_MEAN, DIGITS_STD
+    size = img_size or DIGITS_INPUT_SIZE[-1]
+    return resolve_data_config(dict(input_size=(1, size, size), crop_pct=1.0, mean=DIGITS_MEAN, std=DIGITS_STD),
+                               model=model)
 
 
 def _torch_data_config(model: nn.Module, dataset: str, img_size: Optional[int]) -> Dict[str, Any]:
@@ -221,14 +220,12 @@ def _torch_data_config(model: nn.Module, dataset: str, img_size: Optional[int]) 
     trains with); else the model's, with a colour model's mean and std averaged for grey images."""
     from timm.data import resolve_data_config
 
-    from timm_ic.training.data import default_in_chans
+    from timm_ic.data import FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD, default_in_chans
     chans = default_in_chans(dataset)
     overrides: Dict[str, Any] = {'in_chans': chans}
     if dataset.lower() == 'torch/fashion_mnist':
-        from timm_ic.training.recipes import load_recipe
-        recipe = load_recipe('fashion_mnist_resnet20')
-        overrides.update(input_size=tuple(recipe['input_size']), crop_pct=recipe['crop_pct'],
-                         mean=tuple(recipe['mean']), std=tuple(recipe['std']))
+        overrides.update(input_size=FASHION_MNIST_INPUT_SIZE, crop_pct=1.0, mean=FASHION_MNIST_MEAN,
+                         std=FASHION_MNIST_STD)
     else:
         cfg = getattr(model, 'pretrained_cfg', {}) or {}
         for key in ('mean', 'std'):
@@ -240,7 +237,7 @@ def _torch_data_config(model: nn.Module, dataset: str, img_size: Optional[int]) 
 
 
 def _build_torch_dataset(data: Optional[str], dataset: str, download: bool):
-    from timm_ic.training.data import DataError, build_torch_datasets, default_in_chans
+    from timm_ic.data import DataError, build_torch_datasets, default_in_chans
     mode = 'L' if default_in_chans(dataset) == 1 else 'RGB'
     try:
         return build_torch_datasets(dataset, data, download=download, input_img_mode=mode)[0]
@@ -308,7 +305,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import timm_ic  # noqa: F401  (registers the timm_ic models)
-    from timm_ic.training.run_record import library_versions
+    from timm_ic._versions import library_versions
 
     from ._common import bn_layers
     from .plots import plot_correlation, plot_gradient_norm, plot_signal, plot_variance_shift
@@ -322,7 +319,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     check_inputs(args, specs)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if args.dataset:
-        from timm_ic.training.data import default_in_chans
+        from timm_ic.data import default_in_chans
         in_chans = default_in_chans(args.dataset)
         num_classes = _num_classes(build_dataset(args.data, dataset=args.dataset, download=args.dataset_download))
     else:

@@ -3,7 +3,7 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from timm_ic.training.run_record import write_json_atomic
+from .._atomic import write_json_atomic
 
 from .run import ModelDiagnostics
 

@@ -44,7 +44,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from torch import nn
 
 from .._atomic import finite_json, publish_folder
-from .cards import card_entry, count_model_stats, load_hub_cards, papers_for, render_card
+from ..models.tags import card_entry, load_hub_cards, papers_for, pretrained_cfgs
+from .cards import render_card
+from .stats import count_model_stats
 
 __all__ = ['export', 'read_run', 'model_from_run', 'verify_export', 'ExportError', 'RunRecordError', 'RUN_RECORD',
            'RUN_WEIGHTS', 'EXPORT_FILES']
@@ -426,7 +428,6 @@ def _check_tag_fits(tag: str, model: nn.Module, pretrained_cfg: Dict[str, Any], 
     hub_cards cfg must describe them, and the architecture's default build must hold the same tensors.
     Returns the extra create_model kwargs the card's examples need (the placement, when not the default)."""
     import timm
-    from .cards import pretrained_cfgs
     arch, _, tag_name = tag.partition('.')
     tag_cfg = pretrained_cfgs(arch)[tag_name]
     def as_tuple(value: Any) -> Any:
@@ -583,7 +584,7 @@ def export(
         registered_by_timm_ic=_registered_by_timm_ic(architecture), load_kwargs=load_kwargs,
         description=description, versions=run.get('versions'), run_status=run.get('status'), eval_split=eval_split,
     )
-    from timm_ic import __version__ as timm_ic_version
+    from .._versions import __version__ as timm_ic_version
     config = {
         'architecture': architecture,
         'num_classes': int(model.num_classes),

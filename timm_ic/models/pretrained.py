@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
-from .cards import HUB_NAMESPACE_ENV, hub_cards_dir, hub_namespace, pretrained_tags
+from .tags import HUB_NAMESPACE_ENV, hub_cards_dir, hub_namespace, pretrained_tags
 
 __all__ = ['PretrainedWeightsError', 'build_model_with_checks', 'create_model', 'check_pretrained_source']
 
