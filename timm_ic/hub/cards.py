@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from ..models.tags import _DEFAULT_DIRS, hub_cards_dir, load_hub_cards, papers_for
+from ..models.tags import HUB_CARDS_DIR, hub_cards_dir, load_hub_cards, papers_for
 
 __all__ = ['render_card']
 
@@ -111,7 +111,7 @@ def render_card(
             f'{k} {v}' for k, v in sorted(versions.items())) + '.'
     template = hub_cards_dir() / 'template.md'
     if not template.is_file():  # a custom TIMM_IC_HUB_CARDS folder may hold only models.yaml
-        template = next((d / 'template.md' for d in _DEFAULT_DIRS if (d / 'template.md').is_file()), template)
+        template = HUB_CARDS_DIR / 'template.md'
     card = ModelCard.from_template(
         card_data,
         template_path=str(template),

@@ -6,7 +6,8 @@ the Hub export (timm_ic.hub) renders cards from the same entries. Set `TIMM_IC_H
 (or models.yaml file) to use other card data, e.g. a team's own zoo or a test's.
 
 The folder lives at the repository root and is installed as the data package `timm_ic.hub.hub_cards`
-(pyproject.toml's package-dir), so wheels and editable installs both find it.
+(pyproject.toml's package-dir). The package finds it one way, at `timm_ic/hub/hub_cards` (`HUB_CARDS_DIR`):
+in a wheel that is the installed folder; in a checkout (editable installs too) a symbolic link to the root's.
 """
 import copy
 import os
@@ -20,7 +21,7 @@ import yaml
 from ..placement import Placement
 
 __all__ = [
-    'HUB_CARDS_ENV', 'HUB_NAMESPACE_ENV', 'hub_cards_dir', 'load_hub_cards', 'hub_namespace',
+    'HUB_CARDS_ENV', 'HUB_NAMESPACE_ENV', 'HUB_CARDS_DIR', 'hub_cards_dir', 'load_hub_cards', 'hub_namespace',
     'pretrained_cfgs', 'add_pretrained_tags', 'pretrained_tags', 'hub_repo_id', 'card_entry', 'papers_for',
 ]
 
@@ -35,8 +36,8 @@ _CFG_FIELDS = frozenset({
 _ENTRY_FIELDS = frozenset({'hf_hub_id', 'published', 'dataset', 'recipe', 'license', 'cfg', 'description'})
 _SAFE_WEIGHTS_NAME = 'model.safetensors'
 _CARDS_PACKAGE = 'timm_ic.hub.hub_cards'
-# where a wheel installs that package (beside this file), then the repository's folder (editable installs)
-_DEFAULT_DIRS = (Path(__file__).resolve().parents[1] / 'hub' / 'hub_cards', Path(__file__).resolve().parents[2] / 'hub_cards')
+# the data package's folder: installed there by a wheel, a link to the repository's hub_cards/ in a checkout
+HUB_CARDS_DIR = Path(__file__).resolve().parents[1] / 'hub' / 'hub_cards'
 
 
 def hub_cards_dir() -> Path:
@@ -45,7 +46,7 @@ def hub_cards_dir() -> Path:
     if override:
         path = Path(override).expanduser()
         return path.parent if path.suffix in ('.yaml', '.yml') else path
-    return next((path for path in _DEFAULT_DIRS if (path / 'models.yaml').is_file()), _DEFAULT_DIRS[-1])
+    return HUB_CARDS_DIR
 
 
 def _models_yaml() -> Path:
@@ -62,8 +63,8 @@ def load_hub_cards() -> Dict[str, Any]:
         stat = path.stat()
     except FileNotFoundError:
         hint = f'${HUB_CARDS_ENV} points to it' if os.environ.get(HUB_CARDS_ENV) else (
-            f'timm-ic looks for the installed {_CARDS_PACKAGE} package, then the repository\'s hub_cards/; '
-            f'reinstall timm-ic, or set ${HUB_CARDS_ENV} to a hub_cards folder')
+            f'it is the installed {_CARDS_PACKAGE} package (in a checkout, a link to the repository\'s '
+            f'hub_cards/); reinstall timm-ic, or set ${HUB_CARDS_ENV} to a hub_cards folder')
         raise FileNotFoundError(f'hub cards file {path} not found: {hint}') from None
     return copy.deepcopy(_load_hub_cards(str(path), stat.st_mtime_ns, stat.st_size))
 
