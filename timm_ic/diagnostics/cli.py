@@ -9,10 +9,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..models.factory import EXPORT_PREFIXES
+
 __all__ = ['register', 'run_diagnose', 'build_model', 'check_inputs', 'DiagnoseError']
 
 # `timm.create_model` names that load their own weights from somewhere other than the registry
-_PRETRAINED_PREFIXES = ('hf-hub:', 'local-dir:')
+_PRETRAINED_PREFIXES = EXPORT_PREFIXES
 
 
 class DiagnoseError(ValueError):
@@ -67,10 +69,11 @@ class ModelSpec:
 
 
 def _check_model_name(name: str) -> None:
-    import timm
-    if not name.startswith(_PRETRAINED_PREFIXES) and not timm.is_model(name):
-        raise DiagnoseError(f'unknown model {name!r}: pass a name that timm.list_models() lists (timm_ic adds '
-                            "ic_resnet20, cifar_resnet20, ...; see timm.list_models('*resnet*'))")
+    from timm_ic.models.factory import UnknownModelError, check_model_name
+    try:
+        check_model_name(name)
+    except UnknownModelError as e:
+        raise DiagnoseError(str(e)) from None
 
 
 def _parse_placement(text: str, flag: str):
@@ -164,7 +167,7 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
     A checkpoint written by train.py brings its run.json: the placement it was trained with (unless the spec
     gives one) and its preprocessing (input size, mean, std).
     """
-    import timm
+    from timm_ic.models.factory import WeightsError, create_model, load_weights, takes_placement
     kwargs = dict(num_classes=num_classes, in_chans=in_chans)
     placement, data_config = spec.placement, None
     if spec.checkpoint:
@@ -178,28 +181,39 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
         # timm zero-initialises the last norm of each residual branch for training from scratch; at init that
         # silences every branch (zero gradient, constant units) and the signal measures would see the skip alone
         kwargs['zero_init_last'] = False
+    # the entrypoint takes the placement when it can (timm_ic models); a timm model is rewritten, and a
+    # checkpoint (of the rewritten network) loaded after that
+    rewritten = placement is not None and not takes_placement(spec.model)
+
+    def weights_do_not_fit(e: WeightsError) -> DiagnoseError:
+        return DiagnoseError(f'{spec.checkpoint} does not fit {spec.label} with num_classes={num_classes}, '
+                             f'in_chans={in_chans}: {e}')
+
+    def build() -> nn.Module:
+        try:
+            return create_model(spec.model, placement=None if rewritten else placement,
+                                weights=None if rewritten else spec.checkpoint, pretrained=pretrained, **kwargs)
+        except WeightsError as e:
+            raise weights_do_not_fit(e) from e
+
     try:
-        model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
+        model = build()
     except TypeError:  # a family without residual branches (or without the option)
         if kwargs.pop('zero_init_last', None) is None:
             raise
-        model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
-    if placement is not None:
-        if getattr(model, 'placement', None) is not None:
-            model = timm.create_model(spec.model, pretrained=pretrained, placement=placement, **kwargs)
-        else:
-            from timm_ic.rewriter import rewrite
-            model = rewrite(model, placement)
+        model = build()
+    if rewritten:
+        from timm_ic.rewriter import rewrite
+        model = rewrite(model, placement)
+        if spec.checkpoint:
+            try:
+                load_weights(model, spec.checkpoint)
+            except WeightsError as e:
+                raise weights_do_not_fit(e) from e
     weights = 'pretrained' if pretrained else 'init'
     if 'zero_init_last' in kwargs:
         weights += ' (residual branches not zero-initialised: zero_init_last=False)'
     if spec.checkpoint:
-        from timm.models import load_checkpoint
-        try:
-            load_checkpoint(model, spec.checkpoint, strict=True)
-        except RuntimeError as e:
-            raise DiagnoseError(f'{spec.checkpoint} does not fit {spec.label} with num_classes={num_classes}, '
-                                f'in_chans={in_chans}: {e}') from e
         weights = spec.checkpoint
     return model, weights, data_config
 

@@ -7,9 +7,11 @@
     render_card(...), count_model_stats(...) the model card and its statistics
 
 The pretrained-tag registry (hub_cards/models.yaml) and model construction with clear pretrained errors live
-below, in `timm_ic.models` (tags, pretrained); their names are re-exported here for convenience.
+below, in `timm_ic.models` (tags, pretrained, factory: `create_model`, the one way to build a model from a
+name, a placement and weights); their names are re-exported here for convenience.
 """
-from ..models.pretrained import PretrainedWeightsError, build_model_with_checks, create_model
+from ..models.factory import create_model
+from ..models.pretrained import PretrainedWeightsError, build_model_with_checks
 from ..models.tags import (HUB_CARDS_ENV, HUB_NAMESPACE_ENV, add_pretrained_tags, hub_cards_dir, hub_namespace,
                            hub_repo_id, load_hub_cards, pretrained_cfgs, pretrained_tags)
 from .cards import render_card

@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from torch import nn
 
 from .._atomic import finite_json, publish_folder
+from ..models.factory import WeightsError, create_model, takes_placement
 from ..models.tags import card_entry, load_hub_cards, papers_for, pretrained_cfgs
 from .cards import render_card
 from .stats import count_model_stats
@@ -160,18 +161,6 @@ def _run_metrics(record: Dict[str, Any], best: bool) -> Optional[Dict[str, Any]]
     return {k: v for k, v in out.items() if v is not None} or None
 
 
-def _load_safetensors_into(model: nn.Module, path: Path) -> None:
-    import safetensors.torch
-    try:
-        state_dict = safetensors.torch.load_file(str(path), device='cpu')
-    except Exception as e:  # SafetensorError, OSError: the file, not the model, is at fault
-        raise RunRecordError(f'{path} is not a readable safetensors file ({e}): corrupt or truncated?') from e
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise RunRecordError(f'{path} does not match the model its run.json describes: {e}') from e
-
-
 def model_from_run(run: Union[str, Path, Dict[str, Any]]) -> nn.Module:
     """Rebuild the model of a run folder (or a `read_run` record) and load its weights, in eval mode."""
     import timm
@@ -179,8 +168,13 @@ def model_from_run(run: Union[str, Path, Dict[str, Any]]) -> nn.Module:
     if not timm.is_model(run['model']):
         raise RunRecordError(f"{run['run_dir'] / RUN_RECORD} names model {run['model']!r}, which timm does not "
                              'know: `import timm_ic` (or the package registering it) first')
-    model = timm.create_model(run['model'], pretrained=False, **run['model_args'])
-    _load_safetensors_into(model, run['weights'])
+    model_args = dict(run['model_args'])
+    try:
+        model = create_model(run['model'], placement=model_args.pop('placement', None), weights=run['weights'],
+                             **model_args)
+    except WeightsError as e:
+        text = str(e).replace('does not fit the model', 'does not match the model its run.json describes')
+        raise RunRecordError(text) from e
     return model.eval()
 
 
@@ -388,7 +382,7 @@ def verify_export(folder: Union[str, Path]) -> Dict[str, Any]:
     _check_finite(state_dict, str(weights_path))
     try:
         with torch.device('meta'):  # shapes only: nothing allocated
-            model = timm.create_model(f'local-dir:{folder.absolute()}', pretrained=False)
+            model = create_model(f'local-dir:{folder.absolute()}')
     except Exception as e:
         raise ExportError(f'{config_path} does not build a model ({type(e).__name__}: {e}): export again') from e
     differences = _shape_differences({k: tuple(v.shape) for k, v in model.state_dict().items()},
@@ -397,12 +391,6 @@ def verify_export(folder: Union[str, Path]) -> Dict[str, Any]:
         raise ExportError(f'{weights_path} does not fit the {architecture} that {config_path} describes: tensors '
                           f'{differences}. The files come from different exports: export again')
     return config
-
-
-def _registered_by_timm_ic(architecture: str) -> bool:
-    """Whether `import timm_ic` registers `architecture` (only its entrypoints take `placement`)."""
-    from timm.models import model_entrypoint
-    return model_entrypoint(architecture).__module__.startswith('timm_ic.')
 
 
 def _foreign_architecture_message(model: nn.Module, architecture: str, placement: Any) -> str:
@@ -427,7 +415,6 @@ def _check_tag_fits(tag: str, model: nn.Module, pretrained_cfg: Dict[str, Any], 
     """Weights published as a registry tag are loaded into `timm.create_model('<arch>.<tag>')`: the tag's
     hub_cards cfg must describe them, and the architecture's default build must hold the same tensors.
     Returns the extra create_model kwargs the card's examples need (the placement, when not the default)."""
-    import timm
     arch, _, tag_name = tag.partition('.')
     tag_cfg = pretrained_cfgs(arch)[tag_name]
     def as_tuple(value: Any) -> Any:
@@ -438,8 +425,8 @@ def _check_tag_fits(tag: str, model: nn.Module, pretrained_cfg: Dict[str, Any], 
                              f'{pretrained_cfg.get(key)}; train with the tag\'s preprocessing (e.g. --mean/--std, see '
                              'the recipe), fix the tag\'s dataset or cfg in models.yaml, or publish under a repo id '
                              'without --tag (loaded with hf-hub:)')
-    default = timm.create_model(arch, num_classes=pretrained_cfg['num_classes'],
-                                in_chans=pretrained_cfg['input_size'][0])
+    default = create_model(arch, num_classes=pretrained_cfg['num_classes'],
+                           in_chans=pretrained_cfg['input_size'][0])
     expected = {k: tuple(v.shape) for k, v in default.state_dict().items()}
     if expected != {k: tuple(v.shape) for k, v in model.state_dict().items()}:
         raise ValueError(f'{tag} loads {arch} with its default placement {getattr(default, "placement", None)}, '
@@ -515,7 +502,7 @@ def export(
     if entry and tag.split('.')[0] != architecture:
         raise ValueError(f'tag {tag!r} is for architecture {tag.split(".")[0]!r}, the model is {architecture!r}')
     placed = getattr(model, 'placement', None) or (model_args or {}).get('placement')
-    if placed is not None and not _registered_by_timm_ic(architecture):
+    if placed is not None and not takes_placement(architecture):
         raise ValueError(_foreign_architecture_message(model, architecture, placed))
 
     # pretrained_cfg: only real PretrainedCfg fields (timm raises on others), no weight source
@@ -581,7 +568,7 @@ def export(
         stats=stats, input_size=pretrained_cfg['input_size'], num_classes=int(model.num_classes),
         feature_channels=_feature_channels(model), dataset=dataset_info, metrics=card_metrics, recipe=recipe,
         args=args, license=license, load_name=tag or (f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME'),
-        registered_by_timm_ic=_registered_by_timm_ic(architecture), load_kwargs=load_kwargs,
+        registered_by_timm_ic=takes_placement(architecture), load_kwargs=load_kwargs,
         description=description, versions=run.get('versions'), run_status=run.get('status'), eval_split=eval_split,
     )
     from .._versions import __version__ as timm_ic_version

@@ -5,6 +5,10 @@ from typing import Dict
 from .skeleton import DenseLayerSpec, ResidualSpec, Skeleton, TransitionSpec, extract_skeleton
 from .placed import DenseLayer, PlacedNet, ResidualBlock, Transition, Unit, build_placed_net, create_placed_model
 from .pretrained import PretrainedWeightsError, build_model_with_checks, check_pretrained_source
+from .factory import (
+    EXPORT_PREFIXES, ModelBuildError, PlacementError, UnknownModelError, WeightsError, check_model_name, create_model,
+    load_weights, takes_placement,
+)
 from .ic_resnet import cifar_resnet_skeleton, timm_resnet_skeleton, wide_resnet_skeleton
 from .ic_densenet import densenet_bc_skeleton, timm_densenet_skeleton
 
