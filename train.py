@@ -59,7 +59,6 @@ run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus
     non_finite                dotted paths of values that were NaN or infinite, written as null (JSON has no NaN)
 """
 import argparse
-import difflib
 import json
 import math
 import os
@@ -336,18 +335,17 @@ def check_output_folder(output: Path) -> None:
 
 
 def check_model_name(name: str) -> None:
-    """Fail fast on a model name timm does not know, listing close matches."""
-    if timm.is_model(name) or name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
-    hint = f' Close matches: {", ".join(close)}.' if close else ''
-    raise UsageError(f'unknown model {name!r}.{hint} List them all with '
-                     f'python -c "import timm, timm_ic; print(timm.list_models(\'*resnet*\'))".')
+    """Fail fast on a model name timm does not know, listing close matches (timm_ic.models.check_model_name)."""
+    try:
+        timm_ic.models.check_model_name(name)
+    except timm_ic.models.UnknownModelError as e:
+        raise UsageError(str(e)) from None
 
 
-def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
-                 log: Callable[[str], None]) -> Tuple[nn.Module, Dict[str, Any]]:
-    """`timm.create_model` with the command line's options, and the kwargs that rebuild it (for the run record).
+def model_from_args(args: argparse.Namespace, num_classes: int, in_chans: int,
+                    log: Callable[[str], None]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """`timm_ic.models.create_model` with the command line's options, and the kwargs that rebuild it (for the
+    run record).
 
     `--placement` reaches timm-ic models as a kwarg; `--initial-weights` loads through timm's own pretrained
     path (`pretrained_cfg_overlay=dict(file=...)`), which adapts `in_chans` and drops a classifier of another size.
@@ -362,22 +360,20 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int,
         file_classes = initial_weights_classes(args.initial_weights, args.model)
         if file_classes:  # timm keeps the file's classifier only when its size is the one asked for
             kwargs['pretrained_cfg_overlay']['num_classes'] = file_classes
-    if args.placement:
-        kwargs['placement'] = args.placement
     try:
-        model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        if 'placement' not in str(e):
-            raise
+        model = timm_ic.models.create_model(args.model, placement=args.placement or None, pretrained=pretrained,
+                                            **kwargs)
+    except timm_ic.models.PlacementError as e:
         raise UsageError(f'--placement works with timm-ic models (ic_*, cifar_*, kim_*, uout_*), not with '
                          f'{args.model!r}; for timm models use timm_ic.rewrite(model, placement) in Python.') from e
-    except RuntimeError as e:
-        if not pretrained:
-            raise
-        source = args.initial_weights or f'the pretrained weights of {args.model}'
-        raise UsageError(f'could not load {source}: {e}') from e
-    except (OSError, ValueError) as e:
-        if args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):  # its config.json or weights
+    except (OSError, ValueError, RuntimeError) as e:
+        from_export = args.model.startswith(timm_ic.models.EXPORT_PREFIXES)
+        if isinstance(e, RuntimeError) and (pretrained or not from_export):
+            if not pretrained:
+                raise
+            source = args.initial_weights or f'the pretrained weights of {args.model}'
+            raise UsageError(f'could not load {source}: {e}') from e
+        if from_export:  # its config.json or weights
             offline = ' (HF_HUB_OFFLINE is set: only the local cache is used)' if os.environ.get(
                 'HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on') else ''
             raise UsageError(f'--model {args.model}: could not load it{offline}: {type(e).__name__}: {e}') from None
@@ -809,7 +805,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
     num_classes = check_num_classes(args.num_classes, label_names, source)
 
     # model
-    model, model_args = create_model(args, num_classes, in_chans, log)
+    model, model_args = model_from_args(args, num_classes, in_chans, log)
     recipe_placement = (args.recipe_values or {}).get('placement')
     if recipe_placement and args.placement is None:
         log(f'{args.model} keeps its own placement {model_args.get("placement")}; the recipe\'s '

@@ -130,7 +130,7 @@ def test_other_torch_sets_need_data_dir_or_download_and_bad_names_and_splits_fai
 
 
 def test_channels_and_card_keys():
-    from timm_ic.hub.cards import load_hub_cards
+    from timm_ic.models.tags import load_hub_cards
     assert [default_in_chans(d) for d in ('', 'torch/fashion_mnist', 'torch/mnist', 'torch/cifar10', 'hfds/x')] == \
         [1, 1, 1, 3, 3]
     datasets = load_hub_cards()['datasets']

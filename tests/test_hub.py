@@ -389,14 +389,13 @@ def test_wheel_ships_hub_cards(tmp_path, monkeypatch):
     assert config['package-dir'] == {'timm_ic.hub.hub_cards': 'hub_cards'}
     patterns = config['package-data']['timm_ic.hub.hub_cards']
     assert all(any(p.match(g) for g in patterns) for p in (REPO_ROOT / 'hub_cards').iterdir())
-    # an installed wheel: the data package lands beside cards.py, where the cards are read first
-    site = tmp_path / 'site' / 'timm_ic' / 'hub' / 'hub_cards'
-    _write_cards(site)
-    assert hub.cards._DEFAULT_DIRS[0] == Path(hub.cards.__file__).resolve().parent / 'hub_cards'
-    monkeypatch.setattr(hub.cards, '_DEFAULT_DIRS', (site, *hub.cards._DEFAULT_DIRS[1:]))
+    # one place, where the wheel installs the data package: in the checkout a link to the root's hub_cards/
+    from timm_ic.models import tags
     monkeypatch.delenv(hub.HUB_CARDS_ENV, raising=False)
-    assert hub.hub_cards_dir() == site
-    assert hub.pretrained_tags() == [TAG]
+    assert hub.hub_cards_dir() == tags.HUB_CARDS_DIR == Path(hub.cards.__file__).resolve().parent / 'hub_cards'
+    link = REPO_ROOT / 'timm_ic' / 'hub' / 'hub_cards'
+    assert link.is_symlink() and os.readlink(link) == '../../hub_cards' and link.resolve() == REPO_ROOT / 'hub_cards'
+    assert hub.load_hub_cards()['models'] == yaml.safe_load((REPO_ROOT / 'hub_cards' / 'models.yaml').read_text())['models']
 
 
 def test_repository_hub_cards_are_valid_and_registered():

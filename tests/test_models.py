@@ -1,5 +1,6 @@
 """Every registered model passes the checks timm's own tests/test_models.py applies to its family."""
 import functools
+from pathlib import Path
 from typing import Dict
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn as nn
 import timm_ic  # registers the models
 from timm_ic.layers import Uout
 from timm_ic.models import PlacedNet
+from timm_ic.placement import Placement
 
 MODELS = timm.list_models(module=['ic_resnet', 'ic_densenet'])
 IMAGENET = [m for m in MODELS if timm.get_pretrained_cfg(m).input_size[-1] > 32]
@@ -283,3 +285,44 @@ def test_grouped_norm_that_degenerates_to_instancenorm_warns_once_with_the_width
         warnings.simplefilter('error')
         timm.create_model('cifar_resnet20', placement='pre:norm=groupnorm,group_size=8')
         timm.create_model('cifar_resnet20', placement='pre:norm=groupnorm,group_size=1')  # asked for: no warning
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one way to build a model from (name, placement, weights): timm_ic.models.create_model
+# ------------------------------------------------------------------------------------------------------------
+
+def test_create_model_builds_name_placement_and_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from timm_ic.models import PlacementError, UnknownModelError, WeightsError, create_model, takes_placement
+    model = create_model('cifar_resnet20', placement='kim', num_classes=3, in_chans=1)
+    assert str(model.placement) == str(Placement.parse('kim')) and model.num_classes == 3
+    path = tmp_path / 'w.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = create_model('cifar_resnet20', placement='kim', weights=path, num_classes=3, in_chans=1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(WeightsError, match='does not fit the model'):  # loaded exactly: no classifier dropped
+        create_model('cifar_resnet20', placement='kim', weights=path, num_classes=5, in_chans=1)
+    with pytest.raises(WeightsError, match='only safetensors'):
+        create_model('cifar_resnet20', weights=tmp_path / 'w.pth')
+    assert takes_placement('ic_resnet20') and takes_placement('ic_resnet20.untrained')
+    assert not takes_placement('resnet18') and not takes_placement('local-dir:x')
+    with pytest.raises(PlacementError, match=r'timm_ic\.rewrite'):
+        create_model('resnet18', placement='ic')
+    with pytest.raises(UnknownModelError, match="Close matches: ic_resnet20"):
+        create_model('ic_resnet2')
+
+
+def test_no_module_builds_models_around_the_factory():
+    """Outside timm_ic/models/, the package builds models with timm_ic.models.create_model only."""
+    import ast
+    root = Path(timm_ic.__file__).parent
+    calls = []
+    for path in root.rglob('*.py'):
+        if path.parent.name == 'models':
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == 'create_model' and getattr(node.func.value, 'id', None) == 'timm':
+                calls.append(f'{path.relative_to(root)}:{node.lineno}')
+    assert calls == []

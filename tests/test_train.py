@@ -114,14 +114,14 @@ def test_recipe_placement_never_replaces_a_models_own():
     recipe = load_recipe('cifar_wrn28_10')
     for name in ('ic_wrn28_10', 'kim_wrn28_10', 'uout_wrn28_10'):
         args = train.parse_args(['--recipe', 'cifar_wrn28_10', '--model', name, '--data-dir', 'x'])
-        model, model_args = train.create_model(args, 100, 3, print)
+        model, model_args = train.model_from_args(args, 100, 3, print)
         assert str(model.placement) == _default_placement(name) != recipe['placement'], name
         assert model_args['placement'] == str(model.placement)  # what run.json and the card record
     # the recipe's own (skeleton-only) model gets the recipe's placement; --placement always wins
     for argv, expected in (([], recipe['placement']), (['--placement', 'kim'], 'kim'), (['--placement', ''], 'pre')):
         args = train.parse_args(['--recipe', 'cifar_wrn28_10', '--data-dir', 'x', *argv])
         with torch.device('meta'):
-            model, model_args = train.create_model(args, 100, 3, print)
+            model, model_args = train.model_from_args(args, 100, 3, print)
         assert str(model.placement) == str(timm_ic.Placement.parse(expected)) == model_args['placement'], argv
     args = train.parse_args(['--recipe', 'cifar_wrn28_10', '--model', 'uout_wrn28_10', '--placement', 'ic',
                              '--data-dir', 'x'])

@@ -2,10 +2,10 @@
 
 `import timm_ic` registers the models with timm: `timm.create_model('ic_resnet50', placement='ic:drop=uout,beta=0.1')`.
 """
+from ._versions import __version__
 from . import layers
 from .placement import PRESETS, Placement
-from . import models  # registers the entrypoints; before the rewriter, which the model families use
+from . import models  # registers the entrypoints with timm
 from .rewriter import rewrite
 
-__version__ = '0.1.0'
 __all__ = ['Placement', 'PRESETS', 'rewrite', 'layers', 'models']

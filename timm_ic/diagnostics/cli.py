@@ -9,10 +9,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..models.factory import EXPORT_PREFIXES
+
 __all__ = ['register', 'run_diagnose', 'build_model', 'check_inputs', 'DiagnoseError']
 
 # `timm.create_model` names that load their own weights from somewhere other than the registry
-_PRETRAINED_PREFIXES = ('hf-hub:', 'local-dir:')
+_PRETRAINED_PREFIXES = EXPORT_PREFIXES
 
 
 class DiagnoseError(ValueError):
@@ -67,10 +69,11 @@ class ModelSpec:
 
 
 def _check_model_name(name: str) -> None:
-    import timm
-    if not name.startswith(_PRETRAINED_PREFIXES) and not timm.is_model(name):
-        raise DiagnoseError(f'unknown model {name!r}: pass a name that timm.list_models() lists (timm_ic adds '
-                            "ic_resnet20, cifar_resnet20, ...; see timm.list_models('*resnet*'))")
+    from timm_ic.models.factory import UnknownModelError, check_model_name
+    try:
+        check_model_name(name)
+    except UnknownModelError as e:
+        raise DiagnoseError(str(e)) from None
 
 
 def _parse_placement(text: str, flag: str):
@@ -164,7 +167,7 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
     A checkpoint written by train.py brings its run.json: the placement it was trained with (unless the spec
     gives one) and its preprocessing (input size, mean, std).
     """
-    import timm
+    from timm_ic.models.factory import WeightsError, create_model, load_weights, takes_placement
     kwargs = dict(num_classes=num_classes, in_chans=in_chans)
     placement, data_config = spec.placement, None
     if spec.checkpoint:
@@ -178,28 +181,39 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
         # timm zero-initialises the last norm of each residual branch for training from scratch; at init that
         # silences every branch (zero gradient, constant units) and the signal measures would see the skip alone
         kwargs['zero_init_last'] = False
+    # the entrypoint takes the placement when it can (timm_ic models); a timm model is rewritten, and a
+    # checkpoint (of the rewritten network) loaded after that
+    rewritten = placement is not None and not takes_placement(spec.model)
+
+    def weights_do_not_fit(e: WeightsError) -> DiagnoseError:
+        return DiagnoseError(f'{spec.checkpoint} does not fit {spec.label} with num_classes={num_classes}, '
+                             f'in_chans={in_chans}: {e}')
+
+    def build() -> nn.Module:
+        try:
+            return create_model(spec.model, placement=None if rewritten else placement,
+                                weights=None if rewritten else spec.checkpoint, pretrained=pretrained, **kwargs)
+        except WeightsError as e:
+            raise weights_do_not_fit(e) from e
+
     try:
-        model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
+        model = build()
     except TypeError:  # a family without residual branches (or without the option)
         if kwargs.pop('zero_init_last', None) is None:
             raise
-        model = timm.create_model(spec.model, pretrained=pretrained, **kwargs)
-    if placement is not None:
-        if getattr(model, 'placement', None) is not None:
-            model = timm.create_model(spec.model, pretrained=pretrained, placement=placement, **kwargs)
-        else:
-            from timm_ic.rewriter import rewrite
-            model = rewrite(model, placement)
+        model = build()
+    if rewritten:
+        from timm_ic.rewriter import rewrite
+        model = rewrite(model, placement)
+        if spec.checkpoint:
+            try:
+                load_weights(model, spec.checkpoint)
+            except WeightsError as e:
+                raise weights_do_not_fit(e) from e
     weights = 'pretrained' if pretrained else 'init'
     if 'zero_init_last' in kwargs:
         weights += ' (residual branches not zero-initialised: zero_init_last=False)'
     if spec.checkpoint:
-        from timm.models import load_checkpoint
-        try:
-            load_checkpoint(model, spec.checkpoint, strict=True)
-        except RuntimeError as e:
-            raise DiagnoseError(f'{spec.checkpoint} does not fit {spec.label} with num_classes={num_classes}, '
-                                f'in_chans={in_chans}: {e}') from e
         weights = spec.checkpoint
     return model, weights, data_config
 
@@ -209,11 +223,10 @@ def _digits_data_config(model: nn.Module, img_size: Optional[int]) -> Dict[str, 
     were trained on."""
     from timm.data import resolve_data_config
 
-    from timm_ic.training.recipes import load_recipe
-    recipe = load_recipe('digits_demo')
-    size = img_size or recipe['input_size'][-1]
-    return resolve_data_config(dict(input_size=(1, size, size), crop_pct=recipe['crop_pct'],
-                                    mean=tuple(recipe['mean']), std=tuple(recipe['std'])), model=model)
+    from timm_ic.data import DIGITS_INPUT_SIZE, DIGITS_MEAN, DIGITS_STD
+    size = img_size or DIGITS_INPUT_SIZE[-1]
+    return resolve_data_config(dict(input_size=(1, size, size), crop_pct=1.0, mean=DIGITS_MEAN, std=DIGITS_STD),
+                               model=model)
 
 
 def _torch_data_config(model: nn.Module, dataset: str, img_size: Optional[int]) -> Dict[str, Any]:
@@ -221,14 +234,12 @@ def _torch_data_config(model: nn.Module, dataset: str, img_size: Optional[int]) 
     trains with); else the model's, with a colour model's mean and std averaged for grey images."""
     from timm.data import resolve_data_config
 
-    from timm_ic.training.data import default_in_chans
+    from timm_ic.data import FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD, default_in_chans
     chans = default_in_chans(dataset)
     overrides: Dict[str, Any] = {'in_chans': chans}
     if dataset.lower() == 'torch/fashion_mnist':
-        from timm_ic.training.recipes import load_recipe
-        recipe = load_recipe('fashion_mnist_resnet20')
-        overrides.update(input_size=tuple(recipe['input_size']), crop_pct=recipe['crop_pct'],
-                         mean=tuple(recipe['mean']), std=tuple(recipe['std']))
+        overrides.update(input_size=FASHION_MNIST_INPUT_SIZE, crop_pct=1.0, mean=FASHION_MNIST_MEAN,
+                         std=FASHION_MNIST_STD)
     else:
         cfg = getattr(model, 'pretrained_cfg', {}) or {}
         for key in ('mean', 'std'):
@@ -240,7 +251,7 @@ def _torch_data_config(model: nn.Module, dataset: str, img_size: Optional[int]) 
 
 
 def _build_torch_dataset(data: Optional[str], dataset: str, download: bool):
-    from timm_ic.training.data import DataError, build_torch_datasets, default_in_chans
+    from timm_ic.data import DataError, build_torch_datasets, default_in_chans
     mode = 'L' if default_in_chans(dataset) == 1 else 'RGB'
     try:
         return build_torch_datasets(dataset, data, download=download, input_img_mode=mode)[0]
@@ -308,7 +319,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import timm_ic  # noqa: F401  (registers the timm_ic models)
-    from timm_ic.training.run_record import library_versions
+    from timm_ic._versions import library_versions
 
     from ._common import running_stat_norms
     from .plots import plot_correlation, plot_gradient_norm, plot_signal, plot_variance_shift
@@ -322,7 +333,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     check_inputs(args, specs)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if args.dataset:
-        from timm_ic.training.data import default_in_chans
+        from timm_ic.data import default_in_chans
         in_chans = default_in_chans(args.dataset)
         num_classes = _num_classes(build_dataset(args.data, dataset=args.dataset, download=args.dataset_download))
     else:

@@ -4,7 +4,7 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from timm_ic.training.run_record import write_json_atomic
+from .._atomic import write_json_atomic
 
 from .correlation import NO_ATOM_TOL, ZERO_MEAN_TOL
 from .run import ModelDiagnostics

@@ -4,16 +4,20 @@
     verify_export(folder)                   the export loads: complete, finite safetensors of config.json's model
     push(folder, repo_id)                   one commit to the Hub; clear errors, local folder untouched
     push_run(run_dir, repo_id)              export a train.py run to run_dir/hub_export, then push it
-    pretrained_cfgs(arch)                   the registry's pretrained tags, from hub_cards/models.yaml
-    add_pretrained_tags(cfgs)               a model file's cfgs plus their hub_cards tags
-    build_model_with_checks(...)            timm's build_model_with_cfg with clear pretrained errors
-    create_model(name, ...)                 timm.create_model with clear errors for hf-hub:/local-dir: exports
+    render_card(...), count_model_stats(...) the model card and its statistics
+
+The pretrained-tag registry (hub_cards/models.yaml) and model construction with clear pretrained errors live
+below, in `timm_ic.models` (tags, pretrained, factory: `create_model`, the one way to build a model from a
+name, a placement and weights); their names are re-exported here for convenience.
 """
-from .cards import (HUB_CARDS_ENV, HUB_NAMESPACE_ENV, add_pretrained_tags, count_model_stats, hub_cards_dir, hub_namespace,
-                    hub_repo_id, load_hub_cards, pretrained_cfgs, pretrained_tags, render_card)
+from ..models.factory import create_model
+from ..models.pretrained import PretrainedWeightsError, build_model_with_checks
+from ..models.tags import (HUB_CARDS_ENV, HUB_NAMESPACE_ENV, add_pretrained_tags, hub_cards_dir, hub_namespace,
+                           hub_repo_id, load_hub_cards, pretrained_cfgs, pretrained_tags)
+from .cards import render_card
 from .export import ExportError, RunRecordError, export, model_from_run, read_run, verify_export
-from .pretrained import PretrainedWeightsError, build_model_with_checks, create_model
 from .push import HubPushError, push, push_run
+from .stats import count_model_stats
 
 __all__ = [
     'export', 'push', 'push_run', 'read_run', 'model_from_run', 'pretrained_cfgs', 'add_pretrained_tags', 'pretrained_tags',

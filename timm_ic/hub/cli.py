@@ -32,7 +32,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .cards import hub_repo_id
+    from ..models.tags import hub_repo_id
     from .export import EXPORT_FILES, RUN_RECORD, export
     from .push import HubPushError, push
     try:

@@ -39,12 +39,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
 from .._atomic import finite_json, publish_folder
-from .cards import card_entry, count_model_stats, load_hub_cards, papers_for, render_card
+from ..models.factory import WeightsError, create_model, takes_placement
+from ..models.tags import card_entry, load_hub_cards, papers_for, pretrained_cfgs
+from .cards import render_card
+from .stats import count_model_stats
 
 __all__ = ['export', 'read_run', 'model_from_run', 'verify_export', 'ExportError', 'RunRecordError', 'RUN_RECORD',
            'RUN_WEIGHTS', 'EXPORT_FILES']
@@ -158,18 +161,6 @@ def _run_metrics(record: Dict[str, Any], best: bool) -> Optional[Dict[str, Any]]
     return {k: v for k, v in out.items() if v is not None} or None
 
 
-def _load_safetensors_into(model: nn.Module, path: Path) -> None:
-    import safetensors.torch
-    try:
-        state_dict = safetensors.torch.load_file(str(path), device='cpu')
-    except Exception as e:  # SafetensorError, OSError: the file, not the model, is at fault
-        raise RunRecordError(f'{path} is not a readable safetensors file ({e}): corrupt or truncated?') from e
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise RunRecordError(f'{path} does not match the model its run.json describes: {e}') from e
-
-
 def model_from_run(run: Union[str, Path, Dict[str, Any]]) -> nn.Module:
     """Rebuild the model of a run folder (or a `read_run` record) and load its weights, in eval mode."""
     import timm
@@ -177,8 +168,13 @@ def model_from_run(run: Union[str, Path, Dict[str, Any]]) -> nn.Module:
     if not timm.is_model(run['model']):
         raise RunRecordError(f"{run['run_dir'] / RUN_RECORD} names model {run['model']!r}, which timm does not "
                              'know: `import timm_ic` (or the package registering it) first')
-    model = timm.create_model(run['model'], pretrained=False, **run['model_args'])
-    _load_safetensors_into(model, run['weights'])
+    model_args = dict(run['model_args'])
+    try:
+        model = create_model(run['model'], placement=model_args.pop('placement', None), weights=run['weights'],
+                             **model_args)
+    except WeightsError as e:
+        text = str(e).replace('does not fit the model', 'does not match the model its run.json describes')
+        raise RunRecordError(text) from e
     return model.eval()
 
 
@@ -386,7 +382,7 @@ def verify_export(folder: Union[str, Path]) -> Dict[str, Any]:
     _check_finite(state_dict, str(weights_path))
     try:
         with torch.device('meta'):  # shapes only: nothing allocated
-            model = timm.create_model(f'local-dir:{folder.absolute()}', pretrained=False)
+            model = create_model(f'local-dir:{folder.absolute()}')
     except Exception as e:
         raise ExportError(f'{config_path} does not build a model ({type(e).__name__}: {e}): export again') from e
     differences = _shape_differences({k: tuple(v.shape) for k, v in model.state_dict().items()},
@@ -395,12 +391,6 @@ def verify_export(folder: Union[str, Path]) -> Dict[str, Any]:
         raise ExportError(f'{weights_path} does not fit the {architecture} that {config_path} describes: tensors '
                           f'{differences}. The files come from different exports: export again')
     return config
-
-
-def _registered_by_timm_ic(architecture: str) -> bool:
-    """Whether `import timm_ic` registers `architecture` (only its entrypoints take `placement`)."""
-    from timm.models import model_entrypoint
-    return model_entrypoint(architecture).__module__.startswith('timm_ic.')
 
 
 def _foreign_architecture_message(model: nn.Module, architecture: str, placement: Any) -> str:
@@ -425,8 +415,6 @@ def _check_tag_fits(tag: str, model: nn.Module, pretrained_cfg: Dict[str, Any], 
     """Weights published as a registry tag are loaded into `timm.create_model('<arch>.<tag>')`: the tag's
     hub_cards cfg must describe them, and the architecture's default build must hold the same tensors.
     Returns the extra create_model kwargs the card's examples need (the placement, when not the default)."""
-    import timm
-    from .cards import pretrained_cfgs
     arch, _, tag_name = tag.partition('.')
     tag_cfg = pretrained_cfgs(arch)[tag_name]
     def as_tuple(value: Any) -> Any:
@@ -437,8 +425,8 @@ def _check_tag_fits(tag: str, model: nn.Module, pretrained_cfg: Dict[str, Any], 
                              f'{pretrained_cfg.get(key)}; train with the tag\'s preprocessing (e.g. --mean/--std, see '
                              'the recipe), fix the tag\'s dataset or cfg in models.yaml, or publish under a repo id '
                              'without --tag (loaded with hf-hub:)')
-    default = timm.create_model(arch, num_classes=pretrained_cfg['num_classes'],
-                                in_chans=pretrained_cfg['input_size'][0])
+    default = create_model(arch, num_classes=pretrained_cfg['num_classes'],
+                           in_chans=pretrained_cfg['input_size'][0])
     expected = {k: tuple(v.shape) for k, v in default.state_dict().items()}
     if expected != {k: tuple(v.shape) for k, v in model.state_dict().items()}:
         raise ValueError(f'{tag} loads {arch} with its default placement {getattr(default, "placement", None)}, '
@@ -488,10 +476,48 @@ def export(
         FileExistsError: `out_dir` exists and is not empty or an earlier export (or `overwrite=False`).
         ValueError: arguments that would make an export nobody can load (architecture, tag, label names).
     """
-    import safetensors.torch
-    import timm
-    from timm.models import PretrainedCfg
+    model, run, state_dict = _model_and_run(model_or_run_dir)
+    entry = card_entry(tag) if tag else None
+    architecture = _check_architecture(model, run, tag, model_args)
+    license = license or (entry or {}).get('license') or 'apache-2.0'
+    pretrained_cfg = _export_pretrained_cfg(model, run, data_config, license)
+    label_names = list(label_names or run.get('label_names') or []) or None
+    if label_names is not None and len(label_names) != model.num_classes:
+        raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
+    metrics = metrics if metrics is not None else run.get('metrics')
+    dataset_info = _dataset_info(dataset if dataset is not None else run.get('dataset'))
+    if dataset_info is None and entry:
+        dataset_info = entry['dataset']
+    recipe = _public(recipe if recipe is not None else (run.get('recipe') or (entry or {}).get('recipe')))
+    if isinstance(recipe, dict):
+        recipe.pop('path', None)
+    args = _public(args if args is not None else run.get('args'))
+    args_for_config = _model_args(model, {**(run.get('model_args') or {}), **(model_args or {})})
+    placement = args_for_config.get('placement')
+    pretrained_cfg['paper_ids'] = tuple(f'arXiv:{p}' for p in papers_for(architecture, placement=placement))
+    load_kwargs = _check_tag_fits(tag, model, pretrained_cfg, placement) if tag else ''
+    stats = count_model_stats(model, pretrained_cfg['input_size'])
+    card = _card(model, run, architecture, placement, pretrained_cfg, stats, dataset_info=dataset_info,
+                 metrics=metrics, recipe=recipe, args=args, license=license, description=description,
+                 repo_name=repo_id or tag or Path(out_dir).name,
+                 load_name=tag or (f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME'), load_kwargs=load_kwargs)
+    config_text = _config_json(model, run, architecture, placement, args_for_config, pretrained_cfg, stats,
+                               label_names=label_names, metrics=metrics, dataset_info=dataset_info, recipe=recipe,
+                               tag=tag)
 
+    def write(folder: Path) -> None:
+        import safetensors.torch
+        safetensors.torch.save_file(state_dict, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
+        (folder / 'config.json').write_text(config_text, encoding='utf-8')
+        (folder / 'README.md').write_text(card, encoding='utf-8')
+
+    out_dir = Path(out_dir)
+    _write_folder_atomically(out_dir, write, overwrite)
+    return out_dir
+
+
+def _model_and_run(model_or_run_dir: Union[nn.Module, str, Path]) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
+    """(model, run record or {}, CPU state dict): a run folder's model rebuilt, its weights checked finite."""
     run = None
     if isinstance(model_or_run_dir, nn.Module):
         model = model_or_run_dir
@@ -504,20 +530,32 @@ def export(
     if not hasattr(model, 'pretrained_cfg') or not hasattr(model, 'num_classes'):
         raise TypeError(f'{type(model).__name__} is not a timm classification model (no pretrained_cfg / '
                         'num_classes); export the model timm.create_model returned, not a features_only wrapper')
-    entry = card_entry(tag) if tag else None
-    run = run or {}
-    source_cfg = dict(model.pretrained_cfg)
-    architecture = (run.get('model') or source_cfg.get('architecture'))
+    return model, run or {}, state_dict
+
+
+def _check_architecture(model: nn.Module, run: Dict[str, Any], tag: Optional[str],
+                        model_args: Optional[Dict[str, Any]]) -> str:
+    """The registered architecture config.json names; ValueError when nobody could load the export by it."""
+    import timm
+    architecture = run.get('model') or model.pretrained_cfg.get('architecture')
     if not architecture or not timm.is_model(architecture):
         raise ValueError(f'architecture {architecture!r} is not registered in timm, so nobody could load the '
                          'export; create the model with timm.create_model')
-    if entry and tag.split('.')[0] != architecture:
+    if tag and tag.split('.')[0] != architecture:
         raise ValueError(f'tag {tag!r} is for architecture {tag.split(".")[0]!r}, the model is {architecture!r}')
     placed = getattr(model, 'placement', None) or (model_args or {}).get('placement')
-    if placed is not None and not _registered_by_timm_ic(architecture):
+    if placed is not None and not takes_placement(architecture):
         raise ValueError(_foreign_architecture_message(model, architecture, placed))
+    return architecture
 
-    # pretrained_cfg: only real PretrainedCfg fields (timm raises on others), no weight source
+
+def _export_pretrained_cfg(model: nn.Module, run: Dict[str, Any], data_config: Optional[Dict[str, Any]],
+                           license: str) -> Dict[str, Any]:
+    """config.json's pretrained_cfg: the model's own, without its source weights' fields, with the data config
+    the weights were trained with, sizes and mean/std fitted to the model's input channels."""
+    from timm.models import PretrainedCfg
+    source_cfg = dict(model.pretrained_cfg)
+    # only real PretrainedCfg fields (timm raises on others), no weight source
     cfg_fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
     pretrained_cfg = {k: v for k, v in source_cfg.items()
                       if k in cfg_fields and k not in _SOURCE_KEYS | _SOURCE_WEIGHT_FIELDS and v is not None}
@@ -546,44 +584,37 @@ def export(
     pretrained_cfg['custom_load'] = False
     pretrained_cfg.pop('label_names', None)
     pretrained_cfg.pop('label_offset', None)
-    license = license or (entry or {}).get('license') or 'apache-2.0'
     pretrained_cfg['license'] = license
+    return pretrained_cfg
 
-    label_names = list(label_names or run.get('label_names') or []) or None
-    if label_names is not None and len(label_names) != model.num_classes:
-        raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
-    metrics = metrics if metrics is not None else run.get('metrics')
+
+def _card(model: nn.Module, run: Dict[str, Any], architecture: str, placement: Optional[str],
+          pretrained_cfg: Dict[str, Any], stats: Dict[str, float], **card_data: Any) -> str:
+    """README.md of the export (hub/cards.py), from the run record and the card data `export` resolved."""
+    metrics = card_data.pop('metrics')
     # a diverged epoch's NaN loss is no measurement: the card (and its model-index) leaves it out
     card_metrics = {k: v for k, v in metrics.items()
                     if not (isinstance(v, float) and not math.isfinite(v))} if metrics else metrics
-    dataset_info = _dataset_info(dataset if dataset is not None else run.get('dataset'))
-    if dataset_info is None and entry:
-        dataset_info = entry['dataset']
-    recipe = _public(recipe if recipe is not None else (run.get('recipe') or (entry or {}).get('recipe')))
-    if isinstance(recipe, dict):
-        recipe.pop('path', None)
-    args = _public(args if args is not None else run.get('args'))
     eval_split = ((run.get('dataset') or {}).get('val_split') if isinstance(run.get('dataset'), dict)
                   else None) or 'validation'
-    args_for_config = _model_args(model, {**(run.get('model_args') or {}), **(model_args or {})})
-    placement = args_for_config.get('placement')
-    pretrained_cfg['paper_ids'] = tuple(f'arXiv:{p}' for p in papers_for(architecture, placement=placement))
     placement_obj = getattr(model, 'placement', None)
     placement_words = placement_obj.describe() if hasattr(placement_obj, 'describe') else (
         f'`{placement}`' if placement else 'timm\'s own layout of this architecture (no timm-ic placement)')
-    repo_name = repo_id or tag or Path(out_dir).name
-    load_kwargs = _check_tag_fits(tag, model, pretrained_cfg, placement) if tag else ''
-
-    stats = count_model_stats(model, pretrained_cfg['input_size'])
-    card = render_card(
-        architecture=architecture, repo_name=repo_name, placement=placement, placement_words=placement_words,
-        stats=stats, input_size=pretrained_cfg['input_size'], num_classes=int(model.num_classes),
-        feature_channels=_feature_channels(model), dataset=dataset_info, metrics=card_metrics, recipe=recipe,
-        args=args, license=license, load_name=tag or (f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME'),
-        registered_by_timm_ic=_registered_by_timm_ic(architecture), load_kwargs=load_kwargs,
-        description=description, versions=run.get('versions'), run_status=run.get('status'), eval_split=eval_split,
+    return render_card(
+        architecture=architecture, placement=placement, placement_words=placement_words, stats=stats,
+        input_size=pretrained_cfg['input_size'], num_classes=int(model.num_classes),
+        feature_channels=_feature_channels(model), dataset=card_data.pop('dataset_info'), metrics=card_metrics,
+        registered_by_timm_ic=takes_placement(architecture), versions=run.get('versions'),
+        run_status=run.get('status'), eval_split=eval_split, **card_data,
     )
-    from timm_ic import __version__ as timm_ic_version
+
+
+def _config_json(model: nn.Module, run: Dict[str, Any], architecture: str, placement: Optional[str],
+                 args_for_config: Dict[str, Any], pretrained_cfg: Dict[str, Any], stats: Dict[str, float], *,
+                 label_names: Optional[List[str]], metrics: Optional[Dict[str, Any]],
+                 dataset_info: Optional[Dict[str, Any]], recipe: Any, tag: Optional[str]) -> str:
+    """config.json's text: timm's layout, timm-ic's own record under `timm_ic`, strict JSON."""
+    from .._versions import __version__ as timm_ic_version
     config = {
         'architecture': architecture,
         'num_classes': int(model.num_classes),
@@ -614,13 +645,4 @@ def export(
         config['timm_ic']['non_finite'] = {
             'fields': non_finite,
             'reason': 'NaN or infinite in the run record (a diverged epoch); written as null, since JSON has no NaN'}
-    config_text = json.dumps(config, indent=2, allow_nan=False) + '\n'
-
-    def write(folder: Path) -> None:
-        safetensors.torch.save_file(state_dict, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
-        (folder / 'config.json').write_text(config_text, encoding='utf-8')
-        (folder / 'README.md').write_text(card, encoding='utf-8')
-
-    out_dir = Path(out_dir)
-    _write_folder_atomically(out_dir, write, overwrite)
-    return out_dir
+    return json.dumps(config, indent=2, allow_nan=False) + '\n'

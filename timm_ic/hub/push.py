@@ -83,7 +83,7 @@ def push(
     if repo_id.count('/') != 1:
         raise ValueError(f'repo id {repo_id!r} must be <namespace>/<name>, e.g. my-org/ic_resnet50.sgd90_in1k')
     verify_export(folder)
-    from timm_ic import __version__
+    from .._versions import __version__
     api = HfApi(endpoint=endpoint, token=token, library_name='timm-ic', library_version=__version__)
     endpoint = api.endpoint or constants.ENDPOINT
     try:

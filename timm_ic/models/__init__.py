@@ -1,9 +1,13 @@
-"""Models: the PlacedNet builder and the registered model families (importing registers them with timm)."""
+"""Models: skeletons, the PlacedNet builder, model construction with pretrained checks, the pretrained-tag
+registry and the registered model families (importing registers them with timm)."""
 from typing import Dict
 
-from .placed import (
-    DenseLayer, DenseLayerSpec, PlacedNet, ResidualBlock, ResidualSpec, Skeleton, Transition, TransitionSpec, Unit,
-    build_placed_net, create_placed_model,
+from .skeleton import DenseLayerSpec, ResidualSpec, Skeleton, TransitionSpec, extract_skeleton
+from .placed import DenseLayer, PlacedNet, ResidualBlock, Transition, Unit, build_placed_net, create_placed_model
+from .pretrained import PretrainedWeightsError, build_model_with_checks, check_pretrained_source
+from .factory import (
+    EXPORT_PREFIXES, ModelBuildError, PlacementError, UnknownModelError, WeightsError, check_model_name, create_model,
+    load_weights, takes_placement,
 )
 from .ic_resnet import cifar_resnet_skeleton, timm_resnet_skeleton, wide_resnet_skeleton
 from .ic_densenet import densenet_bc_skeleton, timm_densenet_skeleton

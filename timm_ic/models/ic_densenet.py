@@ -12,12 +12,12 @@ from functools import partial
 import torch.nn as nn
 from timm.models import generate_default_cfgs
 
-from ..hub import add_pretrained_tags
 from ..placement import Placement
-from ..rewriter import extract_skeleton
 from ._registry import register_model
 from .ic_resnet import _cifar_cfg, _imagenet_cfg
 from .placed import DenseLayerSpec, PlacedNet, Skeleton, TransitionSpec, conv_layer, create_placed_model
+from .skeleton import extract_skeleton
+from .tags import add_pretrained_tags
 
 __all__ = ['densenet_bc_skeleton', 'timm_densenet_skeleton']
 

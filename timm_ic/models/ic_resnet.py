@@ -19,11 +19,11 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs
 
-from ..hub import add_pretrained_tags
 from ..placement import Placement
-from ..rewriter import extract_skeleton
 from ._registry import register_model
 from .placed import PlacedNet, ResidualSpec, Skeleton, conv_layer, create_placed_model
+from .skeleton import extract_skeleton
+from .tags import add_pretrained_tags
 
 __all__ = ['cifar_resnet_skeleton', 'wide_resnet_skeleton', 'timm_resnet_skeleton']
 

@@ -1,10 +1,9 @@
 """PlacedNet: a CNN skeleton (its weight layers) with norm, activation and dropout laid out by a Placement.
 
-A *skeleton* is what a CNN is made of once norms, activations and dropouts are taken away: the stem's
-weight layers, the stages of residual blocks (their convs and shortcut projection), dense layers and
-transitions, and the classifier. `build_placed_net` lays a `Placement` over a skeleton; the rewriter
-(`timm_ic.rewrite`) extracts skeletons from timm models and the CIFAR families build theirs directly,
-so every model of the package goes through this one builder.
+A *skeleton* (models/skeleton.py) is what a CNN is made of once norms, activations and dropouts are taken
+away. `build_placed_net` lays a `Placement` over a skeleton; `extract_skeleton` takes skeletons out of timm
+models (for the ImageNet families and `timm_ic.rewrite`) and the CIFAR families build theirs directly, so
+every model of the package goes through this one builder.
 
 Layout of a built network, in forward order (timm's model API on top):
     stem       weight layers of the stem, then norm-act for post-activation placements (see below)
@@ -28,7 +27,6 @@ import contextlib
 import copy
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -40,56 +38,15 @@ from timm.models import checkpoint_seq
 from ..layers import GROUPED_NORMS, NORMS_WITH_ACT, create_conv, create_dropout, create_norm, resolve_groups, \
     split_norm_act
 from ..placement import Placement
+from .pretrained import build_model_with_checks
+from .skeleton import (
+    BlockSpec, DenseLayerSpec, ResidualSpec, Skeleton, TransitionSpec, _is_identity, _last_conv, _linear, _unsupported,
+)
 
 __all__ = [
-    'PlacedNet', 'Unit', 'ResidualBlock', 'DenseLayer', 'Transition',
-    'ResidualSpec', 'DenseLayerSpec', 'TransitionSpec', 'Skeleton', 'build_placed_net', 'create_placed_model',
+    'PlacedNet', 'Unit', 'ResidualBlock', 'DenseLayer', 'Transition', 'build_placed_net', 'create_placed_model',
     'conv_layer',
 ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Skeleton: weight layers, plus the source model's norms where they can be kept
-# ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class ResidualSpec:
-    """A residual block: `convs` in branch order, an optional shortcut projection (pool, conv)."""
-    convs: List[nn.Conv2d]
-    shortcut_conv: Optional[nn.Conv2d] = None
-    shortcut_pool: Optional[nn.Module] = None
-    attn: Optional[nn.Module] = None  # channel attention at the end of the branch (timm's SE/ECA)
-    drop_path: Optional[nn.Module] = None
-
-
-@dataclass
-class DenseLayerSpec:
-    """A DenseNet layer: its convs; the output is concatenated to the input."""
-    convs: List[nn.Conv2d]
-
-
-@dataclass
-class TransitionSpec:
-    """A DenseNet transition: a 1x1 conv then pooling."""
-    conv: nn.Conv2d
-    pool: nn.Module
-
-
-BlockSpec = Union[ResidualSpec, DenseLayerSpec, TransitionSpec]
-
-
-@dataclass
-class Skeleton:
-    stem: nn.Module  # the stem's weight layers: a conv, or a Sequential ending in one (deep stems keep theirs)
-    stem_pool: nn.Module
-    stages: List[List[BlockSpec]]
-    fc: Optional[nn.Linear] = None  # classifier weights to keep, if any
-    # norms of the source model that may be kept, by (id(weight layer), 'pre' | 'post') and ('final', 'pre');
-    # a kept norm must be a BatchNorm of the channel count the placement needs there
-    source_norms: Dict[Tuple[object, str], nn.Module] = field(default_factory=dict)
-    # the family's own pre-activation design normalizes the stem (conv-norm-act-pool: ImageNet DenseNet);
-    # False: the stem conv feeds the pool and the first unit normalizes (timm's ResNetV2, He's CIFAR code)
-    preact_stem_norm: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,6 +232,10 @@ class PlacedNet(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def extract_skeleton(self) -> Tuple[Skeleton, Dict]:
+        """This network's weight layers and its norms (see `timm_ic.models.skeleton.extract_skeleton`)."""
+        return _placed_skeleton(self)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem_pool(self.stem(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -358,11 +319,47 @@ class _Slots:
         return Unit(pre, create_conv(self.p.conv, conv), post)
 
 
-def _last_conv(module: nn.Module) -> nn.Conv2d:
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError(f'the stem {type(module).__name__} has no conv')
-    return convs[-1]
+def _placed_skeleton(model: PlacedNet) -> Tuple[Skeleton, Dict]:
+    """A PlacedNet's own weight layers and kept norms: `rewrite` of a timm_ic model to another placement."""
+    norms = {}
+
+    def keep(unit) -> nn.Conv2d:
+        for side in ('pre', 'post'):
+            seq = getattr(unit, side)
+            if 'norm' in seq._modules:
+                norms[(id(unit.conv), side)] = seq.norm
+        return unit.conv
+
+    stem = model.stem.conv
+    if 'norm' in model.stem._modules:
+        norms[(id(_last_conv(stem)), 'post')] = model.stem.norm
+    if 'norm' in getattr(model.final, '_modules', {}):
+        norms[('final', 'pre')] = model.final.norm
+    stages = []
+    for stage in model.stages:
+        specs = []
+        for blk in stage:
+            if isinstance(blk, ResidualBlock):
+                spec = ResidualSpec([keep(u) for u in blk.units],
+                                    attn=None if _is_identity(blk.attn) else blk.attn,
+                                    drop_path=None if _is_identity(blk.drop_path) else blk.drop_path)
+                if blk.downsample is not None:
+                    ds = blk.downsample
+                    spec.shortcut_conv, spec.shortcut_pool = ds.conv, getattr(ds, 'pool', None)
+                    if 'norm' in ds._modules:
+                        norms[(id(ds.conv), 'post')] = ds.norm
+                specs.append(spec)
+            elif isinstance(blk, DenseLayer):
+                specs.append(DenseLayerSpec([keep(u) for u in blk.units]))
+            elif isinstance(blk, Transition):
+                specs.append(TransitionSpec(keep(blk.unit), blk.pool))
+            else:
+                raise _unsupported(f'block {type(blk).__name__}')
+        stages.append(specs)
+    first_conv = model.pretrained_cfg.get('first_conv') if hasattr(model, 'pretrained_cfg') else None
+    return Skeleton(stem, model.stem_pool, stages, fc=_linear(model.fc), source_norms=norms,
+                    preact_stem_norm=getattr(model, 'preact_stem_norm', False)), dict(
+        first_conv=first_conv or 'stem.conv', global_pool=model.global_pool.pool_type)
 
 
 def build_placed_net(
@@ -566,7 +563,6 @@ def create_placed_model(
     `kwargs` are timm's usual ones (num_classes, in_chans, drop_rate, global_pool, features_only,
     out_indices, pretrained_cfg_overlay) plus `placement=` (a Placement or its string) and skeleton options.
     """
-    from ..hub import build_model_with_checks
     placement = kwargs.pop('placement', None) or default_placement
     return build_model_with_checks(
         _build_from_skeleton, variant, pretrained,

@@ -9,8 +9,9 @@ x. Use `pretrained=False`"). timm-ic's entrypoints call `build_model_with_checks
 * turns a corrupt or truncated file, a shape mismatch, a missing repo or an offline cache miss into a
   `PretrainedWeightsError` that names the file and the problem.
 
-`create_model` does the same for `hf-hub:` / `local-dir:` names of any architecture, checking config.json
-first (timm itself says only "Unknown model (x)" for an architecture it does not know).
+`timm_ic.models.create_model` (models/factory.py) does the same for `hf-hub:` / `local-dir:` names of any
+architecture, checking config.json first (timm itself says only "Unknown model (x)" for an architecture it
+does not know).
 """
 import json
 import os
@@ -19,9 +20,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
-from .cards import HUB_NAMESPACE_ENV, hub_cards_dir, hub_namespace, pretrained_tags
+from .tags import HUB_NAMESPACE_ENV, hub_cards_dir, hub_namespace, pretrained_tags
 
-__all__ = ['PretrainedWeightsError', 'build_model_with_checks', 'create_model', 'check_pretrained_source']
+__all__ = ['PretrainedWeightsError', 'build_model_with_checks', 'check_pretrained_source']
 
 _SAFE_WEIGHTS_NAME = 'model.safetensors'
 
@@ -199,35 +200,3 @@ def _read_export_config(source: str, model_id: str, cache_dir: Optional[str]) ->
     if not isinstance(config, dict) or not config.get('architecture'):
         raise PretrainedWeightsError(f'{where} has no "architecture": not a timm config.json')
     return where, config
-
-
-def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """`timm.create_model` with clear errors for `hf-hub:` / `local-dir:` exports of any architecture.
-
-    Checks config.json (readable, names an architecture timm knows) before timm builds anything, and turns
-    weight loading failures into `PretrainedWeightsError`s naming the file."""
-    import timm
-    from timm.models import parse_model_name
-
-    source, model_id = parse_model_name(model_name)
-    if source not in ('hf-hub', 'local-dir'):
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    where, config = _read_export_config(source, model_id, kwargs.get('cache_dir'))
-    architecture = config['architecture']
-    if not timm.is_model(architecture):
-        raise PretrainedWeightsError(
-            f'{where} names architecture {architecture!r}, which is not registered in timm: import the package '
-            "that defines it first (`import timm_ic` for timm-ic's models), or upgrade timm / timm-ic.")
-    weights = (f'{Path(model_id) / _SAFE_WEIGHTS_NAME}' if source == 'local-dir'
-               else f'{_SAFE_WEIGHTS_NAME} of hf-hub:{model_id}')
-    if pretrained and source == 'local-dir' and not (Path(model_id) / _SAFE_WEIGHTS_NAME).is_file():
-        raise PretrainedWeightsError(f'{weights} not found: timm-ic loads safetensors only; re-export the folder')
-    try:
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    except PretrainedWeightsError:
-        raise
-    except Exception as e:
-        wrapped = _loading_error(e, weights, architecture) if pretrained else None
-        if wrapped is None:
-            raise
-        raise wrapped from e
