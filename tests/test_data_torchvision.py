@@ -2,7 +2,6 @@
 Debian package's files. Tiny IDX files in torchvision's layout stand in for the real data: no test needs the
 package or the network."""
 import gzip
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,7 +16,6 @@ from timm_ic.training.data import (
     default_in_chans, fashion_mnist_root,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                    'Ankle boot']
 
@@ -141,18 +139,12 @@ def test_channels_and_card_keys():
     assert datasets['fmnist']['cfg']['mean'] == [0.2860] and datasets['fmnist']['cfg']['input_size'][0] == 1
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location('train_script', REPO / 'train.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def train(one_thread):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    yield _load_train_module()
+    from timm_ic.training import train as train_module
+    yield train_module
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 

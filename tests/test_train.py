@@ -1,7 +1,6 @@
 """train.py end to end on the embedded digits and on small image folders: outputs, recipes, input errors,
 non-finite loss, and an exact resume after SIGKILL."""
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -22,20 +21,12 @@ import timm_ic
 from timm_ic.training import (
     find_latest_checkpoint, list_checkpoints, load_recipe, list_recipes, prune_checkpoints, save_weights,
 )
+from timm_ic.training import train
+from timm_ic.training.options import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 # a quick configuration: 8x8 digits as they are, small batches, few batches per epoch
 FAST = ['--input-size', '1', '8', '8', '--batch-size', '32', '--log-interval', '5']
-
-
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location('train_script', REPO / 'train.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train_module()
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +120,7 @@ def test_recipe_placement_never_replaces_a_models_own():
 
 
 def test_bundled_recipes_are_valid_and_name_known_models():
-    parser = train.build_parser()
+    parser = build_parser()
     dests = {a.dest for a in parser._actions}
     assert {'cifar_wrn28_10', 'cifar_resnet110', 'imagenet_resnet50', 'digits_demo'} <= set(list_recipes())
     for name in list_recipes():

@@ -1,6 +1,15 @@
-"""Building blocks of the repository's `train.py`: data sets with input checks, atomic checkpoints, run records.
+"""The repository's `train.py`, importable: `train` is the script (read it top to bottom, like Accelerate's
+`complete_cv_example.py`), the other modules are its pieces:
 
-`train.py` reads top to bottom like Accelerate's examples; what it needs beyond timm and Accelerate lives here.
+    train        training_function (options, output folder, data, model, optimizer, resume, epochs) and main
+    options      the parser, recipes under explicit flags, checks that fail fast on bad values
+    model        timm.create_model with the options (--placement, --initial-weights, --pretrained)
+    data         data sets with input checks, seeded augmentation, transforms, loaders
+    loop         TrainState, train_one_epoch, evaluate, the lagged readout and the non-finite checks
+    checkpoint   atomic checkpoints; the resume and output-folder policy
+    run_record   run.json
+    recipes      named YAML recipes
+    errors       the errors train.py answers with an exit code
 """
 from .checkpoint import (
     CHECKPOINT_PREFIX,
