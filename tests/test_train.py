@@ -21,6 +21,7 @@ import timm_ic
 from timm_ic.training import (
     find_latest_checkpoint, list_checkpoints, load_recipe, list_recipes, prune_checkpoints, save_weights,
 )
+from timm_ic.run_record import RunRecord
 from timm_ic.training import train
 from timm_ic.training.options import build_parser
 
@@ -65,6 +66,7 @@ def test_digits_run_writes_weights_record_summary_and_learns(tmp_path):
     assert code == 0
     record = json.loads((out / 'run.json').read_text())
     assert record['schema'] == 'timm_ic.run_record/1' and record['status'] == 'finished'
+    assert RunRecord.read(out / 'run.json').to_json() == record  # the one type reads what train.py writes
     assert record['model'] == 'ic_resnet20' and record['recipe']['name'] == 'digits_demo'
     assert record['label_names'] == [str(i) for i in range(10)]
     assert set(record['versions']) >= {'torch', 'timm', 'accelerate', 'timm_ic'}

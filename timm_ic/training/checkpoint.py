@@ -32,7 +32,7 @@ from timm.utils import update_summary
 
 from .._atomic import publish_folder, save_safetensors_atomic
 from .errors import UsageError
-from .run_record import to_jsonable
+from ..run_record import finite_json
 
 CHECKPOINT_PREFIX = 'checkpoint-'
 TRAIN_STATE_FILE = 'train_state.json'
@@ -302,7 +302,7 @@ def check_output_folder(output: Path) -> None:
 def resume_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The options a checkpoint must be resumed with, as they read back from JSON."""
     options = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
-    return json.loads(json.dumps(to_jsonable(options)))
+    return json.loads(json.dumps(finite_json(options)))
 
 
 

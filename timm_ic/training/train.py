@@ -23,7 +23,7 @@ Output folder (`--output`, default `output/train/<date-time>-<model>-<data>`), w
                                         atomic, newest --checkpoint-limit kept; only finite weights are saved
     last.safetensors, best.safetensors  weights of the evaluated model (the EMA when --ema-decay > 0), atomic
     summary.csv                         one row per epoch (timm.utils.update_summary)
-    run.json                            the run record below, rewritten atomically after every epoch
+    run.json                            the run record (see the end), rewritten atomically after every epoch
     logs/                               tracker output with --log-with (tensorboard, wandb, ...)
 
 Exit codes: 0 done; 2 bad input (an option, the data, a recipe, the model, the output folder, a checkpoint),
@@ -31,31 +31,7 @@ with a message naming it and no traceback, checked before the output folder is m
 weights or BatchNorm statistics became non-finite (nothing non-finite is saved); 4 --push-to-hub failed after
 training (the run is kept); 1 anything else (a bug: please report its traceback).
 
-run.json schema ("schema": "timm_ic.run_record/1"); the Hub export turns it plus best.safetensors into a card:
-    schema, status            "running" | "finished" | "stopped: non-finite loss" | "stopped: non-finite weights"
-    stop_reason               after a stop: what became non-finite, where (absent otherwise)
-    model                     timm model name given to timm.create_model
-    placement                 str(model.placement) for timm-ic models, else null
-    model_args                kwargs for timm.create_model besides the name (num_classes, in_chans, placement, ...)
-    num_classes, in_chans, label_names (index order, or null)
-    pretrained_cfg            the model's pretrained_cfg (dict)
-    data_config               resolved input_size, interpolation, mean, std, crop_pct, crop_mode
-    dataset                   {key ('digits' or null), name, data_dir, hub_id (hfds) , train_split, val_split,
-                               train_samples, val_samples}
-    recipe                    {name, path, values} or null; values include notes such as `_source`, `_unknown`
-    args                      every resolved option of this script
-    versions                  {python, torch, timm, accelerate, timm_ic}
-    distributed               {world_size, distributed_type, mixed_precision, device,
-                               train_samples_per_rank (list, summed over this run's epochs)}
-    epochs                    list of {epoch (1-based), train_loss, lr, eval_loss, eval_top1, eval_top5 (percent),
-                               eval_samples, train_img_per_s, epoch_time_s, train_samples_per_rank}
-    metrics                   {epoch, top1, top5, loss} of the best top-1 epoch (= best.safetensors), or null
-    weights                   {best, last} file names, ema (bool)
-    skipped_images            unreadable-image reads skipped with --bad-images skip
-    started_at, updated_at    UTC ISO times (started_at: of the run's first start, kept across resumes)
-    resumes                   list of {checkpoint, num_updates, changed: {option: [before, after]}}: resumes that
-                              changed --lr or --clip-grad (e.g. after a divergence)
-    non_finite                dotted paths of values that were NaN or infinite, written as null (JSON has no NaN)
+run.json is a `timm_ic.run_record.RunRecord`: its docstring lists the fields.
 """
 import argparse
 import math
@@ -95,7 +71,7 @@ from timm_ic.training.loop import (
 from timm_ic.training.model import create_model
 from timm_ic.training.options import check_options, parse_args, tracker_config
 from timm_ic.training.recipes import RecipeError, recipe_path
-from timm_ic.training.run_record import RUN_RECORD_SCHEMA, library_versions, to_jsonable, write_json_atomic
+from timm_ic.run_record import RunRecord, finite_json, library_versions
 
 
 def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
@@ -210,7 +186,7 @@ def checkpoint(args: argparse.Namespace, accelerator: Accelerator, output_dir: P
     sync_ema_buffers(accelerator, model_ema)  # what is saved is what every process continues from
     saved = state.to_json()
     saved.update(epoch=epoch, batches_done=batches_done, options=resume_options(args),
-                 scheduler=to_jsonable(lr_scheduler.state_dict()))
+                 scheduler=finite_json(lr_scheduler.state_dict()))
     if totals is not None:  # mid-epoch: each process's loss sum and samples so far, so the epoch's are exact
         loss_sum, samples = totals
         sent = torch.stack([loss_sum.float(), torch.tensor(float(samples), device=loss_sum.device)])
@@ -222,46 +198,45 @@ def checkpoint(args: argparse.Namespace, accelerator: Accelerator, output_dir: P
 
 def start_record(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, model_args: Dict[str, Any],
                  num_classes: int, in_chans: int, label_names, data_config: Dict[str, Any], train_ds, val_ds,
-                 ema: bool) -> Dict[str, Any]:
-    """The run record's fields known before the first epoch (see the schema above)."""
+                 ema: bool) -> RunRecord:
+    """The run record's fields known before the first epoch."""
     placement = getattr(model, 'placement', None)
-    return {
-        'schema': RUN_RECORD_SCHEMA,
-        'status': 'running',
-        'model': args.model,
-        'placement': str(placement) if placement is not None else None,
-        'model_args': model_args,
-        'num_classes': num_classes,
-        'in_chans': in_chans,
-        'label_names': label_names,
-        'pretrained_cfg': dict(getattr(model, 'pretrained_cfg', {}) or {}),
-        'data_config': data_config,
-        'dataset': {'key': dataset_key(args.dataset, args.data_dir),
-                    'name': args.dataset or ('folder' if args.data_dir else 'digits'), 'data_dir': args.data_dir,
-                    'hub_id': args.dataset[5:] if args.dataset.startswith('hfds/') and not os.path.exists(
-                        args.dataset[5:]) else None,
-                    'train_split': args.train_split, 'val_split': args.val_split,
-                    'train_samples': num_samples(train_ds), 'val_samples': num_samples(val_ds)},
-        'recipe': None if args.recipe is None else {'name': args.recipe, 'path': recipe_path(args.recipe),
-                                                     'values': args.recipe_values},
-        'args': {k: v for k, v in vars(args).items() if k != 'recipe_values'},
-        'versions': library_versions(),
-        'distributed': {'world_size': accelerator.num_processes,
-                        'distributed_type': accelerator.distributed_type.value,
-                        'mixed_precision': accelerator.mixed_precision, 'device': str(accelerator.device)},
-        'weights': {'best': 'best.safetensors', 'last': 'last.safetensors', 'ema': ema},
-    }
+    return RunRecord(
+        model=args.model,
+        placement=str(placement) if placement is not None else None,
+        model_args=model_args,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        label_names=label_names,
+        pretrained_cfg=dict(getattr(model, 'pretrained_cfg', {}) or {}),
+        data_config=data_config,
+        dataset={'key': dataset_key(args.dataset, args.data_dir),
+                 'name': args.dataset or ('folder' if args.data_dir else 'digits'), 'data_dir': args.data_dir,
+                 'hub_id': args.dataset[5:] if args.dataset.startswith('hfds/') and not os.path.exists(
+                     args.dataset[5:]) else None,
+                 'train_split': args.train_split, 'val_split': args.val_split,
+                 'train_samples': num_samples(train_ds), 'val_samples': num_samples(val_ds)},
+        recipe=None if args.recipe is None else {'name': args.recipe, 'path': recipe_path(args.recipe),
+                                                  'values': args.recipe_values},
+        args={k: v for k, v in vars(args).items() if k != 'recipe_values'},
+        versions=library_versions(),
+        distributed={'world_size': accelerator.num_processes,
+                     'distributed_type': accelerator.distributed_type.value,
+                     'mixed_precision': accelerator.mixed_precision, 'device': str(accelerator.device)},
+        weights={'best': 'best.safetensors', 'last': 'last.safetensors', 'ema': ema},
+    )
 
 
-def write_record(accelerator: Accelerator, output_dir: Path, record: Dict[str, Any], state: TrainState,
+def write_record(accelerator: Accelerator, output_dir: Path, record: RunRecord, state: TrainState,
                  status: str, skipped_images: int) -> None:
+    """Bring the record up to date with `state` and write run.json (main process)."""
     if not accelerator.is_main_process:
         return
-    record.update(status=status, epochs=state.history, metrics=state.best, started_at=state.started_at,
-                  resumes=state.resumes, skipped_images=skipped_images,
-                  updated_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    record['distributed']['train_samples_per_rank'] = state.samples_per_rank
-    write_json_atomic(output_dir / 'run.json', record)
+    record.status, record.epochs, record.metrics = status, state.history, state.best
+    record.started_at, record.resumes, record.skipped_images = state.started_at, state.resumes, skipped_images
+    record.updated_at = datetime.now(timezone.utc).isoformat(timespec='seconds')
+    record.distributed['train_samples_per_rank'] = state.samples_per_rank
+    record.write(output_dir / 'run.json')
 
 
 def save_epoch_weights(accelerator: Accelerator, output_dir: Path, model: nn.Module, model_ema, model_name: str,
@@ -287,7 +262,7 @@ def log_epoch(log: Callable[[str], None], accelerator: Accelerator, row: Dict[st
                      'eval/top1': row['eval_top1'], 'eval/top5': row['eval_top5']}, step=num_updates)
 
 
-def training_function(args: argparse.Namespace) -> Dict[str, Any]:
+def training_function(args: argparse.Namespace) -> RunRecord:
     """Train and evaluate as the options say; returns the run record (also written to run.json)."""
     started_at = datetime.now(timezone.utc).isoformat(timespec='seconds')
     check_options(args)
@@ -391,7 +366,7 @@ def training_function(args: argparse.Namespace) -> Dict[str, Any]:
             save(epoch + 1, 0)
             write('running')
     except NonFiniteLossError as e:
-        record['stop_reason'] = str(e)
+        record.stop_reason = str(e)
         write(f'stopped: non-finite {e.what}')
         accelerator.end_training()
         raise NonFiniteLossError(f'{e}; {nonfinite_advice(args, output_dir / "checkpoints")}', e.what) from None
