@@ -28,7 +28,8 @@ def test_zoo_is_registered_under_our_own_module_names():
     }
     assert expected <= set(MODELS)
     assert not {'resnet', 'densenet'} & {timm.get_pretrained_cfg(m).architecture for m in MODELS}
-    assert 'ic_resnet' in timm.list_modules() and 'resnet' in timm.list_modules()
+    assert 'ic_resnet' in timm.list_modules()
+    assert not set(MODELS) & set(timm.list_models(module=['resnet', 'densenet']))  # none under timm's own modules
 
 
 def test_registering_a_timm_name_is_refused():
@@ -77,7 +78,8 @@ def test_model_default_cfg(name):
     assert model.get_classifier(name_only=True) == cfg['classifier']
     for key in ('mean', 'std', 'crop_pct', 'interpolation'):
         assert cfg[key]
-    with pytest.raises(RuntimeError):  # an untrained tag has no weights: timm's own error
+    with pytest.raises(RuntimeError, match=rf'No pretrained weights for {name}\.untrained: this tag was never '
+                                           'published'):  # an untrained tag has no weights, and says so
         timm.create_model(name, pretrained=True)
 
 
