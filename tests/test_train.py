@@ -434,37 +434,8 @@ def test_hugging_face_dataset_from_a_local_copy(tmp_path):
     assert record['epochs'][0]['eval_samples'] == 18
 
 
-def _write_shards(root: Path, per_class: int = 8, num_shards: int = 1) -> Path:
-    """WebDataset shards in timm's layout: `num_shards` .tar files per split, each with `per_class` images of
-    each of 3 classes (`<key>.png` + `<key>.cls`), and `_info.json`."""
-    import io
-    import tarfile
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    info = {'name': 'toy', 'splits': {}}
-    for split in ('train', 'validation'):
-        filenames = [f'toy-{split}-{k:04d}.tar' for k in range(num_shards)]
-        for k, filename in enumerate(filenames):
-            with tarfile.open(root / filename, 'w') as tar:
-                for c in range(3):
-                    for i in range(per_class):
-                        pixels = rng.integers(0, 60, size=(12, 12, 3), dtype=np.uint8)
-                        pixels[..., c] += 180
-                        png = io.BytesIO()
-                        Image.fromarray(pixels, 'RGB').save(png, 'PNG')
-                        for ext, data in (('png', png.getvalue()), ('cls', str(c).encode())):
-                            member = tarfile.TarInfo(f'{split}_{k}_{c}_{i}.{ext}')
-                            member.size = len(data)
-                            tar.addfile(member, io.BytesIO(data))
-        n = 3 * per_class
-        info['splits'][split] = {'name': split, 'num_samples': n * num_shards, 'filenames': filenames,
-                                 'shard_lengths': [n] * num_shards}
-    (root / '_info.json').write_text(json.dumps(info))
-    return root
-
-
-def test_webdataset_shards(tmp_path, capsys):
-    shards = _write_shards(tmp_path / 'shards')
+def test_webdataset_shards(tmp_path, capsys, write_shards):
+    shards = write_shards(tmp_path / 'shards')
     code, err = _run(['--dataset', 'wds/toy', '--data-dir', shards, '--output', tmp_path / 'o', *FOLDER_RUN], capsys)
     assert code == 2 and 'pass --num-classes N' in err  # shards carry no class names
 
