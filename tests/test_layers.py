@@ -147,6 +147,7 @@ def test_ws_conv_keeps_weights():
         assert torch.allclose(ws(x), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(ALL_LAYERS))
 def test_layers_compile(name):
     torch.manual_seed(0)

@@ -149,6 +149,7 @@ def _same_structure_as() -> Dict[str, str]:
     return {name: smallest[_structure(model)] for name, model in models.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', MODELS)
 def test_model_dynamo_full_graph_matches_eager(name):
     # fullgraph=True fails on any graph break; the eager backend traces without codegen. Tracing takes seconds
@@ -166,6 +167,7 @@ def test_model_dynamo_full_graph_matches_eager(name):
         torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_model_torch_compile():
     torch.manual_seed(0)
     model = timm.create_model('ic_resnet20', placement='ic:drop=uout,beta=0.1').eval()

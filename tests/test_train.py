@@ -274,6 +274,7 @@ def test_checkpoint_pruning_and_atomic_weights(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'w.safetensors']
 
 
+@pytest.mark.slow
 def test_push_to_hub_exports_and_pushes_the_run_or_keeps_it_and_says_why(tmp_path):
     """train.py --push-to-hub for real, against the loopback Hub (a fresh process: huggingface_hub reads its
     endpoint at import)."""
@@ -324,6 +325,7 @@ def _subprocess_env():
     return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
     # with the state beyond the weights: EMA, Mixup's draws, a gradient-accumulation window
     common = [sys.executable, str(REPO / 'train.py'), '--epochs', '2', '--batch-size', '32', '--limit-train-batches',
@@ -421,6 +423,7 @@ def test_fine_tune_from_initial_weights_reinitialises_the_classifier(tmp_path, c
     assert 'does not fit --model ic_resnet20' in err
 
 
+@pytest.mark.slow
 def test_hugging_face_dataset_from_a_local_copy(tmp_path):
     root = _write_folder(tmp_path / 'hf', splits=('train', 'validation'))
     out = tmp_path / 'run'
@@ -484,6 +487,7 @@ def test_crash_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, monkeyp
     assert json.loads((out / 'run.json').read_text())['status'] == 'finished'
 
 
+@pytest.mark.slow
 def test_compiled_training_saves_plain_weights(tmp_path):
     import shutil
     if shutil.which(os.environ.get('CXX', 'g++')) is None:

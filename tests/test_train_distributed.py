@@ -25,6 +25,7 @@ def _launch_two_processes(tmp_path: Path, *train_args: str) -> subprocess.Comple
     return result
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_split_the_data_and_gather_the_metrics(tmp_path):
     out = tmp_path / 'run'
     result = _launch_two_processes(tmp_path, '--output', str(out), '--epochs', '1', '--input-size', '1', '8', '8',
@@ -53,6 +54,7 @@ def test_two_cpu_processes_split_the_data_and_gather_the_metrics(tmp_path):
     assert {'random_states_0.pkl', 'random_states_1.pkl'} <= set(names)  # both processes' RNGs, for resuming
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_read_their_own_webdataset_shards(tmp_path, write_shards):
     """timm's WebDataset reader gives each process its own shards; together they see all the data, once."""
     shards = write_shards(tmp_path / 'shards', per_class=4, num_shards=2)  # 2 x 12 images per split
