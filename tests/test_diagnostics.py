@@ -334,6 +334,7 @@ def test_figures_and_report(loader, tmp_path):
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_cli_diagnose_on_embedded_digits(tmp_path):
     out = tmp_path / 'diag'
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')

@@ -525,6 +525,7 @@ def hub_session(run_dir, tmp_path_factory):
             'export_dir': export_dir, 'export_before': before}
 
 
+@pytest.mark.slow  # hub_session: ~20 s of Hub scripts in subprocesses
 def test_push_then_load_by_registry_tag_and_hf_hub(hub_session):
     online, files = hub_session['online'], hub_session['files']
     assert isinstance(online['push'], str) and len(online['push']) == 40, online['push']
@@ -544,6 +545,7 @@ def test_push_then_load_by_registry_tag_and_hf_hub(hub_session):
     assert 'hf-hub:testorg/never-pushed' in online['missing_repo']['message']
 
 
+@pytest.mark.slow  # hub_session: ~20 s of Hub scripts in subprocesses
 def test_push_failures_say_why_and_keep_the_export(hub_session):
     online = hub_session['online']
     for key, words in (('down', ('could not reach the Hub',)),
