@@ -558,6 +558,7 @@ def test_push_failures_say_why_and_keep_the_export(hub_session):
     assert hub_session['num_commits'] == 3  # the repo's initial commit, the push, the pull request
 
 
+@pytest.mark.slow  # hub_session: ~20 s of Hub scripts in subprocesses
 def test_offline_load_from_cache(hub_session):
     offline = hub_session['offline']
     assert offline['by_tag'] is True, offline['by_tag']

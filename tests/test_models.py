@@ -12,6 +12,11 @@ from timm_ic.layers import Uout
 from timm_ic.models import PlacedNet
 
 MODELS = timm.list_models(module=['ic_resnet', 'ic_densenet'])
+# the deepest nets, whose forward/backward, intermediates or torchscript took over 10 s each on the loaded 2-core
+# machine: `slow` for those tests (their shallower siblings run the same code in the quick loop)
+DEEP = {'ic_resnet101', 'ic_resnet110', 'ic_resnet152', 'ic_resnet164', 'kim_preresnet110', 'cifar_resnet110',
+        'cifar_resnet164', 'cifar_preresnet164', 'cifar_densenet_bc100', 'uout_densenet121', 'uout_densenet_bc100'}
+MODELS_DEEP_SLOW = [pytest.param(m, marks=pytest.mark.slow) if m in DEEP else m for m in MODELS]
 IMAGENET = [m for m in MODELS if timm.get_pretrained_cfg(m).input_size[-1] > 32]
 
 
@@ -42,7 +47,7 @@ def test_registering_a_timm_name_is_refused():
         register_model(resnet50)
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODELS_DEEP_SLOW)
 def test_model_forward_backward(name):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=42)
@@ -95,7 +100,7 @@ def test_model_features_only(name):
         assert out.shape[1] == chs and out.shape[-1] == x.shape[-1] // red
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODELS_DEEP_SLOW)
 def test_model_forward_intermediates(name):
     model = timm.create_model(name).eval()
     x = small_input(name, 1)
@@ -116,7 +121,7 @@ def test_model_fx_trace_matches_eager(name):
         torch.testing.assert_close(traced(x), model(x))
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODELS_DEEP_SLOW)
 def test_model_torchscript(name):
     model = timm.create_model(name).eval()
     x = small_input(name, 1)
