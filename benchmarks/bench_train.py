@@ -13,7 +13,6 @@ Trials alternate between the two, the first epoch of every trial is left out (wa
 are compared. Target: train.py >= 0.95 x bare.
 """
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -31,15 +30,8 @@ from torch.utils.data import DataLoader
 
 import timm_ic  # noqa: F401  (registers the models)
 from timm_ic.data import DigitsDataset
+from timm_ic.training import train  # train.py's code
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location('train_script', REPO / 'train.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_py_trial(train, args, out: Path) -> List[float]:
@@ -111,7 +103,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    train = load_train_module()
     ours: List[float] = []
     bare: List[float] = []
     with tempfile.TemporaryDirectory() as tmp:

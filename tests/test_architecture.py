@@ -20,7 +20,7 @@ PACKAGE = REPO_ROOT / 'timm_ic'
 
 # longest matching prefix wins; the package root (`import timm_ic`) loads layers, placement, models and rewriter
 LAYERS: Dict[str, int] = {
-    'timm_ic._atomic': 0, 'timm_ic._versions': 0, 'timm_ic.data': 0,
+    'timm_ic._atomic': 0, 'timm_ic._versions': 0, 'timm_ic.data': 0, 'timm_ic.run_record': 0,
     'timm_ic.layers': 1,
     'timm_ic.placement': 2,
     'timm_ic.models': 3,

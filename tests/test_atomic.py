@@ -12,7 +12,7 @@ from timm_ic._atomic import atomic_file, publish_folder, save_safetensors_atomic
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / 'run.json'
     write_json_atomic(path, {'epoch': 1})
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match='crash mid-write'):
         with atomic_file(path) as tmp:
             tmp.write_text('{"epo')
             raise RuntimeError('crash mid-write')

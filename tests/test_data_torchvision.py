@@ -2,7 +2,6 @@
 Debian package's files. Tiny IDX files in torchvision's layout stand in for the real data: no test needs the
 package or the network."""
 import gzip
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,34 +16,8 @@ from timm_ic.training.data import (
     default_in_chans, fashion_mnist_root,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                    'Ankle boot']
-
-
-def idx_bytes(kind: str, n: int, seed: int = 0, size: int = 28) -> bytes:
-    """An IDX file as MNIST's: images (magic 2051, n x size x size uint8) or labels (magic 2049, n uint8).
-    Image pixels encode the label (mean brightness grows with it), so a model can learn them."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n, dtype=np.uint8) % 10
-    if kind == 'labels':
-        return np.array([2049, n], '>i4').tobytes() + labels.tobytes()
-    pixels = rng.integers(0, 40, size=(n, size, size), dtype=np.uint8) + (labels * 20)[:, None, None]
-    return np.array([2051, n, size, size], '>i4').tobytes() + pixels.astype(np.uint8).tobytes()
-
-
-def write_idx_set(folder: Path, n_train: int = 40, n_test: int = 20, gz: bool = False) -> Path:
-    """The four MNIST-family IDX files in `folder` (gzipped with `.gz` names when `gz`, as Debian ships them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in MNIST_RAW_FILES:
-        n = n_train if name.startswith('train') else n_test
-        data = idx_bytes('labels' if 'labels' in name else 'images', n, seed=len(name) + n)
-        if gz:
-            with gzip.open(folder / f'{name}.gz', 'wb') as f:
-                f.write(data)
-        else:
-            (folder / name).write_bytes(data)
-    return folder
 
 
 @pytest.fixture
@@ -55,7 +28,7 @@ def no_debian(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def debian(tmp_path, monkeypatch):
+def debian(tmp_path, monkeypatch, write_idx_set):
     """A fake Debian package: the gzipped IDX files, in a folder the env var points at."""
     folder = write_idx_set(tmp_path / 'debian', gz=True)
     monkeypatch.setenv(FASHION_MNIST_DEBIAN_ENV, str(folder))
@@ -63,7 +36,7 @@ def debian(tmp_path, monkeypatch):
     return folder
 
 
-def test_torch_fashion_mnist_from_data_dir_reads_train_and_test(tmp_path, no_debian):
+def test_torch_fashion_mnist_from_data_dir_reads_train_and_test(tmp_path, no_debian, write_idx_set):
     write_idx_set(tmp_path / 'root' / 'FashionMNIST' / 'raw', n_train=40, n_test=20)
     train_ds, val_ds, names = build_datasets('torch/fashion_mnist', str(tmp_path / 'root'), input_img_mode='L')
     assert (len(train_ds), len(val_ds)) == (40, 20)  # 'validation' is the test split, as in timm
@@ -91,7 +64,7 @@ def test_debian_files_are_decompressed_once_into_the_cache(tmp_path, debian):
     assert (len(train_ds), len(val_ds)) == (40, 20)
 
 
-def test_a_data_dir_with_the_files_wins_over_the_package(tmp_path, debian):
+def test_a_data_dir_with_the_files_wins_over_the_package(tmp_path, debian, write_idx_set):
     write_idx_set(tmp_path / 'mine' / 'FashionMNIST' / 'raw', n_train=30, n_test=10)
     assert fashion_mnist_root(str(tmp_path / 'mine')) == str(tmp_path / 'mine')
     # a data dir without the files falls back to the package, writing nothing into the user's folder
@@ -114,7 +87,7 @@ def test_missing_fashion_mnist_names_both_ways_to_get_it(no_debian):
     assert 'apt-get install dataset-fashion-mnist' in message and '--dataset-download' in message
 
 
-def test_other_torch_sets_need_data_dir_or_download_and_bad_names_and_splits_fail(tmp_path, no_debian):
+def test_other_torch_sets_need_data_dir_or_download_and_bad_names_and_splits_fail(tmp_path, no_debian, write_idx_set):
     with pytest.raises(DataError, match='--dataset-download'):
         build_datasets('torch/mnist', None)
     (tmp_path / 'empty').mkdir()
@@ -141,18 +114,12 @@ def test_channels_and_card_keys():
     assert datasets['fmnist']['cfg']['mean'] == [0.2860] and datasets['fmnist']['cfg']['input_size'][0] == 1
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location('train_script', REPO / 'train.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def train(one_thread):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    yield _load_train_module()
+    from timm_ic.training import train as train_module
+    yield train_module
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 
@@ -195,7 +162,7 @@ def test_diagnose_reads_torch_fashion_mnist(tmp_path, debian, one_thread, capsys
     assert '--dataset-download' in capsys.readouterr().err
 
 
-def test_grey_default_without_recipe_and_resume_may_add_dataset_download(tmp_path, no_debian, train):
+def test_grey_default_without_recipe_and_resume_may_add_dataset_download(tmp_path, no_debian, train, write_idx_set):
     """No recipe, no --input-size: a grey data set on a model whose cfg says 3x32x32 trains at 1x32x32. And
     --dataset-download only says where files may come from: resuming with it is the same run."""
     write_idx_set(tmp_path / 'root' / 'FashionMNIST' / 'raw')

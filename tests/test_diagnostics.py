@@ -24,6 +24,7 @@ from timm_ic.diagnostics import (
 from timm_ic.diagnostics.signal import BLOCK_PROBE, LAYER_PROBE, block_names
 from timm_ic.layers import VarianceNorm2d
 from timm_ic.cli import main
+from timm_ic.run_record import RunRecord
 
 BATCHES = 6
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -487,10 +488,9 @@ def test_cli_loads_train_checkpoint_and_rejects_others(tmp_path, capsys):
     weights = tmp_path / 'best.safetensors'
     save_file(model.state_dict(), str(weights))
     # the parts of train.py's run record that diagnose reads: the placement and the preprocessing
-    with open(tmp_path / 'run.json', 'w') as f:
-        json.dump(dict(model='cifar_resnet20', placement='before_bn', data_config=dict(
-            input_size=[1, 12, 12], interpolation='bilinear', mean=[0.3053], std=[0.3759], crop_pct=1.0,
-            crop_mode='center')), f)
+    RunRecord(model='cifar_resnet20', placement='before_bn', data_config=dict(
+        input_size=[1, 12, 12], interpolation='bilinear', mean=[0.3053], std=[0.3759], crop_pct=1.0,
+        crop_mode='center')).write(tmp_path / 'run.json')
     out = tmp_path / 'diag'
     assert main(['diagnose', '--model', 'cifar_resnet20', '--checkpoint', str(weights), '--out', str(out),
                  '--batches', '1', '--batch-size', '32', '--no-recalibrate',

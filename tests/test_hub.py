@@ -25,6 +25,7 @@ from huggingface_hub import ModelCard
 
 import timm_ic
 import timm_ic.hub as hub
+from timm_ic.run_record import RunRecord
 from hub_server import FakeHub, _model_index_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,20 +71,19 @@ def run_dir(tmp_path_factory) -> Path:
     top5_acc = (top5 == yv[:, None]).any(dim=1).float().mean().item() * 100
     out = tmp_path_factory.mktemp('run')
     safetensors.torch.save_file(model.state_dict(), str(out / 'best.safetensors'))
-    record = {
-        'schema': 'timm_ic.run_record/1', 'status': 'finished', 'model': ARCH, 'placement': str(model.placement),
-        'model_args': {'num_classes': 10, 'in_chans': 1, 'placement': PLACEMENT},
-        'num_classes': 10, 'in_chans': 1, 'label_names': [str(i) for i in range(10)],
-        'pretrained_cfg': dict(model.pretrained_cfg),
-        'data_config': {'input_size': list(INPUT_SIZE), 'interpolation': 'bilinear', 'mean': [0.3053],
-                        'std': [0.3759], 'crop_pct': 1.0, 'crop_mode': 'center'},
-        'dataset': {'name': 'digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation'},
-        'recipe': {'name': 'digits_demo', 'path': str(out / 'digits_demo.yaml'), 'values': {'lr': 0.05}},
-        'args': {'model': ARCH, 'lr': 0.05, 'output': str(out)},
-        'versions': {'timm': timm.__version__, 'torch': torch.__version__},
-        'best': {'epoch': 1, 'eval_top1': top1_acc, 'eval_top5': top5_acc, 'eval_loss': 1.0},
-    }
-    (out / 'run.json').write_text(json.dumps(record))
+    RunRecord(
+        status='finished', model=ARCH, placement=str(model.placement),
+        model_args={'num_classes': 10, 'in_chans': 1, 'placement': PLACEMENT},
+        num_classes=10, in_chans=1, label_names=[str(i) for i in range(10)],
+        pretrained_cfg=dict(model.pretrained_cfg),
+        data_config={'input_size': list(INPUT_SIZE), 'interpolation': 'bilinear', 'mean': [0.3053],
+                     'std': [0.3759], 'crop_pct': 1.0, 'crop_mode': 'center'},
+        dataset={'name': 'digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation'},
+        recipe={'name': 'digits_demo', 'path': str(out / 'digits_demo.yaml'), 'values': {'lr': 0.05}},
+        args={'model': ARCH, 'lr': 0.05, 'output': str(out)},
+        versions={'timm': timm.__version__, 'torch': torch.__version__},
+        metrics={'epoch': 1, 'top1': top1_acc, 'top5': top5_acc, 'loss': 1.0},
+    ).write(out / 'run.json')
     safetensors.torch.save_file({'x': xv[:16].contiguous(), 'logits': logits[:16].contiguous()},
                                 str(out / 'reference.safetensors'))
     return out
@@ -134,8 +134,8 @@ def test_card_parses_and_holds_only_measured_numbers(exported, run_dir):
     assert card.data.license == 'apache-2.0'
     assert card.data.datasets is None  # the digits are not a Hub dataset: no made-up id
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert results == {'accuracy': round(record['best']['eval_top1'], 3),
-                       'top_5_accuracy': round(record['best']['eval_top5'], 3)}
+    assert results == {'accuracy': round(record['metrics']['top1'], 3),
+                       'top_5_accuracy': round(record['metrics']['top5'], 3)}
     assert _model_index_errors(card.data.to_dict()['model-index']) == []
     model = timm.create_model(ARCH, num_classes=10, in_chans=1, placement=PLACEMENT)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
@@ -195,14 +195,38 @@ def test_run_record_errors_name_the_file(run_dir, tmp_path):
     (bad / 'run.json').write_text('{"model": ')
     with pytest.raises(hub.RunRecordError, match=r'run\.json is not valid JSON'):
         hub.read_run(bad)
-    (bad / 'run.json').write_text('{"model": "ic_resnet20"}')
+    RunRecord(model='ic_resnet20').write(bad / 'run.json')
     with pytest.raises(hub.RunRecordError, match='no weights'):
         hub.read_run(bad)
     # weights of another model than the record says
-    (bad / 'run.json').write_text(json.dumps({'model': 'ic_resnet56', 'num_classes': 10, 'in_chans': 1}))
+    RunRecord(model='ic_resnet56', num_classes=10, in_chans=1).write(bad / 'run.json')
     (bad / 'best.safetensors').write_bytes((run_dir / 'best.safetensors').read_bytes())
     with pytest.raises(hub.RunRecordError, match=r'best\.safetensors does not match'):
         hub.export(bad, tmp_path / 'out')
+
+
+def test_run_record_reader_refuses_what_it_does_not_understand(run_dir, tmp_path):
+    record = json.loads((run_dir / 'run.json').read_text())
+    assert RunRecord.read(run_dir / 'run.json').to_json() == record  # what it writes, it reads back unchanged
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    (bad / 'best.safetensors').write_bytes((run_dir / 'best.safetensors').read_bytes())
+    for changed, message in (
+            ({'schema': 'timm_ic.run_record/2'}, r"schema 'timm_ic.run_record/2'; this timm-ic reads "
+                                                 r"'timm_ic.run_record/1'"),
+            ({'schema': None}, r'no "schema" field'),
+            ({'model': None}, r'no model name \(field "model"\)'),
+            ({'best': {'eval_top1': 50.0}}, r'fields timm_ic.run_record/1 does not define: best'),
+            ({'num_classes': '10'}, r'field "num_classes" must be an integer or null, got str'),
+            ({'epochs': {}}, r'field "epochs" must be a list, got dict')):
+        (bad / 'run.json').write_text(json.dumps({k: v for k, v in {**record, **changed}.items() if v is not None}))
+        with pytest.raises(hub.RunRecordError, match=message) as e:
+            hub.export(bad, tmp_path / 'out')
+        assert str(bad / 'run.json') in str(e.value)
+    (bad / 'run.json').write_text('[1, 2]')
+    with pytest.raises(hub.RunRecordError, match='must hold a JSON object, got list'):
+        hub.read_run(bad)
+    assert not (tmp_path / 'out').exists()
 
 
 def test_export_refuses_a_placement_its_architecture_cannot_rebuild(tmp_path):
@@ -500,6 +524,7 @@ def hub_session(run_dir, tmp_path_factory):
             'export_dir': export_dir, 'export_before': before}
 
 
+@pytest.mark.slow  # hub_session: ~20 s of Hub scripts in subprocesses
 def test_push_then_load_by_registry_tag_and_hf_hub(hub_session):
     online, files = hub_session['online'], hub_session['files']
     assert isinstance(online['push'], str) and len(online['push']) == 40, online['push']
@@ -519,6 +544,7 @@ def test_push_then_load_by_registry_tag_and_hf_hub(hub_session):
     assert 'hf-hub:testorg/never-pushed' in online['missing_repo']['message']
 
 
+@pytest.mark.slow  # hub_session: ~20 s of Hub scripts in subprocesses
 def test_push_failures_say_why_and_keep_the_export(hub_session):
     online = hub_session['online']
     for key, words in (('down', ('could not reach the Hub',)),
@@ -531,6 +557,7 @@ def test_push_failures_say_why_and_keep_the_export(hub_session):
     assert hub_session['num_commits'] == 3  # the repo's initial commit, the push, the pull request
 
 
+@pytest.mark.slow  # hub_session: ~20 s of Hub scripts in subprocesses
 def test_offline_load_from_cache(hub_session):
     offline = hub_session['offline']
     assert offline['by_tag'] is True, offline['by_tag']
@@ -619,11 +646,11 @@ def test_export_of_a_diverged_run_writes_strict_json_and_refuses_non_finite_weig
     from timm_ic.cli import main
     record = json.loads((run_dir / 'run.json').read_text())
     # the best epoch's loss is NaN (json.dumps writes it as a bare NaN, as train.py's writer did)
-    nan_loss = _hand_made_run(run_dir, tmp_path / 'nan_loss', best={**record['best'], 'eval_loss': float('nan')})
+    nan_loss = _hand_made_run(run_dir, tmp_path / 'nan_loss', metrics={**record['metrics'], 'loss': float('nan')})
     out = hub.export(nan_loss, tmp_path / 'out')
     config = _strict_json((out / 'config.json').read_text())
     assert config['timm_ic']['metrics']['loss'] is None
-    assert config['timm_ic']['metrics']['top1'] == record['best']['eval_top1']
+    assert config['timm_ic']['metrics']['top1'] == record['metrics']['top1']
     assert config['timm_ic']['non_finite']['fields'] == ['timm_ic.metrics.loss']
     assert 'NaN' in config['timm_ic']['non_finite']['reason']
     assert 'nan' not in (out / 'README.md').read_text().lower().replace('nanoseconds', '')

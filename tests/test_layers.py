@@ -139,8 +139,21 @@ def test_ws_conv_keeps_weights():
     x = torch.randn(2, 4, 5, 5)
     assert ws(x).shape == conv(x).shape and not torch.allclose(ws(x), conv(x))
     assert w.shape == (8, 36)
+    # timm's ScaledStdConv2d formula: per output channel zero mean and standard deviation gamma / sqrt(fan-in),
+    # gamma the gain that keeps ReLU's output variance (NF-ResNets, 1.7139), times the learned gain (1 at init)
+    from timm.models.nfnet import _nonlin_gamma
+    gamma = _nonlin_gamma['relu']
+    assert ws.scale == pytest.approx(gamma / 36 ** 0.5) and torch.equal(ws.gain.detach(), torch.ones(8, 1, 1, 1))
+    standardized = (w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, unbiased=False, keepdim=True) + ws.eps)
+    effective = standardized * gamma / 36 ** 0.5
+    assert torch.allclose(effective.mean(1), torch.zeros(8), atol=1e-6)
+    assert torch.allclose(effective.std(1, unbiased=False), torch.full((8,), gamma / 6), rtol=1e-4)
+    with torch.no_grad():
+        expected = nn.functional.conv2d(x, effective.view_as(conv.weight), conv.bias, padding=1)
+        assert torch.allclose(ws(x), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(ALL_LAYERS))
 def test_layers_compile(name):
     torch.manual_seed(0)

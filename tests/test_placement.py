@@ -12,7 +12,10 @@ def test_presets_round_trip_and_are_documented(name):
     p = Placement.preset(name)
     assert str(p) == name
     assert Placement.parse(str(p)) == p
-    assert name in PRESET_DOCS and p.describe()
+    assert name in PRESET_DOCS
+    words = p.describe()  # says the unit style and whether blocks drop, as the preset is
+    assert words.startswith('pre-activation units ' if p.preact else 'post-activation units '), words
+    assert ('no dropout inside blocks' in words) == (not p.has_drop), words
 
 
 @pytest.mark.parametrize('spec', [

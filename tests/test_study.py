@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from test_data_torchvision import write_idx_set
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -125,7 +123,7 @@ def test_unfinished_and_stopped_runs():
 
 
 @pytest.mark.slow
-def test_study_runs_shards_merges_and_never_redoes_a_finished_run(tmp_path, monkeypatch, capsys):
+def test_study_runs_shards_merges_and_never_redoes_a_finished_run(tmp_path, monkeypatch, capsys, write_idx_set):
     write_idx_set(tmp_path / 'data' / 'FashionMNIST' / 'raw', n_train=40, n_test=20)
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     monkeypatch.setenv('TIMM_IC_FASHION_MNIST_DEBIAN_DIR', str(tmp_path / 'no-package'))

@@ -1,7 +1,6 @@
 """train.py end to end on the embedded digits and on small image folders: outputs, recipes, input errors,
 non-finite loss, and an exact resume after SIGKILL."""
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -22,20 +21,13 @@ import timm_ic
 from timm_ic.training import (
     find_latest_checkpoint, list_checkpoints, load_recipe, list_recipes, prune_checkpoints, save_weights,
 )
+from timm_ic.run_record import RunRecord
+from timm_ic.training import train
+from timm_ic.training.options import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 # a quick configuration: 8x8 digits as they are, small batches, few batches per epoch
 FAST = ['--input-size', '1', '8', '8', '--batch-size', '32', '--log-interval', '5']
-
-
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location('train_script', REPO / 'train.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train_module()
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +66,7 @@ def test_digits_run_writes_weights_record_summary_and_learns(tmp_path):
     assert code == 0
     record = json.loads((out / 'run.json').read_text())
     assert record['schema'] == 'timm_ic.run_record/1' and record['status'] == 'finished'
+    assert RunRecord.read(out / 'run.json').to_json() == record  # the one type reads what train.py writes
     assert record['model'] == 'ic_resnet20' and record['recipe']['name'] == 'digits_demo'
     assert record['label_names'] == [str(i) for i in range(10)]
     assert set(record['versions']) >= {'torch', 'timm', 'accelerate', 'timm_ic'}
@@ -129,7 +122,7 @@ def test_recipe_placement_never_replaces_a_models_own():
 
 
 def test_bundled_recipes_are_valid_and_name_known_models():
-    parser = train.build_parser()
+    parser = build_parser()
     dests = {a.dest for a in parser._actions}
     assert {'cifar_wrn28_10', 'cifar_resnet110', 'imagenet_resnet50', 'digits_demo'} <= set(list_recipes())
     for name in list_recipes():
@@ -281,6 +274,7 @@ def test_checkpoint_pruning_and_atomic_weights(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'w.safetensors']
 
 
+@pytest.mark.slow
 def test_push_to_hub_exports_and_pushes_the_run_or_keeps_it_and_says_why(tmp_path):
     """train.py --push-to-hub for real, against the loopback Hub (a fresh process: huggingface_hub reads its
     endpoint at import)."""
@@ -331,6 +325,7 @@ def _subprocess_env():
     return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
     # with the state beyond the weights: EMA, Mixup's draws, a gradient-accumulation window
     common = [sys.executable, str(REPO / 'train.py'), '--epochs', '2', '--batch-size', '32', '--limit-train-batches',
@@ -428,6 +423,7 @@ def test_fine_tune_from_initial_weights_reinitialises_the_classifier(tmp_path, c
     assert 'does not fit --model ic_resnet20' in err
 
 
+@pytest.mark.slow
 def test_hugging_face_dataset_from_a_local_copy(tmp_path):
     root = _write_folder(tmp_path / 'hf', splits=('train', 'validation'))
     out = tmp_path / 'run'
@@ -441,37 +437,8 @@ def test_hugging_face_dataset_from_a_local_copy(tmp_path):
     assert record['epochs'][0]['eval_samples'] == 18
 
 
-def _write_shards(root: Path, per_class: int = 8, num_shards: int = 1) -> Path:
-    """WebDataset shards in timm's layout: `num_shards` .tar files per split, each with `per_class` images of
-    each of 3 classes (`<key>.png` + `<key>.cls`), and `_info.json`."""
-    import io
-    import tarfile
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    info = {'name': 'toy', 'splits': {}}
-    for split in ('train', 'validation'):
-        filenames = [f'toy-{split}-{k:04d}.tar' for k in range(num_shards)]
-        for k, filename in enumerate(filenames):
-            with tarfile.open(root / filename, 'w') as tar:
-                for c in range(3):
-                    for i in range(per_class):
-                        pixels = rng.integers(0, 60, size=(12, 12, 3), dtype=np.uint8)
-                        pixels[..., c] += 180
-                        png = io.BytesIO()
-                        Image.fromarray(pixels, 'RGB').save(png, 'PNG')
-                        for ext, data in (('png', png.getvalue()), ('cls', str(c).encode())):
-                            member = tarfile.TarInfo(f'{split}_{k}_{c}_{i}.{ext}')
-                            member.size = len(data)
-                            tar.addfile(member, io.BytesIO(data))
-        n = 3 * per_class
-        info['splits'][split] = {'name': split, 'num_samples': n * num_shards, 'filenames': filenames,
-                                 'shard_lengths': [n] * num_shards}
-    (root / '_info.json').write_text(json.dumps(info))
-    return root
-
-
-def test_webdataset_shards(tmp_path, capsys):
-    shards = _write_shards(tmp_path / 'shards')
+def test_webdataset_shards(tmp_path, capsys, write_shards):
+    shards = write_shards(tmp_path / 'shards')
     code, err = _run(['--dataset', 'wds/toy', '--data-dir', shards, '--output', tmp_path / 'o', *FOLDER_RUN], capsys)
     assert code == 2 and 'pass --num-classes N' in err  # shards carry no class names
 
@@ -520,6 +487,7 @@ def test_crash_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, monkeyp
     assert json.loads((out / 'run.json').read_text())['status'] == 'finished'
 
 
+@pytest.mark.slow
 def test_compiled_training_saves_plain_weights(tmp_path):
     import shutil
     if shutil.which(os.environ.get('CXX', 'g++')) is None:

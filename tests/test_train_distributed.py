@@ -10,8 +10,6 @@ import pytest
 
 from timm_ic.training import list_checkpoints
 
-from test_train import _write_shards
-
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 16
 DIGITS_TRAIN, DIGITS_VAL = 1433, 364
@@ -27,6 +25,7 @@ def _launch_two_processes(tmp_path: Path, *train_args: str) -> subprocess.Comple
     return result
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_split_the_data_and_gather_the_metrics(tmp_path):
     out = tmp_path / 'run'
     result = _launch_two_processes(tmp_path, '--output', str(out), '--epochs', '1', '--input-size', '1', '8', '8',
@@ -55,9 +54,10 @@ def test_two_cpu_processes_split_the_data_and_gather_the_metrics(tmp_path):
     assert {'random_states_0.pkl', 'random_states_1.pkl'} <= set(names)  # both processes' RNGs, for resuming
 
 
-def test_two_cpu_processes_read_their_own_webdataset_shards(tmp_path):
+@pytest.mark.slow
+def test_two_cpu_processes_read_their_own_webdataset_shards(tmp_path, write_shards):
     """timm's WebDataset reader gives each process its own shards; together they see all the data, once."""
-    shards = _write_shards(tmp_path / 'shards', per_class=4, num_shards=2)  # 2 x 12 images per split
+    shards = write_shards(tmp_path / 'shards', per_class=4, num_shards=2)  # 2 x 12 images per split
     out = tmp_path / 'run'
     _launch_two_processes(tmp_path, '--dataset', 'wds/toy', '--data-dir', str(shards), '--num-classes', '3',
                           '--output', str(out), '--epochs', '1', '--input-size', '3', '8', '8', '--batch-size', '4',

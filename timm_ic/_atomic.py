@@ -63,18 +63,21 @@ def publish_folder(tmp: os.PathLike, final: os.PathLike) -> None:
 
 
 def finite_json(value: Any, replaced: Optional[List[str]] = None, _where: str = '') -> Any:
-    """`value` with every NaN / infinite float as None (JSON has no NaN: Python's json writes a bare `NaN`
-    that other readers reject) and tuples as lists. The dotted path of each replaced value is appended to
-    `replaced`, so a writer can say which fields were not finite."""
+    """`value` as plain JSON: every NaN / infinite float as None (JSON has no NaN: Python's json writes a bare
+    `NaN` that other readers reject), tuples as lists, keys and values JSON has no type for (paths, dtypes) as
+    strings. The path of each replaced float (`a.b[1]`) is appended to `replaced`, so a writer can say which
+    fields were not finite."""
     if isinstance(value, float) and not math.isfinite(value):
         if replaced is not None:
             replaced.append(_where or '<root>')
         return None
     if isinstance(value, dict):
-        return {k: finite_json(v, replaced, f'{_where}.{k}' if _where else str(k)) for k, v in value.items()}
+        return {str(k): finite_json(v, replaced, f'{_where}.{k}' if _where else str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [finite_json(v, replaced, f'{_where}[{i}]') for i, v in enumerate(value)]
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def write_json_atomic(path: os.PathLike, data: Any, indent: int = 1) -> None:

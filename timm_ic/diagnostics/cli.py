@@ -1,6 +1,5 @@
 """`timm-ic diagnose`: every diagnostic on one or more models, with figures, a JSON report and a table."""
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..models.factory import EXPORT_PREFIXES
+from ..run_record import RunRecord, RunRecordError
 
 __all__ = ['register', 'run_diagnose', 'build_model', 'check_inputs', 'DiagnoseError']
 
@@ -102,22 +102,17 @@ def parse_specs(args: argparse.Namespace) -> List[ModelSpec]:
     return specs
 
 
-def _run_record_beside(checkpoint: str) -> Dict[str, Any]:
-    """train.py's run.json next to its weights (placement, data config), or {} when there is none."""
+def _run_record_beside(checkpoint: str) -> Optional[RunRecord]:
+    """train.py's run.json next to its weights (placement, data config), or None when there is none."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), 'run.json')
     if not os.path.isfile(path):
-        return {}
+        return None
     try:
-        with open(path, encoding='utf-8') as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
-        raise DiagnoseError(f'{path}, the run record beside checkpoint {checkpoint}, is not valid JSON ({e}): it '
-                            'would give the placement and preprocessing; repair or remove it (then --placement '
-                            'and --img-size say them)') from e
-    if not isinstance(record, dict):
-        raise DiagnoseError(f'{path}, the run record beside checkpoint {checkpoint}, holds a JSON '
-                            f'{type(record).__name__}, not an object: repair or remove it')
-    return record
+        return RunRecord.read(path)
+    except (OSError, RunRecordError) as e:  # unreadable, not JSON, not a run record this version reads
+        raise DiagnoseError(f'{e}: it is the run record beside checkpoint {checkpoint}, which would give the '
+                            'placement and preprocessing; repair or remove it (then --placement and --img-size '
+                            'say them)') from e
 
 
 def _check_checkpoint(path: str) -> None:
@@ -173,9 +168,9 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
     if spec.checkpoint:
         _check_checkpoint(spec.checkpoint)
         record = _run_record_beside(spec.checkpoint)
-        if record.get('model') == spec.model:
-            placement = placement if placement is not None else record.get('placement')
-            data_config = record.get('data_config')
+        if record is not None and record.model == spec.model:
+            placement = placement if placement is not None else record.placement
+            data_config = record.data_config or None
     pretrained = spec.model.startswith(_PRETRAINED_PREFIXES)
     if not pretrained and not spec.checkpoint:
         # timm zero-initialises the last norm of each residual branch for training from scratch; at init that

@@ -14,19 +14,19 @@ license, papers, `hf_hub_filename`), so it would save no code. The layout is tim
 `num_classes`, `label_names`, `model_args`, `pretrained_cfg`), with timm-ic's own record under the top-level
 key `timm_ic`, which timm ignores.
 
-A run folder, as train.py writes it, holds `run.json` (schema timm_ic.run_record/1, see train.py) and
-`best.safetensors` (else `last.safetensors` is exported). The run.json fields used here (others are ignored):
-    model            the --model name (required), e.g. 'ic_resnet20'; a run fine-tuned from 'hf-hub:ORG/NAME',
+A run folder, as train.py writes it, holds `run.json` (a `timm_ic.training.run_record.RunRecord`, schema
+timm_ic.run_record/1; `RunRecord.read` refuses one it does not understand) and `best.safetensors` (else
+`last.safetensors` is exported). The fields used here:
+    model            the --model name, e.g. 'ic_resnet20'; a run fine-tuned from 'hf-hub:ORG/NAME',
                      'local-dir:PATH' or a tagged name ('ic_resnet20.demo_digits') is exported as the architecture
                      its pretrained_cfg names (else the name without its tag)
     model_args       kwargs the model was created with (JSON), e.g. {'placement': 'ic', 'drop_rate': 0.1}
     placement        the placement string (wins over model_args['placement'])
-    num_classes, in_chans, label_names (or classes)
-    best / epochs    measured eval_top1 / eval_top5 (percent) of the best / last epoch; or `metrics`
-                     {'top1', 'top5'} directly
-    dataset          {'name': 'digits' | 'hfds/<hub id>' | 'folder', 'data_dir': ..}, a hub_cards dataset key
-                     ('digits', 'in1k', 'c10', 'c100'), or {'name', 'hub_id'}
-    recipe           {'name', 'path', 'values'}, a recipe name, or null
+    num_classes, in_chans, label_names
+    metrics / epochs measured top1 / top5 (percent) of the best epoch for best.safetensors, eval_top1 / eval_top5
+                     of the last epoch for last.safetensors
+    dataset          {'key', 'name': 'digits' | 'hfds/<hub id>' | 'folder', 'data_dir', 'hub_id', ...}
+    recipe           {'name', 'path', 'values'} or null
     args             the command-line arguments (dict)
     versions         {'timm': .., 'torch': .., ...}
     pretrained_cfg, data_config   the model's cfg and the data config it was trained with (input_size, mean, ...)
@@ -48,6 +48,7 @@ from ..models.factory import WeightsError, create_model, takes_placement
 from ..models.tags import card_entry, load_hub_cards, papers_for, pretrained_cfgs
 from .cards import render_card
 from .stats import count_model_stats
+from ..run_record import RunRecord, RunRecordError
 
 __all__ = ['export', 'read_run', 'model_from_run', 'verify_export', 'ExportError', 'RunRecordError', 'RUN_RECORD',
            'RUN_WEIGHTS', 'EXPORT_FILES']
@@ -64,18 +65,14 @@ _NOT_MODEL_ARGS = {'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'ca
 _DATA_CFG_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'crop_mode', 'test_input_size')
 
 
-class RunRecordError(ValueError):
-    """A run folder that cannot be exported: names the file and what is wrong."""
-
-
 class ExportError(ValueError):
     """An export that must not be written or published (non-finite weights, a folder whose files do not make
     a loadable model); names the file and what is wrong."""
 
 
 def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
-    """run.json of a train.py run folder, normalised (see the module docstring), plus `weights`: the path
-    of best.safetensors, else last.safetensors."""
+    """run.json of a train.py run folder (`RunRecord.read`), as the export uses it (see the module docstring),
+    plus `weights`: the path of best.safetensors, else last.safetensors."""
     run_dir = Path(run_dir)
     record_path = run_dir / RUN_RECORD
     if not run_dir.is_dir():
@@ -83,57 +80,44 @@ def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
     if not record_path.is_file():
         raise RunRecordError(f'{record_path} not found: {run_dir} is not a train.py output folder '
                              f'(it writes {RUN_RECORD} beside {" / ".join(RUN_WEIGHTS)})')
-    try:
-        record = json.loads(record_path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunRecordError(f'{record_path} is not valid JSON ({e}); was the run interrupted while writing it?')
-    if not isinstance(record, dict):
-        raise RunRecordError(f'{record_path} must hold a JSON object, got {type(record).__name__}')
-    args = record.get('args') if isinstance(record.get('args'), dict) else {}
-    model = record.get('model') or args.get('model')
-    if isinstance(model, dict):  # {'name': .., 'args': ..} layout
-        record.setdefault('model_args', model.get('args') or model.get('model_args'))
-        model = model.get('name') or model.get('architecture')
-    if not isinstance(model, str) or not model:
-        raise RunRecordError(f'{record_path} has no model name (field "model" or "args.model")')
-    model = _run_architecture(model, record, record_path)
-    model_args = dict(record.get('model_args') or {})
-    placement = record.get('placement') or model_args.get('placement') or args.get('placement')
+    record = RunRecord.read(record_path)
+    model = _run_architecture(record.model, record, record_path)
+    model_args = dict(record.model_args)
+    placement = record.placement or model_args.get('placement')
     if placement is not None:
         model_args['placement'] = str(placement)
     for key in ('num_classes', 'in_chans'):
-        value = record.get(key, args.get(key))
+        value = getattr(record, key)
         if value is not None:
             model_args.setdefault(key, int(value))
     weights = next((run_dir / w for w in RUN_WEIGHTS if (run_dir / w).is_file()), None)
     if weights is None:
         raise RunRecordError(f'{run_dir} has {RUN_RECORD} but no weights ({" or ".join(RUN_WEIGHTS)}); '
                              'export after the first evaluation has saved them')
-    metrics = _run_metrics(record, best=weights.name == RUN_WEIGHTS[0])
     return {
         'run_dir': run_dir,
         'weights': weights,
         'model': model,
         'model_args': model_args,
         'placement': None if placement is None else str(placement),
-        'label_names': record.get('label_names') or record.get('classes'),
-        'metrics': metrics or None,
-        'dataset': record.get('dataset', args.get('dataset', args.get('data_dir'))),
-        'recipe': record.get('recipe', args.get('recipe')),
-        'args': args or None,
-        'versions': record.get('versions'),
+        'label_names': record.label_names,
+        'metrics': _run_metrics(record, best=weights.name == RUN_WEIGHTS[0]),
+        'dataset': record.dataset,
+        'recipe': record.recipe,
+        'args': record.args or None,
+        'versions': record.versions or None,
         # the data config the run trained with, over the model's own pretrained_cfg
-        'data_config': {**(record.get('pretrained_cfg') or {}), **(record.get('data_config') or {})},
-        'status': record.get('status'),
+        'data_config': {**record.pretrained_cfg, **record.data_config},
+        'status': record.status,
     }
 
 
-def _run_architecture(name: str, record: Dict[str, Any], record_path: Path) -> str:
+def _run_architecture(name: str, record: RunRecord, record_path: Path) -> str:
     """The registered architecture behind a run's --model: train.py records the name as given, which may be
     'hf-hub:ORG/NAME', 'local-dir:PATH' or '<arch>.<tag>', none of which rebuilds the fine-tuned model
     (nor should: a hub name would fetch the source weights). The model's pretrained_cfg names its architecture."""
     from timm.models import parse_model_name, split_model_name_tag
-    cfg = record.get('pretrained_cfg') if isinstance(record.get('pretrained_cfg'), dict) else {}
+    cfg = record.pretrained_cfg
     arch = cfg.get('architecture') if isinstance(cfg.get('architecture'), str) and cfg['architecture'] else name
     try:
         source = parse_model_name(arch)[0]  # 'hf-hub' / 'local-dir' for a prefixed name, None for a registry name
@@ -146,18 +130,16 @@ def _run_architecture(name: str, record: Dict[str, Any], record_path: Path) -> s
     return split_model_name_tag(arch)[0]
 
 
-def _run_metrics(record: Dict[str, Any], best: bool) -> Optional[Dict[str, Any]]:
-    """Measured top-1/top-5 (percent) of the exported weights: the best epoch's for best.safetensors, the
-    last epoch's for last.safetensors (train.py's `best` / `epochs` rows; a plain `metrics` dict also works)."""
-    if isinstance(record.get('metrics'), dict):
-        row = record['metrics']
-        return {k: row[k] for k in ('top1', 'top5', 'loss', 'epoch') if row.get(k) is not None} or None
-    epochs = record.get('epochs') or []
-    row = record.get('best') if best else (epochs[-1] if epochs else None)
-    if not isinstance(row, dict):
-        return None
-    out = {'top1': row.get('eval_top1'), 'top5': row.get('eval_top5'), 'loss': row.get('eval_loss'),
-           'epoch': row.get('epoch')}
+def _run_metrics(record: RunRecord, best: bool) -> Optional[Dict[str, Any]]:
+    """Measured top-1/top-5 (percent) of the exported weights: the best epoch's (`metrics`) for
+    best.safetensors, the last epoch's (`epochs`) for last.safetensors."""
+    if best:
+        row = record.metrics or {}
+        out = {k: row.get(k) for k in ('top1', 'top5', 'loss', 'epoch')}
+    else:
+        row = record.epochs[-1] if record.epochs else {}
+        out = {'top1': row.get('eval_top1'), 'top5': row.get('eval_top5'), 'loss': row.get('eval_loss'),
+               'epoch': row.get('epoch')}
     return {k: v for k, v in out.items() if v is not None} or None
 
 
@@ -192,14 +174,6 @@ def _check_finite(state_dict: Dict[str, Any], where: str) -> None:
         raise ExportError(f'{where}: {len(bad)} of {len(state_dict)} tensors hold NaN or inf ({names}); weights '
                           'of a run that diverged would load without error and predict nothing. Export earlier '
                           'weights (a checkpoint before the divergence), or train again (lower --lr, --clip-grad)')
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    return value
 
 
 def _model_args(model: nn.Module, extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -623,7 +597,7 @@ def _config_json(model: nn.Module, run: Dict[str, Any], architecture: str, place
                                                                          str) else None,
         'label_names': label_names,
         'model_args': args_for_config,
-        'pretrained_cfg': _json_ready(pretrained_cfg),
+        'pretrained_cfg': pretrained_cfg,  # made JSON (tuples as lists) below
         'timm_ic': {
             'version': timm_ic_version,
             'placement': placement,

@@ -10,19 +10,29 @@ A checkpoint folder is something people share, so loading it runs no code: nothi
 Accelerate's pickled `custom_checkpoint_*.pkl`, and the files Accelerate does load (optimizer, RNG states) are
 read with `torch.load(weights_only=True)`, which this module checks itself for the RNG states because
 Accelerate ignores a failure there. `verify_checkpoint` finds a damaged or incomplete one before it is loaded.
+
+train.py's policy lives here too: which output folder a run writes to, which checkpoint `--resume` continues
+from (`resolve_output_and_resume`), which options a resume may change (`check_resume_options`), and what to
+do after a divergence (`nonfinite_advice`).
 """
+import argparse
 import hashlib
 import json
 import os
 import re
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
+from timm.utils import update_summary
 
 from .._atomic import publish_folder, save_safetensors_atomic
+from .errors import UsageError
+from .._atomic import finite_json
 
 CHECKPOINT_PREFIX = 'checkpoint-'
 TRAIN_STATE_FILE = 'train_state.json'
@@ -195,3 +205,151 @@ def save_weights(state_dict: Dict[str, torch.Tensor], path: os.PathLike,
                  metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a state dict as safetensors atomically."""
     save_safetensors_atomic(state_dict, path, metadata)
+
+
+# --- the resume and output-folder policy of train.py ---
+
+# options a resumed run may change; any other difference from the checkpoint's options is refused
+RESUME_MAY_CHANGE = ('output', 'resume', 'recipe', 'recipe_values', 'log_with', 'log_interval', 'workers',
+                     'checkpoint_every', 'checkpoint_limit', 'push_to_hub', 'bad_images', 'cpu', 'overwrite',
+                     'dataset_download')
+
+
+
+# options a resumed run may adjust, e.g. after a divergence; run.json's `resumes` records each change
+RESUME_MAY_ADJUST = ('lr', 'clip_grad')
+
+
+
+def resolve_output_and_resume(args: argparse.Namespace) -> Tuple[Path, Optional[Path], List[str]]:
+    """The output folder (the same on every process), the checkpoint to resume from, if any, and notes for
+    the log (damaged checkpoints passed over). The main process verifies; every process gets its answer."""
+    output = args.output
+    if output is None and args.resume in (None, 'auto'):
+        if args.resume == 'auto':
+            raise UsageError('--resume auto needs --output DIR, the folder of the run to continue.')
+        data_name = (args.dataset or ('folder' if args.data_dir else 'digits')).replace('/', '-')
+        stamp = [datetime.now().strftime('%Y%m%d-%H%M%S')]
+        broadcast_object_list(stamp)  # every process must agree on the folder name
+        output = os.path.join('output', 'train', f'{stamp[0]}-{args.model.replace("/", "-")}-{data_name}')
+    answer: List[Any] = [None]
+    if PartialState().is_main_process:
+        try:
+            answer[0] = _find_resume_checkpoint(args, output)
+        except UsageError as e:
+            answer[0] = e
+    broadcast_object_list(answer)
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    output, resume_from, notes = answer[0]
+    return Path(output), resume_from, notes
+
+
+
+def _find_resume_checkpoint(args: argparse.Namespace, output: Optional[str]) -> Tuple[str, Optional[Path], List[str]]:
+    resume_from, notes = None, []
+    if args.resume not in (None, 'auto'):
+        given = Path(args.resume)
+        if (given / TRAIN_STATE_FILE).is_file():  # a checkpoint named: that one, or say why not and what else
+            problem = verify_checkpoint(given)
+            if problem is not None:
+                older, _ = find_resumable_checkpoint(given.parent)
+                hint = f'; the newest whole one there is {older}' if older else ''
+                raise UsageError(f'--resume {given}: {problem}{hint}.')
+            resume_from = given
+        else:
+            resume_from, notes = find_resumable_checkpoint(given / 'checkpoints')
+            if resume_from is None:
+                found = f' ({"; ".join(notes)})' if notes else ''
+                raise UsageError(f'--resume {given}: no checkpoint to resume from there (looked for '
+                                 f'{TRAIN_STATE_FILE} in it and for checkpoints/checkpoint-* under it){found}.')
+        if output is None:
+            output = str(resume_from.parent.parent)
+    elif args.resume == 'auto':
+        resume_from, notes = find_resumable_checkpoint(Path(output) / 'checkpoints')
+        if resume_from is None and notes:
+            raise UsageError(f'--resume auto: no checkpoint in {Path(output) / "checkpoints"} verifies '
+                             f'({"; ".join(notes)}). Start a new run (another --output), from the last weights '
+                             f'with --initial-weights {Path(output) / "last.safetensors"} if they are good.')
+    if notes:
+        notes = [f'skipped a damaged checkpoint: {n}' for n in notes] + [f'falling back to {resume_from}']
+    check_output_folder(Path(output))
+    if resume_from is None and args.resume is None and find_latest_checkpoint(Path(output) / 'checkpoints'):
+        raise UsageError(f'{output} already holds checkpoints of a run: pass --resume auto to continue it, '
+                         f'or choose another --output.')
+    previous = [name for name in ('run.json', 'best.safetensors', 'last.safetensors') if (Path(output) / name).exists()]
+    if resume_from is None and previous and not args.overwrite:
+        raise UsageError(f'{output} holds a previous run ({", ".join(previous)}): pass --overwrite to replace it, '
+                         f'or choose another --output.')
+    return output, resume_from, notes
+
+
+
+def check_output_folder(output: Path) -> None:
+    """The output folder is a folder (or can become one) this process can write into."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f'--output {output} is a file, not a folder; choose a folder.')
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f'--output {output}: {existing} is a file, so the folder cannot be made there.')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'--output {output}: {existing} is not writable by this user; choose another folder.')
+
+
+
+def resume_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The options a checkpoint must be resumed with, as they read back from JSON."""
+    options = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
+    return json.loads(json.dumps(finite_json(options)))
+
+
+
+def check_resume_options(args: argparse.Namespace, saved: Optional[Dict[str, Any]],
+                         checkpoint: Path) -> Dict[str, List[Any]]:
+    """Refuse to resume with options that would make the continued run a different one; returns the
+    adjustable ones (`RESUME_MAY_ADJUST`) that changed, as {option: [saved, now]}."""
+    if not saved:
+        return {}
+    current = resume_options(args)
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    refused = [f'--{k.replace("_", "-")} {saved.get(k)!r} -> {current.get(k)!r}'
+               for k in differ if k not in RESUME_MAY_ADJUST]
+    if refused:
+        adjustable = ', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_ADJUST)
+        raise UsageError(f'{checkpoint} was saved with other options ({"; ".join(refused)}). Resume with the '
+                         f'options of that run (only {adjustable} may change), or start a new run from its '
+                         f'weights with --initial-weights '
+                         f'{checkpoint / "model.safetensors"}.')
+    return {k: [saved.get(k), current.get(k)] for k in differ}
+
+
+
+def nonfinite_advice(args: argparse.Namespace, checkpoint_dir: Path) -> str:
+    """What to do after a divergence: advice that works from where the run stopped."""
+    lower = f'--lr {args.lr / 10:g}'
+    good = find_latest_checkpoint(checkpoint_dir)
+    if good is not None:
+        advice = (f'continue from the last good checkpoint {good.name} with a lower learning rate or gradient '
+                  f'clipping: --resume auto {lower} (or --clip-grad 1.0); these two may change on resume, and '
+                  f'run.json records it')
+    else:
+        advice = (f'no good checkpoint was saved: start again with a lower learning rate or gradient clipping '
+                  f'({lower} or --clip-grad 1.0) and --overwrite (or another --output)')
+    fp16 = ' With --mixed-precision fp16, bf16 is safer (a new run).' if args.mixed_precision == 'fp16' else ''
+    return f'training stopped, nothing non-finite was saved; {advice}.{fp16}'
+
+
+
+def write_summary_csv(path: Path, history: List[Dict[str, Any]]) -> None:
+    """summary.csv rebuilt from the run's history with timm's `update_summary`, then swapped in atomically."""
+    tmp = path.with_name(f'.tmp-{path.name}')
+    tmp.unlink(missing_ok=True)
+    for i, row in enumerate(history):
+        update_summary(row['epoch'], {'loss': row['train_loss']},
+                       {'loss': row['eval_loss'], 'top1': row['eval_top1'], 'top5': row['eval_top5']},
+                       filename=str(tmp), lr=row['lr'], write_header=i == 0)
+    if history:
+        os.replace(tmp, path)
+

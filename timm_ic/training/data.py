@@ -10,25 +10,30 @@ Sources, all through `timm.data.create_dataset` except the embedded default:
   own train.py takes them: the files torchvision reads under `--data-dir`, or `--dataset-download`. Fashion-MNIST
   also comes from the Debian package `dataset-fashion-mnist` when installed (see `fashion_mnist_root`).
 """
+import argparse
 import logging
 import multiprocessing
 import os
 import random
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch.nn as nn
 import torch.utils.data
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from PIL import Image
-from timm.data import ImageDataset, create_dataset
+from timm.data import ImageDataset, create_dataset, create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
+from torch.utils.data import DataLoader, IterableDataset
 
 from ..data import (  # the data sets themselves, shared with the diagnostics; re-exported for train.py
     DATA_CACHE_ENV, FASHION_MNIST_DEBIAN_DIR, FASHION_MNIST_DEBIAN_ENV, MNIST_RAW_FILES, TORCH_DATASETS, DataError,
     TorchvisionImages, _TRAIN_SPLIT_NAMES, _VAL_SPLIT_NAMES, build_torch_datasets, data_cache_dir, dataset_key,
     default_in_chans, fashion_mnist_root,
 )
+from .errors import UsageError
 
 _logger = logging.getLogger(__name__)
-
 
 
 class BadImageError(RuntimeError):
@@ -291,3 +296,56 @@ def check_num_classes(requested: Optional[int], label_names: Optional[List[str]]
             f'--num-classes {requested} does not match the data: {source} has {len(label_names)} classes '
             f'({shown}). Drop --num-classes to use the data\'s count.')
     return len(label_names)
+
+
+# --- transforms and loaders (train.py) ---
+
+def resolve_transforms(args: argparse.Namespace, model: nn.Module, in_chans: int) -> Tuple[Dict, Callable, Callable]:
+    """Data config from the model's pretrained_cfg and the options, then timm's train / eval transforms."""
+    overrides = {k: getattr(args, k) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')}
+    overrides['in_chans'] = in_chans
+    cfg = model.pretrained_cfg
+    for key in ('mean', 'std'):  # a grey-scale input with a colour model's statistics: use their average
+        if overrides[key] is None and len(cfg.get(key) or ()) not in (0, in_chans):
+            overrides[key] = [sum(cfg[key]) / len(cfg[key])]
+    size = cfg.get('input_size')
+    if overrides['input_size'] is None and not overrides['img_size'] and size and size[0] != in_chans:
+        overrides['input_size'] = (in_chans, *size[1:])  # timm takes the cfg's size whole, channels included
+    data_config = resolve_data_config(overrides, model=model)
+    if data_config['input_size'][0] != in_chans:
+        raise UsageError(f'--input-size has {data_config["input_size"][0]} channels but the model takes {in_chans}.')
+    train_kwargs: Dict[str, Any] = dict(
+        is_training=True, no_aug=args.no_aug, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, re_prob=args.reprob)
+    if args.scale is not None:
+        train_kwargs['scale'] = tuple(args.scale)
+    if args.ratio is not None:
+        train_kwargs['ratio'] = tuple(args.ratio)
+    train_transform = create_transform(**data_config, **train_kwargs)
+    eval_transform = create_transform(**data_config, is_training=False)
+    return data_config, train_transform, eval_transform
+
+
+
+def prepare_loader(accelerator: Accelerator, loader: DataLoader, workers: int) -> DataLoader:
+    """Accelerate's loader: each process takes its share of the batches, on its device.
+
+    An iterable data set (WebDataset shards) is already split by timm's reader, which gives each process its own
+    shards in equal sample counts (as timm's train.py expects): Accelerate only moves its batches to the device,
+    as it would for one process, instead of splitting them again.
+    """
+    if not isinstance(loader.dataset, IterableDataset):
+        return accelerator.prepare(loader)
+    if hasattr(loader.dataset, 'set_loader_cfg'):
+        loader.dataset.set_loader_cfg(num_workers=workers)  # its per-worker sample counts depend on it
+    return prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True,
+                               dispatch_batches=False, non_blocking=True)
+
+
+
+def num_samples(dataset) -> Optional[int]:
+    try:
+        return len(dataset)
+    except TypeError:  # an iterable data set without a length
+        return None
+
