@@ -4,8 +4,7 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .._atomic import write_json_atomic
-
+from .._atomic import finite_json, write_json_atomic
 from .correlation import NO_ATOM_TOL, ZERO_MEAN_TOL
 from .run import ModelDiagnostics
 from .signal import BLOCK_PROBE, LAYER_PROBE
@@ -13,29 +12,18 @@ from .signal import BLOCK_PROBE, LAYER_PROBE
 __all__ = ['build_report', 'write_report', 'format_table']
 
 
-def _finite(obj: Any) -> Any:
-    """NaN/inf become null: strict JSON has no NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def build_report(results: Sequence[ModelDiagnostics], settings: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """{'settings': ..., 'models': {label: every measured number}} with NaN replaced by null."""
     labels = [r.label for r in results]
     if len(set(labels)) != len(labels):
         raise ValueError(f'model labels must be unique in one report, got {labels}')
-    return _finite(dict(settings=dict(settings or {}), models={r.label: r.to_dict() for r in results}))
+    return finite_json(dict(settings=dict(settings or {}), models={r.label: r.to_dict() for r in results}))
 
 
 def write_report(report: Mapping[str, Any], path: str) -> str:
     """Write the report as JSON atomically (temporary file, then `os.replace`); returns `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json_atomic(path, dict(_finite(report)))
+    write_json_atomic(path, report)  # NaN/inf as null: strict JSON
     return path
 
 
