@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))  # the repository's timm_ic, also when run from el
 
 from timm_ic._atomic import atomic_file, write_json_atomic  # noqa: E402
 from timm_ic.placement import Placement  # noqa: E402
+from timm_ic.run_record import RunRecord, RunRecordError  # noqa: E402
 
 RECIPE = 'fashion_mnist_resnet20'
 MODEL = 'cifar_resnet20'
@@ -203,19 +204,20 @@ def shard(runs: Sequence[Run], index: int, count: int) -> List[Run]:
     return list(runs[index::count])
 
 
-def read_record(folder: Path) -> Optional[Dict[str, Any]]:
+def read_record(folder: Path) -> Optional[RunRecord]:
+    """The run's run.json through the package's typed reader; None when it is missing or refused (another
+    schema, half written): the run counts as not done and train.py's --resume auto deals with the folder."""
     try:
-        return json.loads((folder / 'run.json').read_text())
-    except (OSError, ValueError):
+        return RunRecord.read(folder / 'run.json')
+    except (OSError, RunRecordError):
         return None
 
 
-def is_done(record: Optional[Dict[str, Any]], epochs: int) -> bool:
+def is_done(record: Optional[RunRecord], epochs: int) -> bool:
     """A run that finished all its epochs, or that train.py stopped for good (a non-finite loss is a result)."""
-    if not record:
+    if record is None:
         return False
-    status = str(record.get('status', ''))
-    return status.startswith('stopped') or (status == 'finished' and len(record.get('epochs') or []) >= epochs)
+    return record.status.startswith('stopped') or (record.status == 'finished' and len(record.epochs) >= epochs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,19 +255,18 @@ def execute(runs: Sequence[Run], out: Path, preset: Preset, data_dir: Optional[s
                 raise SystemExit(f'train.py refused the options: {tail[0] if tail else ""}')
             continue
         counts['ran'] += 1
-        log(f'  {record.get("status")} in {time.perf_counter() - start:.0f} s, '
+        log(f'  {record.status} in {time.perf_counter() - start:.0f} s, '
             f'top-1 {final_top1(record)}')
         if analyse.get(run.name):
             analyse_run(folder, data_dir)
     return counts
 
 
-def final_top1(record: Dict[str, Any]) -> Optional[float]:
+def final_top1(record: RunRecord) -> Optional[float]:
     """The last epoch's test top-1; None for a run train.py stopped (non-finite loss): it did not train."""
-    epochs = record.get('epochs') or []
-    if str(record.get('status', '')).startswith('stopped'):
+    if record.status.startswith('stopped') or not record.epochs or record.epochs[-1].get('eval_top1') is None:
         return None
-    return float(epochs[-1]['eval_top1']) if epochs else None
+    return float(record.epochs[-1]['eval_top1'])
 
 
 def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, batch_size: int = 128) -> Dict[str, Any]:
@@ -283,18 +284,18 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
 
     record = read_record(folder)
     result: Dict[str, Any] = {'weights': 'last.safetensors', 'num_batches': num_batches, 'batch_size': batch_size}
-    if not record or str(record.get('status', '')).startswith('stopped') or not (folder / 'last.safetensors').is_file():
+    if record is None or record.status.startswith('stopped') or not (folder / 'last.safetensors').is_file():
         result['skipped'] = 'no final weights (the run did not finish)'
         write_json_atomic(folder / 'analysis.json', result)
         return result
-    model = timm.create_model(record['model'], **record['model_args'])
+    model = timm.create_model(record.model, **record.model_args)
     model.load_state_dict(load_file(folder / 'last.safetensors'))
     model.eval()
-    dataset = record['dataset']
-    mode = 'L' if record['in_chans'] == 1 else 'RGB'
+    dataset = record.dataset
+    mode = 'L' if record.in_chans == 1 else 'RGB'
     train_ds, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'),
                                           dataset['train_split'], dataset['val_split'], input_img_mode=mode)
-    transform = create_transform(**record['data_config'], is_training=False)
+    transform = create_transform(**record.data_config, is_training=False)
     train_ds.transform = test_ds.transform = transform
     batch_size = min(batch_size, len(train_ds))  # tiny test data
     num_batches = min(num_batches, len(train_ds) // batch_size)
@@ -359,9 +360,9 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> O
 # ---------------------------------------------------------------------------------------------------------------
 # results
 
-def run_metrics(record: Dict[str, Any], analysis: Optional[Dict[str, Any]], target: float) -> Dict[str, Any]:
-    epochs = record.get('epochs') or []
-    stopped = str(record.get('status', '')).startswith('stopped')
+def run_metrics(record: RunRecord, analysis: Optional[Dict[str, Any]], target: float) -> Dict[str, Any]:
+    epochs = record.epochs
+    stopped = record.status.startswith('stopped')
     reached = next((e['epoch'] for e in epochs if e.get('eval_top1') is not None and e['eval_top1'] >= target), None)
     last = epochs[-1] if epochs else {}
     metrics = {
@@ -372,7 +373,7 @@ def run_metrics(record: Dict[str, Any], analysis: Optional[Dict[str, Any]], targ
         'epochs_to_target': reached,
         'stopped': stopped,
         'train_s': sum(e.get('epoch_time_s') or 0 for e in epochs),
-        'train_samples': (record.get('dataset') or {}).get('train_samples'),
+        'train_samples': (record.dataset or {}).get('train_samples'),
         'eval_samples': last.get('eval_samples'),
     }
     if analysis and 'skipped' not in analysis:
@@ -401,7 +402,7 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
         analysis = None
         if (folder / 'analysis.json').is_file():
             analysis = json.loads((folder / 'analysis.json').read_text())
-        runs_out[run.name] = dict(seed=run.seed, status=record.get('status'),
+        runs_out[run.name] = dict(seed=run.seed, status=record.status,
                                   **run_metrics(record, analysis, preset.target))
     questions_out: Dict[str, Any] = {}
     for qname, question in questions_for(preset).items():

@@ -22,6 +22,7 @@ def _load_study():
 
 
 study = _load_study()
+RunRecord = study.RunRecord
 
 
 @pytest.mark.parametrize('a,b', [
@@ -81,7 +82,7 @@ def _fake_run(folder: Path, top1s, status='finished', train_loss=0.5, eval_loss=
     folder.mkdir(parents=True)
     epochs = [dict(epoch=i + 1, eval_top1=t, eval_loss=eval_loss, train_loss=train_loss, epoch_time_s=1.0)
               for i, t in enumerate(top1s)]
-    (folder / 'run.json').write_text(json.dumps(dict(status=status, epochs=epochs)))
+    RunRecord(model=study.MODEL, status=status, epochs=epochs).write(folder / 'run.json')
 
 
 def test_merge_reports_means_intervals_and_no_significant_difference(tmp_path):
@@ -105,21 +106,38 @@ def test_merge_reports_means_intervals_and_no_significant_difference(tmp_path):
     # a clear difference is called significant
     for run in grid:
         if run.name.startswith('pre'):
-            _fake_run_path = tmp_path / 'runs' / run.name / 'run.json'
-            _fake_run_path.write_text(json.dumps(dict(status='finished', epochs=[dict(
-                epoch=1, eval_top1=90.0 + run.seed * 0.1, eval_loss=0.3, train_loss=0.2, epoch_time_s=1.0)])))
+            RunRecord(model=study.MODEL, status='finished', epochs=[dict(
+                epoch=1, eval_top1=90.0 + run.seed * 0.1, eval_loss=0.3, train_loss=0.2, epoch_time_s=1.0)]).write(
+                tmp_path / 'runs' / run.name / 'run.json')
     results = study.merge(tmp_path, 'tiny', preset)
     comparison = next(c for c in results['questions']['tiny']['comparisons'] if c['metric'] == 'top1')
     assert comparison['welch']['significant'] and comparison['welch']['low'] > 0
 
 
 def test_unfinished_and_stopped_runs():
+    record = lambda status, epochs: RunRecord(model=study.MODEL, status=status, epochs=epochs)
     assert not study.is_done(None, 2)
-    assert not study.is_done({'status': 'running', 'epochs': [{}]}, 2)
-    assert not study.is_done({'status': 'finished', 'epochs': [{}]}, 2)  # a run of fewer epochs: not this grid's
-    assert study.is_done({'status': 'finished', 'epochs': [{}, {}]}, 2)
-    assert study.is_done({'status': 'stopped: non-finite loss', 'epochs': []}, 2)
-    assert study.final_top1({'status': 'stopped: non-finite loss', 'epochs': [{'eval_top1': 50.0}]}) is None
+    assert not study.is_done(record('running', [{}]), 2)
+    assert not study.is_done(record('finished', [{}]), 2)  # a run of fewer epochs: not this grid's
+    assert study.is_done(record('finished', [{}, {}]), 2)
+    assert study.is_done(record('stopped: non-finite loss', []), 2)
+    assert study.final_top1(record('stopped: non-finite loss', [{'eval_top1': 50.0}])) is None
+
+
+def test_a_refused_or_missing_record_is_not_done(tmp_path):
+    # run.json goes through RunRecord.read: what it refuses (no schema, another schema, half written) is "not
+    # done", so the study hands the folder back to train.py's --resume auto instead of counting a stranger's run
+    folder = tmp_path / 'run'
+    assert study.read_record(folder) is None
+    epochs = [dict(epoch=1, eval_top1=80.0, eval_loss=0.5, train_loss=0.4)]
+    _fake_run(folder, [80.0])
+    assert study.is_done(study.read_record(folder), 1)
+    for text in (json.dumps(dict(status='finished', epochs=epochs)),  # plain JSON without the schema
+                 json.dumps(dict(schema='timm_ic.run_record/0', model=study.MODEL, status='finished', epochs=epochs)),
+                 '{"schema": "timm_ic.run_record/1", "status": "fini'):  # cut off while written
+        (folder / 'run.json').write_text(text)
+        assert study.read_record(folder) is None
+        assert not study.is_done(study.read_record(folder), 1)
 
 
 @pytest.mark.slow
