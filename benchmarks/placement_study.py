@@ -16,6 +16,11 @@ overlap; `--merge-only` reads whatever run folders exist and writes the results:
     *.png          accuracy per arm with every seed's point; for Li et al.: accuracy before/after BN
                    recalibration, and variance shift against accuracy
 
+Analyses from a finished run's weights: for Li et al.'s arms, analysis.json (variance shift, top-1 before and
+after BN recalibration, last.safetensors); for Kim et al.'s arms, spread.json (the mean per-image std of the
+logits over 8 dropout masks on 1,000 test images, eval mode but for the dropout, best.safetensors): the
+"more stable output" of head dropout before global pooling, compared with Welch between 'kim' and 'head_after_pool'.
+
 A comparison is the difference of two arms' means with a 95% interval from Welch's t-test (unequal variances);
 when the interval contains 0 the table says "no significant difference". The arms of every question are data
 (`QUESTIONS`), all on the CIFAR ResNet-20 skeleton with one input channel (`cifar_resnet20`, `placement=`),
@@ -70,6 +75,7 @@ class Question:
     comparisons: List[Tuple[str, str]]  # (a, b): the difference a - b
     metrics: Tuple[str, ...] = ('top1', 'gap', 'epochs_to_target')
     analysis: bool = False  # variance shift and accuracy after BN recalibration, from the run's weights
+    spread: bool = False  # logit spread over dropout masks (Kim et al.'s "more stable output"), from best weights
     lr_sweep: Dict[str, List[str]] = field(default_factory=dict)  # group -> arms in increasing lr
 
 
@@ -102,7 +108,8 @@ def build_questions(norms: Sequence[str] = tuple(NORMS), lrs: Sequence[float] = 
             'where the dropout of a residual branch goes', 'Kim et al. 2023 (arXiv 2302.06112)',
             {'kim': Arm('kim'), 'every_unit': Arm('kim:drop_units=all'),
              'before_last_bn': Arm('kim:order=drop-norm-act-conv'), 'head_after_pool': Arm('kim:head=after_pool')},
-            [('kim', 'every_unit'), ('kim', 'before_last_bn'), ('kim', 'head_after_pool')]),
+            [('kim', 'every_unit'), ('kim', 'before_last_bn'), ('kim', 'head_after_pool')],
+            metrics=('top1', 'gap', 'epochs_to_target', 'logit_spread'), spread=True),
         'li': Question(
             'dropout before BN vs after it, and Uout', 'Li et al. 2019 (arXiv 1801.05134)',
             {'before_bn': Arm('before_bn'), 'after_bn': Arm('after_bn'),
@@ -154,8 +161,9 @@ PRESETS = {
 def questions_for(preset: Preset) -> Dict[str, Question]:
     if preset.questions == ('tiny',):
         return {'tiny': Question('two arms (test grid)', 'none', {'post': Arm('post'), 'pre': Arm('pre')},
-                                 [('pre', 'post')], analysis=True,
-                                 metrics=('top1', 'gap', 'epochs_to_target', 'top1_recalibrated', 'variance_shift'))}
+                                 [('pre', 'post')], analysis=True, spread=True,
+                                 metrics=('top1', 'gap', 'epochs_to_target', 'top1_recalibrated', 'variance_shift',
+                                          'logit_spread'))}
     return {k: v for k, v in build_questions(preset.norms, preset.lrs, preset.small_batch_norms).items()
             if k in preset.questions}
 
@@ -230,15 +238,23 @@ def train_command(run: Run, folder: Path, data_dir: Optional[str]) -> List[str]:
 
 
 def execute(runs: Sequence[Run], out: Path, preset: Preset, data_dir: Optional[str], analyse: Dict[str, bool],
-            log=print) -> Dict[str, int]:
-    """Run what is not done yet, one after the other; returns counts of skipped / run / failed."""
+            log=print, spread: Optional[Dict[str, bool]] = None) -> Dict[str, int]:
+    """Run what is not done yet, one after the other; returns counts of skipped / run / failed. `analyse` and
+    `spread` name the runs that get `analyse_run` (analysis.json) and `analyse_spread` (spread.json)."""
     counts = dict(skipped=0, ran=0, failed=0)
+    spread = spread or {}
+
+    def analyses(folder: Path) -> None:
+        if analyse.get(folder.name) and not (folder / 'analysis.json').is_file():
+            analyse_run(folder, data_dir)
+        if spread.get(folder.name) and not (folder / 'spread.json').is_file():
+            analyse_spread(folder, data_dir)
+
     for i, run in enumerate(runs):
         folder = out / 'runs' / run.name
         if is_done(read_record(folder), preset.epochs):
             counts['skipped'] += 1
-            if analyse.get(run.name) and not (folder / 'analysis.json').is_file():
-                analyse_run(folder, data_dir)
+            analyses(folder)
             continue
         log(f'[{i + 1}/{len(runs)}] {run.name}')
         folder.mkdir(parents=True, exist_ok=True)
@@ -257,8 +273,7 @@ def execute(runs: Sequence[Run], out: Path, preset: Preset, data_dir: Optional[s
         counts['ran'] += 1
         log(f'  {record.status} in {time.perf_counter() - start:.0f} s, '
             f'top-1 {final_top1(record)}')
-        if analyse.get(run.name):
-            analyse_run(folder, data_dir)
+        analyses(folder)
     return counts
 
 
@@ -324,6 +339,63 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
     return result
 
 
+def logit_spread(model, images, masks: int = 8, batch_size: int = 250) -> float:
+    """Mean over images of the per-image std of the logits over `masks` dropout masks (std over masks of each
+    logit, averaged over the classes): the model in eval mode (BN with its running statistics) except its dropout
+    modules, which draw a fresh mask each pass. 0 for a model without dropout. The model is left in eval mode.
+    Kim et al.'s head argument: dropout before global pooling is averaged over H*W positions, so the same rate
+    moves the logits less than dropout after pooling."""
+    import torch
+    from torch import nn
+    from timm_ic.layers import Uout
+
+    model.eval()
+    drops = [m for m in model.modules() if isinstance(m, (nn.modules.dropout._DropoutNd, Uout))]
+    for m in drops:
+        m.train()
+    try:
+        stds = []
+        with torch.no_grad():
+            for chunk in torch.split(images, batch_size):
+                logits = torch.stack([model(chunk).float() for _ in range(masks)])  # masks x images x classes
+                stds.append(logits.std(dim=0).mean(dim=1))
+        return float(torch.cat(stds).mean())
+    finally:
+        model.eval()
+
+
+def analyse_spread(folder: Path, data_dir: Optional[str], num_images: int = 1000, masks: int = 8,
+                   seed: int = 0) -> Dict[str, Any]:
+    """`logit_spread` of the run's best.safetensors on the first `num_images` test images (eval transform),
+    masks drawn from torch seed `seed`; written to spread.json."""
+    import timm
+    import torch
+    from timm.data import create_transform
+    from safetensors.torch import load_file
+
+    import timm_ic  # noqa: F401
+    from timm_ic.training.data import build_datasets
+
+    record = read_record(folder)
+    result: Dict[str, Any] = {'weights': 'best.safetensors', 'masks': masks, 'seed': seed}
+    if record is None or record.status.startswith('stopped') or not (folder / 'best.safetensors').is_file():
+        result['skipped'] = 'no best weights (the run did not finish)'
+        write_json_atomic(folder / 'spread.json', result)
+        return result
+    model = timm.create_model(record.model, **record.model_args)
+    model.load_state_dict(load_file(folder / 'best.safetensors'))
+    dataset = record.dataset
+    _, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'), dataset['train_split'],
+                                   dataset['val_split'], input_img_mode='L' if record.in_chans == 1 else 'RGB')
+    test_ds.transform = create_transform(**record.data_config, is_training=False)
+    n = min(num_images, len(test_ds))
+    images = torch.stack([test_ds[i][0] for i in range(n)])
+    torch.manual_seed(seed)
+    result.update(num_images=n, logit_spread=logit_spread(model, images, masks))
+    write_json_atomic(folder / 'spread.json', result)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # statistics
 
@@ -360,7 +432,8 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> O
 # ---------------------------------------------------------------------------------------------------------------
 # results
 
-def run_metrics(record: RunRecord, analysis: Optional[Dict[str, Any]], target: float) -> Dict[str, Any]:
+def run_metrics(record: RunRecord, analysis: Optional[Dict[str, Any]], target: float,
+                spread: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     epochs = record.epochs
     stopped = record.status.startswith('stopped')
     reached = next((e['epoch'] for e in epochs if e.get('eval_top1') is not None and e['eval_top1'] >= target), None)
@@ -381,12 +454,14 @@ def run_metrics(record: RunRecord, analysis: Optional[Dict[str, Any]], target: f
                                                       'top1_recalibrated')})
         if analysis.get('top1_recalibrated') is not None:
             metrics['recalibration_gain'] = analysis['top1_recalibrated'] - analysis['top1']
+    if spread and 'skipped' not in spread:
+        metrics['logit_spread'] = spread.get('logit_spread')
     return metrics
 
 
 METRIC_WORDS = {'top1': 'test top-1 (%)', 'gap': 'eval - train loss', 'epochs_to_target': 'epochs to target',
                 'top1_recalibrated': 'top-1 after BN recal. (%)', 'recalibration_gain': 'recal. gain (points)',
-                'variance_shift': 'variance shift'}
+                'variance_shift': 'variance shift', 'logit_spread': 'logit std over dropout masks'}
 
 
 def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str] = ()) -> Dict[str, Any]:
@@ -402,8 +477,9 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
         analysis = None
         if (folder / 'analysis.json').is_file():
             analysis = json.loads((folder / 'analysis.json').read_text())
+        spread = json.loads((folder / 'spread.json').read_text()) if (folder / 'spread.json').is_file() else None
         runs_out[run.name] = dict(seed=run.seed, status=record.status,
-                                  **run_metrics(record, analysis, preset.target))
+                                  **run_metrics(record, analysis, preset.target, spread))
     questions_out: Dict[str, Any] = {}
     for qname, question in questions_for(preset).items():
         arms: Dict[str, Any] = {}
@@ -488,7 +564,7 @@ def format_markdown(results: Dict[str, Any]) -> str:
         for arm_name, arm in q['arms'].items():
             cells = [arm_name, f'`{arm["placement"]}`']
             for m in q['metrics']:
-                cell = _fmt(arm[m], 3 if m in ('gap', 'variance_shift') else 2)
+                cell = _fmt(arm[m], 3 if m in ('gap', 'variance_shift') else 4 if m == 'logit_spread' else 2)
                 if m == 'epochs_to_target' and arm[m].get('not_reached'):
                     cell += f'; not reached in {arm[m]["not_reached"]}'
                 cells.append(cell)
@@ -633,7 +709,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         analysed = {arm_args(preset, arm, args.train_args) for q in questions_for(preset).values() if q.analysis
                     for arm in q.arms.values()}
         analyse = {r.name: r.args in analysed for r in grid}
-        counts = execute(mine, out, preset, data_dir, analyse)
+        spread_args = {arm_args(preset, arm, args.train_args) for q in questions_for(preset).values() if q.spread
+                       for arm in q.arms.values()}
+        counts = execute(mine, out, preset, data_dir, analyse, spread={r.name: r.args in spread_args for r in grid})
         print(f'shard {args.shard[0]}/{args.shard[1]}: {counts["ran"]} run, {counts["skipped"]} already done, '
               f'{counts["failed"]} failed')
     results = merge(out, args.preset, preset, args.train_args)

@@ -161,6 +161,8 @@ def test_study_runs_shards_merges_and_never_redoes_a_finished_run(tmp_path, monk
     assert results['runs_done'] == 4
     post = results['questions']['tiny']['arms']['post']
     assert post['top1']['n'] == 2 and post['variance_shift']['n'] == 2 and post['top1_recalibrated']['n'] == 2
+    assert post['logit_spread']['values'] == [0.0, 0.0]  # from spread.json; the tiny arms have no dropout
+    assert all(json.loads(p.read_text())['num_images'] == 20 for p in out.glob('runs/*/spread.json'))
     assert all(r['top1'] is not None for r in results['runs'].values())
     for folder in out.glob('runs/*'):  # the analysis evaluates the same weights on the same images as train.py
         analysis = json.loads((folder / 'analysis.json').read_text())
@@ -195,3 +197,24 @@ def test_merge_of_a_partial_study_is_strict_json(tmp_path):
     results = json.loads((tmp_path / 'results.json').read_text(), parse_constant=refuse)
     assert results['runs_done'] == 1
     assert 'no interval (n = 0 and 1' in (tmp_path / 'results.md').read_text()
+
+
+def test_head_dropout_before_pooling_spreads_the_logits_less_than_after():
+    # Kim et al.'s head argument (papers.md): element-wise dropout averaged over H*W positions moves the pooled
+    # features, hence the logits, far less than the same rate on the pooled features
+    import timm
+    import torch
+    import timm_ic  # noqa: F401
+    torch.manual_seed(0)
+    before = timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement='post:head=before_pool,head_rate=0.3')
+    after = timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement='post:head=after_pool,head_rate=0.3')
+    after.load_state_dict(before.state_dict())  # the same weights: only the dropout's place differs
+    plain = timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement='post')
+    plain.load_state_dict(before.state_dict())
+    images = torch.randn(16, 1, 28, 28)
+    torch.manual_seed(1)
+    spread_before = study.logit_spread(before, images, masks=8)
+    spread_after = study.logit_spread(after, images, masks=8)
+    assert 0 < spread_before < spread_after / 2  # 7x7 final map: about 1/7 of the std
+    assert study.logit_spread(plain, images, masks=8) == 0.0  # no dropout, no spread
+    assert not any(m.training for m in before.modules())  # left in eval mode
