@@ -461,7 +461,8 @@ def run_metrics(record: RunRecord, analysis: Optional[Dict[str, Any]], target: f
 
 METRIC_WORDS = {'top1': 'test top-1 (%)', 'gap': 'eval - train loss', 'epochs_to_target': 'epochs to target',
                 'top1_recalibrated': 'top-1 after BN recal. (%)', 'recalibration_gain': 'recal. gain (points)',
-                'variance_shift': 'variance shift', 'logit_spread': 'logit std over dropout masks'}
+                'variance_shift': 'variance shift', 'logit_spread': 'logit std over dropout masks',
+                'largest_lr': 'largest lr that trains'}
 
 
 def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str] = ()) -> Dict[str, Any]:
@@ -500,22 +501,40 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
         for a, b in question.comparisons:
             for metric in question.metrics:
                 va, vb = arms[a][metric]['values'], arms[b][metric]['values']
-                if metric == 'epochs_to_target' and (arms[a][metric]['not_reached'] or arms[b][metric]['not_reached']):
-                    test = None  # a run that never reached the target has no number: no interval
-                else:
-                    test = welch(va, vb)
-                comparisons.append(dict(a=a, b=b, metric=metric, n_a=len(va), n_b=len(vb), welch=test))
+                not_reached = metric == 'epochs_to_target' and bool(arms[a][metric]['not_reached']
+                                                                     or arms[b][metric]['not_reached'])
+                # a run that never reached the target has no number: an interval over the others would be biased
+                test = None if not_reached else welch(va, vb)
+                comparisons.append(dict(a=a, b=b, metric=metric, n_a=len(va), n_b=len(vb), welch=test,
+                                        not_reached_by_every_seed=not_reached))
         sweeps = {}
         for group, names in question.lr_sweep.items():
-            per_seed = {}
+            per_seed: Dict[int, Optional[float]] = {}
+            missing = []
             for seed in range(preset.seeds):
+                if not all(_seed_run(arms[n], runs_out, seed) for n in names):
+                    missing.append(seed)  # not every lr of this seed is done: no answer for it yet
+                    continue
                 trained = [question.arms[n].lr for n in names if _seed_top1(arms[n], runs_out, seed) is not None
                            and _seed_top1(arms[n], runs_out, seed) > preset.trains_above]
                 per_seed[seed] = max(trained) if trained else None
-            sweeps[group] = dict(largest_lr_per_seed=per_seed, trains_above=preset.trains_above,
-                                 lrs=[question.arms[n].lr for n in names])
+            defined = [v for v in per_seed.values() if v is not None]
+            # the statistic only where every seed has an answer: a seed where no lr trained has no number
+            every_seed = not missing and len(defined) == len(per_seed) > 0
+            sweeps[group] = dict(largest_lr_per_seed=per_seed, missing_seeds=missing, trains_above=preset.trains_above,
+                                 lrs=[question.arms[n].lr for n in names],
+                                 largest_lr=mean_std(defined if every_seed else []), every_seed=every_seed)
+        lr_comparisons = []
+        groups = list(sweeps)
+        for i, a in enumerate(groups):
+            for b in groups[i + 1:]:
+                both = sweeps[a]['every_seed'] and sweeps[b]['every_seed']
+                lr_comparisons.append(dict(a=a, b=b, metric='largest_lr', n_a=sweeps[a]['largest_lr']['n'],
+                                           n_b=sweeps[b]['largest_lr']['n'], not_reached_by_every_seed=not both,
+                                           welch=welch(sweeps[a]['largest_lr']['values'],
+                                                       sweeps[b]['largest_lr']['values']) if both else None))
         questions_out[qname] = dict(title=question.title, paper=question.paper, arms=arms, comparisons=comparisons,
-                                    lr_sweeps=sweeps, metrics=list(question.metrics))
+                                    lr_sweeps=sweeps, lr_comparisons=lr_comparisons, metrics=list(question.metrics))
     results = dict(schema='timm_ic.placement_study/1', preset=preset_name, settings=_preset_dict(preset),
                    model=MODEL, recipe=RECIPE, extra_train_args=list(extra_args),
                    runs_done=len(runs_out), runs_in_grid=len(grid), runs=runs_out, questions=questions_out)
@@ -526,11 +545,13 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
     return results
 
 
+def _seed_run(arm_out: Dict[str, Any], runs_out: Dict[str, Any], seed: int) -> Optional[Dict[str, Any]]:
+    return next((runs_out[n] for n in arm_out['runs'] if runs_out[n]['seed'] == seed), None)
+
+
 def _seed_top1(arm_out: Dict[str, Any], runs_out: Dict[str, Any], seed: int) -> Optional[float]:
-    for name in arm_out['runs']:
-        if runs_out[name]['seed'] == seed:
-            return runs_out[name]['top1']
-    return None
+    run = _seed_run(arm_out, runs_out, seed)
+    return run['top1'] if run else None
 
 
 def _preset_dict(preset: Preset) -> Dict[str, Any]:
@@ -566,7 +587,9 @@ def format_markdown(results: Dict[str, Any]) -> str:
             for m in q['metrics']:
                 cell = _fmt(arm[m], 3 if m in ('gap', 'variance_shift') else 4 if m == 'logit_spread' else 2)
                 if m == 'epochs_to_target' and arm[m].get('not_reached'):
-                    cell += f'; not reached in {arm[m]["not_reached"]}'
+                    reached = arm[m]['n']
+                    cell = (f'not reached by every seed ({reached} of {reached + arm[m]["not_reached"]} reached'
+                            + (f': {", ".join(f"{v:g}" for v in arm[m]["values"])})' if reached else ')'))
                 cells.append(cell)
             if arm.get('stopped'):
                 cells[0] += f' ({arm["stopped"]} stopped: non-finite loss)'
@@ -574,9 +597,12 @@ def format_markdown(results: Dict[str, Any]) -> str:
         lines.append('')
         if any(m == 'epochs_to_target' for m in q['metrics']):
             lines += [f'Target for "epochs to target": {s["target"]:g}% test top-1.', '']
-        for c in q['comparisons']:
+        for c in q['comparisons'] + q.get('lr_comparisons', []):
             w = c['welch']
             what = f'- {c["a"]} − {c["b"]}, {METRIC_WORDS.get(c["metric"], c["metric"])}: '
+            if c.get('not_reached_by_every_seed'):
+                lines.append(what + 'no interval: not reached by every seed')
+                continue
             if w is None:
                 lines.append(what + f'no interval (n = {c["n_a"]} and {c["n_b"]}; a run without a value, '
                              f'or fewer than 2 seeds)')
@@ -587,8 +613,10 @@ def format_markdown(results: Dict[str, Any]) -> str:
         for group, sweep in q['lr_sweeps'].items():
             per_seed = ', '.join(f's{k}: {v if v is not None else "none"}' for k, v in
                                  sweep['largest_lr_per_seed'].items())
-            lines.append(f'- largest lr that trains (final top-1 > {sweep["trains_above"]:g}%, lrs tried '
-                         f'{sweep["lrs"]}), {group}: {per_seed}')
+            missing = f'; seeds not done: {sweep["missing_seeds"]}' if sweep['missing_seeds'] else ''
+            stat = _fmt(sweep['largest_lr'], 3) if sweep['every_seed'] else 'not reached by every seed'
+            lines.append(f'- {METRIC_WORDS["largest_lr"]} (final top-1 > {sweep["trains_above"]:g}%, lrs tried '
+                         f'{sweep["lrs"]}), {group}: {stat} ({per_seed}{missing})')
         lines.append('')
     return '\n'.join(lines) + '\n'
 

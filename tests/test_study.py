@@ -218,3 +218,57 @@ def test_head_dropout_before_pooling_spreads_the_logits_less_than_after():
     assert 0 < spread_before < spread_after / 2  # 7x7 final map: about 1/7 of the std
     assert study.logit_spread(plain, images, masks=8) == 0.0  # no dropout, no spread
     assert not any(m.training for m in before.modules())  # left in eval mode
+
+
+def test_epochs_to_target_and_largest_lr_get_intervals_only_when_every_seed_has_one(tmp_path):
+    preset = study.Preset(epochs=2, seeds=3, images_per_epoch=16, target=75.0, trains_above=50.0, batch_size=8,
+                          workers=0, lrs=(0.1, 1.6), questions=('ioffe',))
+    grid = study.build_grid(preset)
+    curves = {('bn@lr0.1', s): [80.0, 85.0] for s in range(3)}  # reaches 75% in epoch 1, every seed
+    curves.update({('bn@lr1.6', s): [60.0, 70.0] for s in range(3)})  # trains (> 50%), never reaches the target
+    curves.update({('none@lr0.1', 0): [60.0, 80.0], ('none@lr0.1', 1): [60.0, 80.0], ('none@lr0.1', 2): [60.0, 70.0]})
+    curves.update({('none@lr1.6', s): [10.0, 10.0] for s in range(3)})  # does not train
+
+    def write(curves):
+        for run in grid:
+            arm = run.name.rsplit('-', 2)[0]
+            RunRecord(model=study.MODEL, status='finished', epochs=[
+                dict(epoch=i + 1, eval_top1=t, eval_loss=0.5, train_loss=0.4) for i, t in enumerate(
+                    curves[(arm, run.seed)])]).write(tmp_path / 'runs' / run.name / 'run.json')
+        return study.merge(tmp_path, 'x', preset)
+
+    for run in grid:
+        (tmp_path / 'runs' / run.name).mkdir(parents=True)
+    q = write(curves)['questions']['ioffe']
+    none = q['arms']['none@lr0.1']['epochs_to_target']
+    assert none['not_reached'] == 1 and none['n'] == 2
+    epochs_cmp = next(c for c in q['comparisons'] if c['metric'] == 'epochs_to_target')
+    assert epochs_cmp['welch'] is None and epochs_cmp['not_reached_by_every_seed']
+    assert q['lr_sweeps']['bn']['largest_lr']['values'] == [1.6] * 3
+    assert q['lr_sweeps']['none']['largest_lr']['values'] == [0.1] * 3
+    lr_cmp = q['lr_comparisons'][0]
+    assert (lr_cmp['a'], lr_cmp['b'], lr_cmp['n_a'], lr_cmp['n_b']) == ('bn', 'none', 3, 3)
+    assert lr_cmp['welch']['diff'] == pytest.approx(1.5) and lr_cmp['welch']['significant']
+    text = (tmp_path / 'results.md').read_text()
+    assert 'not reached by every seed (2 of 3 reached: 2, 2)' in text
+    assert 'bn@lr0.1 − none@lr0.1, epochs to target: no interval: not reached by every seed' in text
+    assert 'largest lr that trains (final top-1 > 50%, lrs tried [0.1, 1.6]), bn: 1.600 ± 0.000 (n=3)' in text
+    assert 'bn − none, largest lr that trains: +1.500' in text
+
+    # every seed reaches the target: an interval; one seed where no lr trains: no largest lr for that group
+    curves[('none@lr0.1', 2)] = [60.0, 90.0]
+    curves[('none@lr0.1', 1)] = [10.0, 10.0]
+    q = write(curves)['questions']['ioffe']
+    assert q['arms']['bn@lr0.1']['epochs_to_target']['values'] == [1, 1, 1]
+    assert q['lr_sweeps']['none']['largest_lr_per_seed'][1] is None and not q['lr_sweeps']['none']['every_seed']
+    assert q['lr_comparisons'][0]['welch'] is None
+    text = (tmp_path / 'results.md').read_text()
+    assert 'none: not reached by every seed (s0: 0.1, s1: none, s2: 0.1)' in text
+    assert 'bn − none, largest lr that trains: no interval: not reached by every seed' in text
+
+    # every seed reaches the target in both arms: the comparison gets its interval
+    curves[('none@lr0.1', 1)] = [60.0, 90.0]
+    q = write(curves)['questions']['ioffe']
+    epochs_cmp = next(c for c in q['comparisons'] if c['metric'] == 'epochs_to_target')
+    assert not epochs_cmp['not_reached_by_every_seed'] and epochs_cmp['welch']['diff'] == -1.0
+    assert 'bn@lr0.1 − none@lr0.1, epochs to target: -1.000 [-1.000, -1.000]' in (tmp_path / 'results.md').read_text()
