@@ -65,17 +65,27 @@ def test_shards_partition_the_grid_and_shared_arms_run_once():
             study.parse_shard(bad)
 
 
-def test_every_placement_of_every_preset_builds():
+def test_every_placement_of_every_preset_builds_and_grouped_norms_have_a_group_size():
+    import warnings
     import timm
     import timm_ic  # noqa: F401
+    from timm_ic.layers.norm import GROUPED_NORMS
     seen = set()
     for preset in study.PRESETS.values():
         for question in study.questions_for(preset).values():
             for arm in question.arms.values():
                 if arm.placement not in seen:
                     seen.add(arm.placement)
-                    timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement=arm.placement)
+                    placement = timm_ic.Placement.parse(arm.placement)
+                    if placement.norm in GROUPED_NORMS:  # chosen, not the width-dependent default
+                        assert placement.group_size == study.GROUP_SIZE, arm.placement
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter('always')
+                        timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement=arm.placement)
+                    # no arm is InstanceNorm in all but name (group size 1) by accident
+                    assert not [w for w in caught if 'one channel per group' in str(w.message)], arm.placement
     assert len(seen) >= 15
+    assert {'post:norm=groupnorm,group_size=8', 'post:norm=evonorm_s0,group_size=8'} <= seen
 
 
 def _fake_run(folder: Path, top1s, status='finished', train_loss=0.5, eval_loss=0.7):
