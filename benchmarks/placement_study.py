@@ -16,6 +16,11 @@ overlap; `--merge-only` reads whatever run folders exist and writes the results:
     *.png          accuracy per arm with every seed's point; for Li et al.: accuracy before/after BN
                    recalibration, and variance shift against accuracy
 
+Analyses from a finished run's weights: for Li et al.'s arms, analysis.json (variance shift, top-1 before and
+after BN recalibration, last.safetensors); for Kim et al.'s arms, spread.json (the mean per-image std of the
+logits over 8 dropout masks on 1,000 test images, eval mode but for the dropout, best.safetensors): the
+"more stable output" of head dropout before global pooling, compared with Welch between 'kim' and 'head_after_pool'.
+
 A comparison is the difference of two arms' means with a 95% interval from Welch's t-test (unequal variances);
 when the interval contains 0 the table says "no significant difference". The arms of every question are data
 (`QUESTIONS`), all on the CIFAR ResNet-20 skeleton with one input channel (`cifar_resnet20`, `placement=`),
@@ -39,6 +44,7 @@ sys.path.insert(0, str(REPO))  # the repository's timm_ic, also when run from el
 
 from timm_ic._atomic import atomic_file, write_json_atomic  # noqa: E402
 from timm_ic.placement import Placement  # noqa: E402
+from timm_ic.run_record import RunRecord, RunRecordError  # noqa: E402
 
 RECIPE = 'fashion_mnist_resnet20'
 MODEL = 'cifar_resnet20'
@@ -69,6 +75,7 @@ class Question:
     comparisons: List[Tuple[str, str]]  # (a, b): the difference a - b
     metrics: Tuple[str, ...] = ('top1', 'gap', 'epochs_to_target')
     analysis: bool = False  # variance shift and accuracy after BN recalibration, from the run's weights
+    spread: bool = False  # logit spread over dropout masks (Kim et al.'s "more stable output"), from best weights
     lr_sweep: Dict[str, List[str]] = field(default_factory=dict)  # group -> arms in increasing lr
 
 
@@ -76,9 +83,15 @@ def _lr_arms(prefix: str, placement: str, lrs: Sequence[float]) -> Dict[str, Arm
     return {f'{prefix}@lr{lr:g}': Arm(placement, lr=lr) for lr in lrs}
 
 
-NORMS = {'bn': 'post', 'gn': 'post:norm=groupnorm,group_size=8', 'ln': 'post:norm=layernorm',
+# The grouped norms (GN, EvoNorm-S0) get an explicit group size 8: 2/4/8 groups on ResNet-20's widths 16/32/64.
+# The package's default (up to 32 groups) would give group size 1 at widths 16 and 32, InstanceNorm in all but
+# name, and Lubana et al. find the behaviour depends on the group size; 8 is the largest size that still leaves
+# at least 2 groups at width 16 and keeps GN and EvoNorm-S0 comparable. 'in' is the group-size-1 arm.
+GROUP_SIZE = 8
+NORMS = {'bn': 'post', 'gn': f'post:norm=groupnorm,group_size={GROUP_SIZE}', 'ln': 'post:norm=layernorm',
          'in': 'post:norm=instancenorm', 'frn': 'post:norm=frn', 'evonorm_b0': 'post:norm=evonorm_b0',
-         'evonorm_s0': 'post:norm=evonorm_s0', 'vn': 'post:norm=variancenorm', 'ws': 'post:norm=none,conv=ws'}
+         'evonorm_s0': f'post:norm=evonorm_s0,group_size={GROUP_SIZE}', 'vn': 'post:norm=variancenorm',
+         'ws': 'post:norm=none,conv=ws'}
 IOFFE_LRS = (0.1, 0.4, 1.6)
 
 
@@ -101,7 +114,8 @@ def build_questions(norms: Sequence[str] = tuple(NORMS), lrs: Sequence[float] = 
             'where the dropout of a residual branch goes', 'Kim et al. 2023 (arXiv 2302.06112)',
             {'kim': Arm('kim'), 'every_unit': Arm('kim:drop_units=all'),
              'before_last_bn': Arm('kim:order=drop-norm-act-conv'), 'head_after_pool': Arm('kim:head=after_pool')},
-            [('kim', 'every_unit'), ('kim', 'before_last_bn'), ('kim', 'head_after_pool')]),
+            [('kim', 'every_unit'), ('kim', 'before_last_bn'), ('kim', 'head_after_pool')],
+            metrics=('top1', 'gap', 'epochs_to_target', 'logit_spread'), spread=True),
         'li': Question(
             'dropout before BN vs after it, and Uout', 'Li et al. 2019 (arXiv 1801.05134)',
             {'before_bn': Arm('before_bn'), 'after_bn': Arm('after_bn'),
@@ -153,8 +167,9 @@ PRESETS = {
 def questions_for(preset: Preset) -> Dict[str, Question]:
     if preset.questions == ('tiny',):
         return {'tiny': Question('two arms (test grid)', 'none', {'post': Arm('post'), 'pre': Arm('pre')},
-                                 [('pre', 'post')], analysis=True,
-                                 metrics=('top1', 'gap', 'epochs_to_target', 'top1_recalibrated', 'variance_shift'))}
+                                 [('pre', 'post')], analysis=True, spread=True,
+                                 metrics=('top1', 'gap', 'epochs_to_target', 'top1_recalibrated', 'variance_shift',
+                                          'logit_spread'))}
     return {k: v for k, v in build_questions(preset.norms, preset.lrs, preset.small_batch_norms).items()
             if k in preset.questions}
 
@@ -203,19 +218,20 @@ def shard(runs: Sequence[Run], index: int, count: int) -> List[Run]:
     return list(runs[index::count])
 
 
-def read_record(folder: Path) -> Optional[Dict[str, Any]]:
+def read_record(folder: Path) -> Optional[RunRecord]:
+    """The run's run.json through the package's typed reader; None when it is missing or refused (another
+    schema, half written): the run counts as not done and train.py's --resume auto deals with the folder."""
     try:
-        return json.loads((folder / 'run.json').read_text())
-    except (OSError, ValueError):
+        return RunRecord.read(folder / 'run.json')
+    except (OSError, RunRecordError):
         return None
 
 
-def is_done(record: Optional[Dict[str, Any]], epochs: int) -> bool:
+def is_done(record: Optional[RunRecord], epochs: int) -> bool:
     """A run that finished all its epochs, or that train.py stopped for good (a non-finite loss is a result)."""
-    if not record:
+    if record is None:
         return False
-    status = str(record.get('status', ''))
-    return status.startswith('stopped') or (status == 'finished' and len(record.get('epochs') or []) >= epochs)
+    return record.status.startswith('stopped') or (record.status == 'finished' and len(record.epochs) >= epochs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,15 +244,23 @@ def train_command(run: Run, folder: Path, data_dir: Optional[str]) -> List[str]:
 
 
 def execute(runs: Sequence[Run], out: Path, preset: Preset, data_dir: Optional[str], analyse: Dict[str, bool],
-            log=print) -> Dict[str, int]:
-    """Run what is not done yet, one after the other; returns counts of skipped / run / failed."""
+            log=print, spread: Optional[Dict[str, bool]] = None) -> Dict[str, int]:
+    """Run what is not done yet, one after the other; returns counts of skipped / run / failed. `analyse` and
+    `spread` name the runs that get `analyse_run` (analysis.json) and `analyse_spread` (spread.json)."""
     counts = dict(skipped=0, ran=0, failed=0)
+    spread = spread or {}
+
+    def analyses(folder: Path) -> None:
+        if analyse.get(folder.name) and not (folder / 'analysis.json').is_file():
+            analyse_run(folder, data_dir)
+        if spread.get(folder.name) and not (folder / 'spread.json').is_file():
+            analyse_spread(folder, data_dir)
+
     for i, run in enumerate(runs):
         folder = out / 'runs' / run.name
         if is_done(read_record(folder), preset.epochs):
             counts['skipped'] += 1
-            if analyse.get(run.name) and not (folder / 'analysis.json').is_file():
-                analyse_run(folder, data_dir)
+            analyses(folder)
             continue
         log(f'[{i + 1}/{len(runs)}] {run.name}')
         folder.mkdir(parents=True, exist_ok=True)
@@ -253,19 +277,17 @@ def execute(runs: Sequence[Run], out: Path, preset: Preset, data_dir: Optional[s
                 raise SystemExit(f'train.py refused the options: {tail[0] if tail else ""}')
             continue
         counts['ran'] += 1
-        log(f'  {record.get("status")} in {time.perf_counter() - start:.0f} s, '
+        log(f'  {record.status} in {time.perf_counter() - start:.0f} s, '
             f'top-1 {final_top1(record)}')
-        if analyse.get(run.name):
-            analyse_run(folder, data_dir)
+        analyses(folder)
     return counts
 
 
-def final_top1(record: Dict[str, Any]) -> Optional[float]:
+def final_top1(record: RunRecord) -> Optional[float]:
     """The last epoch's test top-1; None for a run train.py stopped (non-finite loss): it did not train."""
-    epochs = record.get('epochs') or []
-    if str(record.get('status', '')).startswith('stopped'):
+    if record.status.startswith('stopped') or not record.epochs or record.epochs[-1].get('eval_top1') is None:
         return None
-    return float(epochs[-1]['eval_top1']) if epochs else None
+    return float(record.epochs[-1]['eval_top1'])
 
 
 def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, batch_size: int = 128) -> Dict[str, Any]:
@@ -283,18 +305,18 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
 
     record = read_record(folder)
     result: Dict[str, Any] = {'weights': 'last.safetensors', 'num_batches': num_batches, 'batch_size': batch_size}
-    if not record or str(record.get('status', '')).startswith('stopped') or not (folder / 'last.safetensors').is_file():
+    if record is None or record.status.startswith('stopped') or not (folder / 'last.safetensors').is_file():
         result['skipped'] = 'no final weights (the run did not finish)'
         write_json_atomic(folder / 'analysis.json', result)
         return result
-    model = timm.create_model(record['model'], **record['model_args'])
+    model = timm.create_model(record.model, **record.model_args)
     model.load_state_dict(load_file(folder / 'last.safetensors'))
     model.eval()
-    dataset = record['dataset']
-    mode = 'L' if record['in_chans'] == 1 else 'RGB'
+    dataset = record.dataset
+    mode = 'L' if record.in_chans == 1 else 'RGB'
     train_ds, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'),
                                           dataset['train_split'], dataset['val_split'], input_img_mode=mode)
-    transform = create_transform(**record['data_config'], is_training=False)
+    transform = create_transform(**record.data_config, is_training=False)
     train_ds.transform = test_ds.transform = transform
     batch_size = min(batch_size, len(train_ds))  # tiny test data
     num_batches = min(num_batches, len(train_ds) // batch_size)
@@ -320,6 +342,63 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
             result['variance_shift_recalibrated'] = variance_shift(model, train_loader, num_batches).mean_shift
             result['top1_recalibrated'] = accuracy()
     write_json_atomic(folder / 'analysis.json', result)
+    return result
+
+
+def logit_spread(model, images, masks: int = 8, batch_size: int = 250) -> float:
+    """Mean over images of the per-image std of the logits over `masks` dropout masks (std over masks of each
+    logit, averaged over the classes): the model in eval mode (BN with its running statistics) except its dropout
+    modules, which draw a fresh mask each pass. 0 for a model without dropout. The model is left in eval mode.
+    Kim et al.'s head argument: dropout before global pooling is averaged over H*W positions, so the same rate
+    moves the logits less than dropout after pooling."""
+    import torch
+    from torch import nn
+    from timm_ic.layers import Uout
+
+    model.eval()
+    drops = [m for m in model.modules() if isinstance(m, (nn.modules.dropout._DropoutNd, Uout))]
+    for m in drops:
+        m.train()
+    try:
+        stds = []
+        with torch.no_grad():
+            for chunk in torch.split(images, batch_size):
+                logits = torch.stack([model(chunk).float() for _ in range(masks)])  # masks x images x classes
+                stds.append(logits.std(dim=0).mean(dim=1))
+        return float(torch.cat(stds).mean())
+    finally:
+        model.eval()
+
+
+def analyse_spread(folder: Path, data_dir: Optional[str], num_images: int = 1000, masks: int = 8,
+                   seed: int = 0) -> Dict[str, Any]:
+    """`logit_spread` of the run's best.safetensors on the first `num_images` test images (eval transform),
+    masks drawn from torch seed `seed`; written to spread.json."""
+    import timm
+    import torch
+    from timm.data import create_transform
+    from safetensors.torch import load_file
+
+    import timm_ic  # noqa: F401
+    from timm_ic.training.data import build_datasets
+
+    record = read_record(folder)
+    result: Dict[str, Any] = {'weights': 'best.safetensors', 'masks': masks, 'seed': seed}
+    if record is None or record.status.startswith('stopped') or not (folder / 'best.safetensors').is_file():
+        result['skipped'] = 'no best weights (the run did not finish)'
+        write_json_atomic(folder / 'spread.json', result)
+        return result
+    model = timm.create_model(record.model, **record.model_args)
+    model.load_state_dict(load_file(folder / 'best.safetensors'))
+    dataset = record.dataset
+    _, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'), dataset['train_split'],
+                                   dataset['val_split'], input_img_mode='L' if record.in_chans == 1 else 'RGB')
+    test_ds.transform = create_transform(**record.data_config, is_training=False)
+    n = min(num_images, len(test_ds))
+    images = torch.stack([test_ds[i][0] for i in range(n)])
+    torch.manual_seed(seed)
+    result.update(num_images=n, logit_spread=logit_spread(model, images, masks))
+    write_json_atomic(folder / 'spread.json', result)
     return result
 
 
@@ -359,9 +438,10 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> O
 # ---------------------------------------------------------------------------------------------------------------
 # results
 
-def run_metrics(record: Dict[str, Any], analysis: Optional[Dict[str, Any]], target: float) -> Dict[str, Any]:
-    epochs = record.get('epochs') or []
-    stopped = str(record.get('status', '')).startswith('stopped')
+def run_metrics(record: RunRecord, analysis: Optional[Dict[str, Any]], target: float,
+                spread: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    epochs = record.epochs
+    stopped = record.status.startswith('stopped')
     reached = next((e['epoch'] for e in epochs if e.get('eval_top1') is not None and e['eval_top1'] >= target), None)
     last = epochs[-1] if epochs else {}
     metrics = {
@@ -372,7 +452,7 @@ def run_metrics(record: Dict[str, Any], analysis: Optional[Dict[str, Any]], targ
         'epochs_to_target': reached,
         'stopped': stopped,
         'train_s': sum(e.get('epoch_time_s') or 0 for e in epochs),
-        'train_samples': (record.get('dataset') or {}).get('train_samples'),
+        'train_samples': (record.dataset or {}).get('train_samples'),
         'eval_samples': last.get('eval_samples'),
     }
     if analysis and 'skipped' not in analysis:
@@ -380,12 +460,15 @@ def run_metrics(record: Dict[str, Any], analysis: Optional[Dict[str, Any]], targ
                                                       'top1_recalibrated')})
         if analysis.get('top1_recalibrated') is not None:
             metrics['recalibration_gain'] = analysis['top1_recalibrated'] - analysis['top1']
+    if spread and 'skipped' not in spread:
+        metrics['logit_spread'] = spread.get('logit_spread')
     return metrics
 
 
 METRIC_WORDS = {'top1': 'test top-1 (%)', 'gap': 'eval - train loss', 'epochs_to_target': 'epochs to target',
                 'top1_recalibrated': 'top-1 after BN recal. (%)', 'recalibration_gain': 'recal. gain (points)',
-                'variance_shift': 'variance shift'}
+                'variance_shift': 'variance shift', 'logit_spread': 'logit std over dropout masks',
+                'largest_lr': 'largest lr that trains'}
 
 
 def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str] = ()) -> Dict[str, Any]:
@@ -401,8 +484,9 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
         analysis = None
         if (folder / 'analysis.json').is_file():
             analysis = json.loads((folder / 'analysis.json').read_text())
-        runs_out[run.name] = dict(seed=run.seed, status=record.get('status'),
-                                  **run_metrics(record, analysis, preset.target))
+        spread = json.loads((folder / 'spread.json').read_text()) if (folder / 'spread.json').is_file() else None
+        runs_out[run.name] = dict(seed=run.seed, status=record.status,
+                                  **run_metrics(record, analysis, preset.target, spread))
     questions_out: Dict[str, Any] = {}
     for qname, question in questions_for(preset).items():
         arms: Dict[str, Any] = {}
@@ -423,22 +507,40 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
         for a, b in question.comparisons:
             for metric in question.metrics:
                 va, vb = arms[a][metric]['values'], arms[b][metric]['values']
-                if metric == 'epochs_to_target' and (arms[a][metric]['not_reached'] or arms[b][metric]['not_reached']):
-                    test = None  # a run that never reached the target has no number: no interval
-                else:
-                    test = welch(va, vb)
-                comparisons.append(dict(a=a, b=b, metric=metric, n_a=len(va), n_b=len(vb), welch=test))
+                not_reached = metric == 'epochs_to_target' and bool(arms[a][metric]['not_reached']
+                                                                     or arms[b][metric]['not_reached'])
+                # a run that never reached the target has no number: an interval over the others would be biased
+                test = None if not_reached else welch(va, vb)
+                comparisons.append(dict(a=a, b=b, metric=metric, n_a=len(va), n_b=len(vb), welch=test,
+                                        not_reached_by_every_seed=not_reached))
         sweeps = {}
         for group, names in question.lr_sweep.items():
-            per_seed = {}
+            per_seed: Dict[int, Optional[float]] = {}
+            missing = []
             for seed in range(preset.seeds):
+                if not all(_seed_run(arms[n], runs_out, seed) for n in names):
+                    missing.append(seed)  # not every lr of this seed is done: no answer for it yet
+                    continue
                 trained = [question.arms[n].lr for n in names if _seed_top1(arms[n], runs_out, seed) is not None
                            and _seed_top1(arms[n], runs_out, seed) > preset.trains_above]
                 per_seed[seed] = max(trained) if trained else None
-            sweeps[group] = dict(largest_lr_per_seed=per_seed, trains_above=preset.trains_above,
-                                 lrs=[question.arms[n].lr for n in names])
+            defined = [v for v in per_seed.values() if v is not None]
+            # the statistic only where every seed has an answer: a seed where no lr trained has no number
+            every_seed = not missing and len(defined) == len(per_seed) > 0
+            sweeps[group] = dict(largest_lr_per_seed=per_seed, missing_seeds=missing, trains_above=preset.trains_above,
+                                 lrs=[question.arms[n].lr for n in names],
+                                 largest_lr=mean_std(defined if every_seed else []), every_seed=every_seed)
+        lr_comparisons = []
+        groups = list(sweeps)
+        for i, a in enumerate(groups):
+            for b in groups[i + 1:]:
+                both = sweeps[a]['every_seed'] and sweeps[b]['every_seed']
+                lr_comparisons.append(dict(a=a, b=b, metric='largest_lr', n_a=sweeps[a]['largest_lr']['n'],
+                                           n_b=sweeps[b]['largest_lr']['n'], not_reached_by_every_seed=not both,
+                                           welch=welch(sweeps[a]['largest_lr']['values'],
+                                                       sweeps[b]['largest_lr']['values']) if both else None))
         questions_out[qname] = dict(title=question.title, paper=question.paper, arms=arms, comparisons=comparisons,
-                                    lr_sweeps=sweeps, metrics=list(question.metrics))
+                                    lr_sweeps=sweeps, lr_comparisons=lr_comparisons, metrics=list(question.metrics))
     results = dict(schema='timm_ic.placement_study/1', preset=preset_name, settings=_preset_dict(preset),
                    model=MODEL, recipe=RECIPE, extra_train_args=list(extra_args),
                    runs_done=len(runs_out), runs_in_grid=len(grid), runs=runs_out, questions=questions_out)
@@ -449,11 +551,13 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
     return results
 
 
+def _seed_run(arm_out: Dict[str, Any], runs_out: Dict[str, Any], seed: int) -> Optional[Dict[str, Any]]:
+    return next((runs_out[n] for n in arm_out['runs'] if runs_out[n]['seed'] == seed), None)
+
+
 def _seed_top1(arm_out: Dict[str, Any], runs_out: Dict[str, Any], seed: int) -> Optional[float]:
-    for name in arm_out['runs']:
-        if runs_out[name]['seed'] == seed:
-            return runs_out[name]['top1']
-    return None
+    run = _seed_run(arm_out, runs_out, seed)
+    return run['top1'] if run else None
 
 
 def _preset_dict(preset: Preset) -> Dict[str, Any]:
@@ -487,9 +591,11 @@ def format_markdown(results: Dict[str, Any]) -> str:
         for arm_name, arm in q['arms'].items():
             cells = [arm_name, f'`{arm["placement"]}`']
             for m in q['metrics']:
-                cell = _fmt(arm[m], 3 if m in ('gap', 'variance_shift') else 2)
+                cell = _fmt(arm[m], 3 if m in ('gap', 'variance_shift') else 4 if m == 'logit_spread' else 2)
                 if m == 'epochs_to_target' and arm[m].get('not_reached'):
-                    cell += f'; not reached in {arm[m]["not_reached"]}'
+                    reached = arm[m]['n']
+                    cell = (f'not reached by every seed ({reached} of {reached + arm[m]["not_reached"]} reached'
+                            + (f': {", ".join(f"{v:g}" for v in arm[m]["values"])})' if reached else ')'))
                 cells.append(cell)
             if arm.get('stopped'):
                 cells[0] += f' ({arm["stopped"]} stopped: non-finite loss)'
@@ -497,9 +603,12 @@ def format_markdown(results: Dict[str, Any]) -> str:
         lines.append('')
         if any(m == 'epochs_to_target' for m in q['metrics']):
             lines += [f'Target for "epochs to target": {s["target"]:g}% test top-1.', '']
-        for c in q['comparisons']:
+        for c in q['comparisons'] + q.get('lr_comparisons', []):
             w = c['welch']
             what = f'- {c["a"]} − {c["b"]}, {METRIC_WORDS.get(c["metric"], c["metric"])}: '
+            if c.get('not_reached_by_every_seed'):
+                lines.append(what + 'no interval: not reached by every seed')
+                continue
             if w is None:
                 lines.append(what + f'no interval (n = {c["n_a"]} and {c["n_b"]}; a run without a value, '
                              f'or fewer than 2 seeds)')
@@ -510,8 +619,10 @@ def format_markdown(results: Dict[str, Any]) -> str:
         for group, sweep in q['lr_sweeps'].items():
             per_seed = ', '.join(f's{k}: {v if v is not None else "none"}' for k, v in
                                  sweep['largest_lr_per_seed'].items())
-            lines.append(f'- largest lr that trains (final top-1 > {sweep["trains_above"]:g}%, lrs tried '
-                         f'{sweep["lrs"]}), {group}: {per_seed}')
+            missing = f'; seeds not done: {sweep["missing_seeds"]}' if sweep['missing_seeds'] else ''
+            stat = _fmt(sweep['largest_lr'], 3) if sweep['every_seed'] else 'not reached by every seed'
+            lines.append(f'- {METRIC_WORDS["largest_lr"]} (final top-1 > {sweep["trains_above"]:g}%, lrs tried '
+                         f'{sweep["lrs"]}), {group}: {stat} ({per_seed}{missing})')
         lines.append('')
     return '\n'.join(lines) + '\n'
 
@@ -632,7 +743,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         analysed = {arm_args(preset, arm, args.train_args) for q in questions_for(preset).values() if q.analysis
                     for arm in q.arms.values()}
         analyse = {r.name: r.args in analysed for r in grid}
-        counts = execute(mine, out, preset, data_dir, analyse)
+        spread_args = {arm_args(preset, arm, args.train_args) for q in questions_for(preset).values() if q.spread
+                       for arm in q.arms.values()}
+        counts = execute(mine, out, preset, data_dir, analyse, spread={r.name: r.args in spread_args for r in grid})
         print(f'shard {args.shard[0]}/{args.shard[1]}: {counts["ran"]} run, {counts["skipped"]} already done, '
               f'{counts["failed"]} failed')
     results = merge(out, args.preset, preset, args.train_args)

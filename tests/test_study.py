@@ -22,6 +22,7 @@ def _load_study():
 
 
 study = _load_study()
+RunRecord = study.RunRecord
 
 
 @pytest.mark.parametrize('a,b', [
@@ -64,24 +65,34 @@ def test_shards_partition_the_grid_and_shared_arms_run_once():
             study.parse_shard(bad)
 
 
-def test_every_placement_of_every_preset_builds():
+def test_every_placement_of_every_preset_builds_and_grouped_norms_have_a_group_size():
+    import warnings
     import timm
     import timm_ic  # noqa: F401
+    from timm_ic.layers.norm import GROUPED_NORMS
     seen = set()
     for preset in study.PRESETS.values():
         for question in study.questions_for(preset).values():
             for arm in question.arms.values():
                 if arm.placement not in seen:
                     seen.add(arm.placement)
-                    timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement=arm.placement)
+                    placement = timm_ic.Placement.parse(arm.placement)
+                    if placement.norm in GROUPED_NORMS:  # chosen, not the width-dependent default
+                        assert placement.group_size == study.GROUP_SIZE, arm.placement
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter('always')
+                        timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement=arm.placement)
+                    # no arm is InstanceNorm in all but name (group size 1) by accident
+                    assert not [w for w in caught if 'one channel per group' in str(w.message)], arm.placement
     assert len(seen) >= 15
+    assert {'post:norm=groupnorm,group_size=8', 'post:norm=evonorm_s0,group_size=8'} <= seen
 
 
 def _fake_run(folder: Path, top1s, status='finished', train_loss=0.5, eval_loss=0.7):
     folder.mkdir(parents=True)
     epochs = [dict(epoch=i + 1, eval_top1=t, eval_loss=eval_loss, train_loss=train_loss, epoch_time_s=1.0)
               for i, t in enumerate(top1s)]
-    (folder / 'run.json').write_text(json.dumps(dict(status=status, epochs=epochs)))
+    RunRecord(model=study.MODEL, status=status, epochs=epochs).write(folder / 'run.json')
 
 
 def test_merge_reports_means_intervals_and_no_significant_difference(tmp_path):
@@ -105,21 +116,38 @@ def test_merge_reports_means_intervals_and_no_significant_difference(tmp_path):
     # a clear difference is called significant
     for run in grid:
         if run.name.startswith('pre'):
-            _fake_run_path = tmp_path / 'runs' / run.name / 'run.json'
-            _fake_run_path.write_text(json.dumps(dict(status='finished', epochs=[dict(
-                epoch=1, eval_top1=90.0 + run.seed * 0.1, eval_loss=0.3, train_loss=0.2, epoch_time_s=1.0)])))
+            RunRecord(model=study.MODEL, status='finished', epochs=[dict(
+                epoch=1, eval_top1=90.0 + run.seed * 0.1, eval_loss=0.3, train_loss=0.2, epoch_time_s=1.0)]).write(
+                tmp_path / 'runs' / run.name / 'run.json')
     results = study.merge(tmp_path, 'tiny', preset)
     comparison = next(c for c in results['questions']['tiny']['comparisons'] if c['metric'] == 'top1')
     assert comparison['welch']['significant'] and comparison['welch']['low'] > 0
 
 
 def test_unfinished_and_stopped_runs():
+    record = lambda status, epochs: RunRecord(model=study.MODEL, status=status, epochs=epochs)
     assert not study.is_done(None, 2)
-    assert not study.is_done({'status': 'running', 'epochs': [{}]}, 2)
-    assert not study.is_done({'status': 'finished', 'epochs': [{}]}, 2)  # a run of fewer epochs: not this grid's
-    assert study.is_done({'status': 'finished', 'epochs': [{}, {}]}, 2)
-    assert study.is_done({'status': 'stopped: non-finite loss', 'epochs': []}, 2)
-    assert study.final_top1({'status': 'stopped: non-finite loss', 'epochs': [{'eval_top1': 50.0}]}) is None
+    assert not study.is_done(record('running', [{}]), 2)
+    assert not study.is_done(record('finished', [{}]), 2)  # a run of fewer epochs: not this grid's
+    assert study.is_done(record('finished', [{}, {}]), 2)
+    assert study.is_done(record('stopped: non-finite loss', []), 2)
+    assert study.final_top1(record('stopped: non-finite loss', [{'eval_top1': 50.0}])) is None
+
+
+def test_a_refused_or_missing_record_is_not_done(tmp_path):
+    # run.json goes through RunRecord.read: what it refuses (no schema, another schema, half written) is "not
+    # done", so the study hands the folder back to train.py's --resume auto instead of counting a stranger's run
+    folder = tmp_path / 'run'
+    assert study.read_record(folder) is None
+    epochs = [dict(epoch=1, eval_top1=80.0, eval_loss=0.5, train_loss=0.4)]
+    _fake_run(folder, [80.0])
+    assert study.is_done(study.read_record(folder), 1)
+    for text in (json.dumps(dict(status='finished', epochs=epochs)),  # plain JSON without the schema
+                 json.dumps(dict(schema='timm_ic.run_record/0', model=study.MODEL, status='finished', epochs=epochs)),
+                 '{"schema": "timm_ic.run_record/1", "status": "fini'):  # cut off while written
+        (folder / 'run.json').write_text(text)
+        assert study.read_record(folder) is None
+        assert not study.is_done(study.read_record(folder), 1)
 
 
 @pytest.mark.slow
@@ -143,6 +171,8 @@ def test_study_runs_shards_merges_and_never_redoes_a_finished_run(tmp_path, monk
     assert results['runs_done'] == 4
     post = results['questions']['tiny']['arms']['post']
     assert post['top1']['n'] == 2 and post['variance_shift']['n'] == 2 and post['top1_recalibrated']['n'] == 2
+    assert post['logit_spread']['values'] == [0.0, 0.0]  # from spread.json; the tiny arms have no dropout
+    assert all(json.loads(p.read_text())['num_images'] == 20 for p in out.glob('runs/*/spread.json'))
     assert all(r['top1'] is not None for r in results['runs'].values())
     for folder in out.glob('runs/*'):  # the analysis evaluates the same weights on the same images as train.py
         analysis = json.loads((folder / 'analysis.json').read_text())
@@ -177,3 +207,78 @@ def test_merge_of_a_partial_study_is_strict_json(tmp_path):
     results = json.loads((tmp_path / 'results.json').read_text(), parse_constant=refuse)
     assert results['runs_done'] == 1
     assert 'no interval (n = 0 and 1' in (tmp_path / 'results.md').read_text()
+
+
+def test_head_dropout_before_pooling_spreads_the_logits_less_than_after():
+    # Kim et al.'s head argument (papers.md): element-wise dropout averaged over H*W positions moves the pooled
+    # features, hence the logits, far less than the same rate on the pooled features
+    import timm
+    import torch
+    import timm_ic  # noqa: F401
+    torch.manual_seed(0)
+    before = timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement='post:head=before_pool,head_rate=0.3')
+    after = timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement='post:head=after_pool,head_rate=0.3')
+    after.load_state_dict(before.state_dict())  # the same weights: only the dropout's place differs
+    plain = timm.create_model(study.MODEL, in_chans=1, num_classes=10, placement='post')
+    plain.load_state_dict(before.state_dict())
+    images = torch.randn(16, 1, 28, 28)
+    torch.manual_seed(1)
+    spread_before = study.logit_spread(before, images, masks=8)
+    spread_after = study.logit_spread(after, images, masks=8)
+    assert 0 < spread_before < spread_after / 2  # 7x7 final map: about 1/7 of the std
+    assert study.logit_spread(plain, images, masks=8) == 0.0  # no dropout, no spread
+    assert not any(m.training for m in before.modules())  # left in eval mode
+
+
+def test_epochs_to_target_and_largest_lr_get_intervals_only_when_every_seed_has_one(tmp_path):
+    preset = study.Preset(epochs=2, seeds=3, images_per_epoch=16, target=75.0, trains_above=50.0, batch_size=8,
+                          workers=0, lrs=(0.1, 1.6), questions=('ioffe',))
+    grid = study.build_grid(preset)
+    curves = {('bn@lr0.1', s): [80.0, 85.0] for s in range(3)}  # reaches 75% in epoch 1, every seed
+    curves.update({('bn@lr1.6', s): [60.0, 70.0] for s in range(3)})  # trains (> 50%), never reaches the target
+    curves.update({('none@lr0.1', 0): [60.0, 80.0], ('none@lr0.1', 1): [60.0, 80.0], ('none@lr0.1', 2): [60.0, 70.0]})
+    curves.update({('none@lr1.6', s): [10.0, 10.0] for s in range(3)})  # does not train
+
+    def write(curves):
+        for run in grid:
+            arm = run.name.rsplit('-', 2)[0]
+            RunRecord(model=study.MODEL, status='finished', epochs=[
+                dict(epoch=i + 1, eval_top1=t, eval_loss=0.5, train_loss=0.4) for i, t in enumerate(
+                    curves[(arm, run.seed)])]).write(tmp_path / 'runs' / run.name / 'run.json')
+        return study.merge(tmp_path, 'x', preset)
+
+    for run in grid:
+        (tmp_path / 'runs' / run.name).mkdir(parents=True)
+    q = write(curves)['questions']['ioffe']
+    none = q['arms']['none@lr0.1']['epochs_to_target']
+    assert none['not_reached'] == 1 and none['n'] == 2
+    epochs_cmp = next(c for c in q['comparisons'] if c['metric'] == 'epochs_to_target')
+    assert epochs_cmp['welch'] is None and epochs_cmp['not_reached_by_every_seed']
+    assert q['lr_sweeps']['bn']['largest_lr']['values'] == [1.6] * 3
+    assert q['lr_sweeps']['none']['largest_lr']['values'] == [0.1] * 3
+    lr_cmp = q['lr_comparisons'][0]
+    assert (lr_cmp['a'], lr_cmp['b'], lr_cmp['n_a'], lr_cmp['n_b']) == ('bn', 'none', 3, 3)
+    assert lr_cmp['welch']['diff'] == pytest.approx(1.5) and lr_cmp['welch']['significant']
+    text = (tmp_path / 'results.md').read_text()
+    assert 'not reached by every seed (2 of 3 reached: 2, 2)' in text
+    assert 'bn@lr0.1 − none@lr0.1, epochs to target: no interval: not reached by every seed' in text
+    assert 'largest lr that trains (final top-1 > 50%, lrs tried [0.1, 1.6]), bn: 1.600 ± 0.000 (n=3)' in text
+    assert 'bn − none, largest lr that trains: +1.500' in text
+
+    # every seed reaches the target: an interval; one seed where no lr trains: no largest lr for that group
+    curves[('none@lr0.1', 2)] = [60.0, 90.0]
+    curves[('none@lr0.1', 1)] = [10.0, 10.0]
+    q = write(curves)['questions']['ioffe']
+    assert q['arms']['bn@lr0.1']['epochs_to_target']['values'] == [1, 1, 1]
+    assert q['lr_sweeps']['none']['largest_lr_per_seed'][1] is None and not q['lr_sweeps']['none']['every_seed']
+    assert q['lr_comparisons'][0]['welch'] is None
+    text = (tmp_path / 'results.md').read_text()
+    assert 'none: not reached by every seed (s0: 0.1, s1: none, s2: 0.1)' in text
+    assert 'bn − none, largest lr that trains: no interval: not reached by every seed' in text
+
+    # every seed reaches the target in both arms: the comparison gets its interval
+    curves[('none@lr0.1', 1)] = [60.0, 90.0]
+    q = write(curves)['questions']['ioffe']
+    epochs_cmp = next(c for c in q['comparisons'] if c['metric'] == 'epochs_to_target')
+    assert not epochs_cmp['not_reached_by_every_seed'] and epochs_cmp['welch']['diff'] == -1.0
+    assert 'bn@lr0.1 − none@lr0.1, epochs to target: -1.000 [-1.000, -1.000]' in (tmp_path / 'results.md').read_text()
