@@ -60,6 +60,8 @@ def _foldable_bns(model: nn.Module):
         if type(mod(n)) is not nn.BatchNorm2d:
             continue
         src = n.args[0]
+        while isinstance(mod(src), _PASS_THROUGH) and len(src.users) == 1:
+            src = src.args[0]
         after_weight = isinstance(mod(src), nn.Conv2d) and len(src.users) == 1
         if after_weight or all(reaches_weight(u) for u in n.users):
             found.append(n.target)

@@ -298,6 +298,11 @@ class PlacedNet(nn.Module):
         from timm.models import reparameterize_model
         reparameterize_model(self, inplace=True)
         _fold_norm_after(self.stem, self.stem, 'conv')
+        first = self.stages[0][0] if len(self.stages) and len(self.stages[0]) else None
+        if list(self.stem._modules) == ['conv'] and is_eval_identity(self.stem_pool) and \
+                isinstance(first, ResidualBlock) and first.preact and first.downsample is not None:
+            # the stem conv feeds the first unit's norm alone (the projection takes the normalized input)
+            _fold_norm_after(first.units[0].pre, self.stem, 'conv')
         name = _norm_before(self.final) if isinstance(self.final, nn.Sequential) else None
         if name is not None and self.global_pool.pool_type == 'avg' and type(self.fc) is nn.Linear \
                 and is_eval_identity(self.head_drop_pre):
