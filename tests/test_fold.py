@@ -41,7 +41,7 @@ def _foldable_bns(model: nn.Module):
     average pooling only."""
     class LeafTracer(Tracer):
         def is_leaf_module(self, m, qualname):
-            return isinstance(m, BiasMapConv2d) or super().is_leaf_module(m, qualname)
+            return isinstance(m, (BiasMapConv2d, Dropout, Uout)) or super().is_leaf_module(m, qualname)
 
     gm = GraphModule(model, LeafTracer().trace(model))
     mods = dict(gm.named_modules())
