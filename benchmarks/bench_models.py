@@ -2,7 +2,10 @@
 
 For every (model, baseline) pair: inference images/s (eval, no grad) and training images/s
 (forward + backward + SGD step); a baseline and all its models run on the same input, interleaved
-repeats, median of the repeats; prints each model's ratio to its baseline (1.00 = as fast). Then the peak
+repeats, median of the repeats; prints each model's ratio to its baseline (1.00 = as fast). Then inference
+with BatchNorm folded into the weight layers on both sides (`fold`: timm-ic models by `PlacedNet.fuse()`, which
+runs `timm.utils.reparameterize_model`; timm's own baselines, which have no `fuse`, by torch's standard conv-BN
+fold `torch.fx.experimental.optimization.fuse`) and its ratio. Then the peak
 memory of two training steps, each model in a fresh child process: on CPU the rise of the child's peak RSS
 (Linux VmHWM, reset once model, optimizer and input exist) over its RSS then (without /proc the whole peak);
 on CUDA `torch.cuda.max_memory_allocated` over the memory allocated before the steps. Also times
@@ -15,6 +18,7 @@ The pairs are `timm_ic.models.BASELINES` (every paper-placement model and its ba
     python benchmarks/bench_models.py --device cuda --amp --batch-size 128 --image-size 224
 """
 import argparse
+import copy
 import multiprocessing
 import statistics
 import time
@@ -29,7 +33,7 @@ except ImportError:
     resource = None
 
 import timm_ic
-from timm_ic.models import BASELINES
+from timm_ic.models import BASELINES, PlacedNet
 
 PAIRS = sorted(BASELINES.items())
 
@@ -77,6 +81,24 @@ def measure(name: str, x: torch.Tensor, steps: int, amp: bool):
     model.train()
     train()
     return model, infer, train
+
+
+def folded_infer(model: torch.nn.Module, x: torch.Tensor, amp: bool):
+    """Inference of a copy of `model` with its BatchNorms folded (module doc)."""
+    model = copy.deepcopy(model).eval()
+    if isinstance(model, PlacedNet):
+        model = model.fuse()
+    else:
+        from torch.fx.experimental.optimization import fuse
+        model = fuse(model)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+
+    def infer():
+        with torch.no_grad(), autocast:
+            model(x)
+
+    infer()  # warm-up (and the bias maps' cache)
+    return infer
 
 
 def proc_status_bytes(field: str) -> Optional[int]:
@@ -144,7 +166,7 @@ def main() -> None:
     print(f'device {device}, batch {args.batch_size}, steps {args.steps} x {args.repeats} repeats, amp {args.amp}')
     memory = not args.no_memory and (device.type == 'cuda' or resource is not None)
     print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>6s} {"train img/s":>12s} {"ratio":>6s}'
-          + (f' {"train MiB":>10s} {"ratio":>6s}' if memory else ''))
+          + (f' {"train MiB":>10s} {"ratio":>6s}' if memory else '') + f' {"fold img/s":>11s} {"ratio":>6s}')
     groups = {}  # baseline -> its models: each baseline runs once, interleaved with all of them
     for name, baseline in PAIRS:
         if not args.only or name in args.only:
@@ -153,15 +175,17 @@ def main() -> None:
         size = 32 if timm.get_pretrained_cfg(baseline).input_size[-1] == 32 else args.image_size
         x = torch.randn(args.batch_size, 3, size, size, device=device)
         runs = {n: measure(n, x, args.steps, args.amp) for n in (baseline, *names)}
-        times = {n: {'infer': [], 'train': []} for n in runs}
+        folded = {n: folded_infer(model, x, args.amp) for n, (model, _, _) in runs.items()}
+        times = {n: {'infer': [], 'train': [], 'fold': []} for n in runs}
         for _ in range(args.repeats):  # interleaved, so drift hits all alike
             for n, (model, infer, train) in runs.items():
                 model.eval()
                 times[n]['infer'].append(time_step(infer, device, args.steps))
                 model.train()
                 times[n]['train'].append(time_step(train, device, args.steps))
+                times[n]['fold'].append(time_step(folded[n], device, args.steps))
         rate = {n: {k: args.batch_size / statistics.median(v) for k, v in t.items()} for n, t in times.items()}
-        del runs
+        del runs, folded
         if memory:
             mib = {n: peak_train_memory_in_child(n, args.batch_size, size, args.amp, str(device))
                    for n in (baseline, *names)}
@@ -169,7 +193,8 @@ def main() -> None:
             print(f'{name:24s} {baseline:22s} {rate[name]["infer"]:12.1f}'
                   f' {rate[name]["infer"] / rate[baseline]["infer"]:6.2f}'
                   f' {rate[name]["train"]:12.1f} {rate[name]["train"] / rate[baseline]["train"]:6.2f}'
-                  + (f' {mib[name]:10.1f} {mib[name] / mib[baseline]:6.2f}' if memory else ''))
+                  + (f' {mib[name]:10.1f} {mib[name] / mib[baseline]:6.2f}' if memory else '')
+                  + f' {rate[name]["fold"]:11.1f} {rate[name]["fold"] / rate[baseline]["fold"]:6.2f}')
 
     source = timm.create_model('resnet152')
     t = time.perf_counter()

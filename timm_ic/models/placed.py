@@ -35,7 +35,8 @@ from timm.layers import create_classifier, get_act_layer
 from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq
 
-from ..layers import GROUPED_NORMS, NORMS_WITH_ACT, create_conv, create_dropout, create_norm, resolve_groups, \
+from ..layers import GROUPED_NORMS, NORMS_WITH_ACT, bn_affine, can_fold_into, create_conv, create_dropout, \
+    create_norm, fold_bn_after_conv, fold_bn_before_conv, fold_bn_before_linear, is_eval_identity, resolve_groups, \
     split_norm_act
 from ..placement import Placement
 from .pretrained import build_model_with_checks
@@ -65,6 +66,18 @@ class Unit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.post(self.conv(self.pre(x)))
 
+    def fuse(self) -> 'Unit':
+        """Fold the eval BatchNorm right before (IC: act-norm-drop-conv) and right after (post: conv-norm-act)
+        the weight layer into it, in place (timm's `reparameterize_model` calls this). Exact in eval only: a
+        dropout left between is the identity there. A pre-norm shared with a projection (`pre_shared`) is
+        left to the block."""
+        name = None if getattr(self, 'pre_shared', False) else _norm_before(self.pre)
+        if name is not None and can_fold_into(self.conv, before=True):
+            self.conv = fold_bn_before_conv(getattr(self.pre, name), self.conv)
+            delattr(self.pre, name)
+        _fold_norm_after(self.post, self, 'conv')
+        return self
+
 
 class ResidualBlock(nn.Module):
     """shortcut + branch. Pre-activation: the projection takes the first unit's normalized input (He et al.
@@ -86,6 +99,25 @@ class ResidualBlock(nn.Module):
         self.drop_path = drop_path if drop_path is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
         self.preact = preact
+        if preact and downsample is not None:
+            self.units[0].pre_shared = True  # the projection takes the first unit's normalized input
+
+    def fuse(self) -> 'ResidualBlock':
+        """Fold the BatchNorms the units cannot fold alone: a pre-activation block's first norm, shared by the
+        first conv and the projection (folded into both), and a post-activation projection's norm."""
+        ds = self.downsample
+        if isinstance(ds, nn.Sequential) and 'conv' in ds._modules:
+            if not self.preact:
+                _fold_norm_after(ds, ds, 'conv')
+            elif list(ds._modules) == ['conv']:  # a pool before the projection keeps the norm
+                u0 = self.units[0]
+                name = _norm_before(u0.pre)
+                if name is not None and can_fold_into(u0.conv, before=True) and can_fold_into(ds.conv, before=True):
+                    bn = getattr(u0.pre, name)
+                    u0.conv, ds.conv = fold_bn_before_conv(bn, u0.conv), fold_bn_before_conv(bn, ds.conv)
+                    delattr(u0.pre, name)
+        _fold_across_units(self.units)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -110,6 +142,11 @@ class DenseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.units(x)], 1)
+
+    def fuse(self) -> 'DenseLayer':
+        """Fold the pre-activation norm between two units into the first's conv (the units fold the rest)."""
+        _fold_across_units(list(self.units))
+        return self
 
 
 class Transition(nn.Sequential):
@@ -250,6 +287,61 @@ class PlacedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def fuse(self) -> 'PlacedNet':
+        """Fold every eval BatchNorm that sits next to a weight layer (no nonlinearity between) into it, in
+        place, for inference. timm's `reparameterize_model(model)` calls the blocks' own `fuse` (it calls
+        children only); this also folds the stem's norm (post-activation) and the final norm into the
+        classifier (IC: act-norm, then global average pool, which commutes with BN's per-channel affine map).
+        After it, `forward_intermediates(norm=True)` no longer applies that final norm."""
+        from timm.models import reparameterize_model
+        reparameterize_model(self, inplace=True)
+        _fold_norm_after(self.stem, self.stem, 'conv')
+        first = self.stages[0][0] if len(self.stages) and len(self.stages[0]) else None
+        if list(self.stem._modules) == ['conv'] and is_eval_identity(self.stem_pool) and \
+                isinstance(first, ResidualBlock) and first.preact and first.downsample is not None:
+            # the stem conv feeds the first unit's norm alone (the projection takes the normalized input)
+            _fold_norm_after(first.units[0].pre, self.stem, 'conv')
+        name = _norm_before(self.final) if isinstance(self.final, nn.Sequential) else None
+        if name is not None and self.global_pool.pool_type == 'avg' and type(self.fc) is nn.Linear \
+                and is_eval_identity(self.head_drop_pre):
+            self.fc = fold_bn_before_linear(getattr(self.final, name), self.fc)
+            delattr(self.final, name)
+        return self
+
+
+def _norm_before(seq: nn.Sequential) -> Optional[str]:
+    """The name of a foldable BatchNorm that ends `seq` but for dropouts (the identity in eval)."""
+    for name, m in reversed(list(seq.named_children())):
+        if bn_affine(m) is not None:
+            return name
+        if not is_eval_identity(m):
+            return None
+    return None
+
+
+def _fold_across_units(units: Sequence[Unit]) -> None:
+    """Pre-activation (norm-act-conv): a unit's opening norm takes the previous unit's conv output alone,
+    so it folds into that conv (the standard conv-BN fold)."""
+    for prev, unit in zip(units[:-1], units[1:]):
+        if all(is_eval_identity(m) for m in prev.post):
+            _fold_norm_after(unit.pre, prev, 'conv')
+
+
+def _fold_norm_after(seq: nn.Sequential, owner: nn.Module, conv_name: str) -> None:
+    """Fold the foldable BatchNorm that follows `owner.<conv_name>` in `seq` (dropouts between) into it."""
+    conv = getattr(owner, conv_name)
+    mods = list(seq.named_children())
+    start = next((i + 1 for i, (_, m) in enumerate(mods) if m is conv), 0)
+    for name, m in mods[start:]:
+        if bn_affine(m) is not None:
+            if can_fold_into(conv, before=False):
+                setattr(owner, conv_name, fold_bn_after_conv(conv, m))
+                delattr(seq, name)
+            return
+        if not is_eval_identity(m):
+            return
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""Folding eval BatchNorm into the weight layers (issue 13, inference): exact, borders included."""
+import io
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.utils import reparameterize_model
+from torch.fx import GraphModule, Tracer
+
+import timm_ic  # registers the models
+from timm_ic.layers import BiasMapConv2d, Dropout, Uout, fold_bn_after_conv, fold_bn_before_conv
+
+from test_models import DEEP, MODELS, small_input
+
+# the fold test runs a float64 forward of each model twice per size: the deep ones (and the ImageNet ones
+# at 64 px) in the slow tier
+SLOW = DEEP | {'cifar_preresnet110', 'cifar_preresnet56', 'cifar_resnet56', 'ic_resnet56', 'ic_resnet34',
+               'ic_resnet50', 'kim_resnet50', 'uout_densenet121', 'cifar_wrn28_10', 'ic_wrn28_10', 'kim_wrn28_10',
+               'uout_wrn28_10', 'cifar_wrn40_4'}
+MODELS_SLOW = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in MODELS]
+
+_PASS_THROUGH = (nn.Identity, nn.Dropout, Dropout, Uout, nn.AdaptiveAvgPool2d, nn.Flatten)
+_WEIGHT = (nn.Conv2d, nn.Linear)
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) * 3 - 1.5)  # negative scales too
+            m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
+
+
+def _foldable_bns(model: nn.Module):
+    """BatchNorms next to a weight layer, found on the traced graph (independently of the fold code): the
+    input is a conv that feeds only it, or every use reaches a weight layer through dropouts and global
+    average pooling only."""
+    class LeafTracer(Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, (BiasMapConv2d, Dropout, Uout)) or super().is_leaf_module(m, qualname)
+
+    gm = GraphModule(model, LeafTracer().trace(model))
+    mods = dict(gm.named_modules())
+
+    def mod(n):
+        return mods.get(n.target) if n.op == 'call_module' else None
+
+    def reaches_weight(n) -> bool:
+        m = mod(n)
+        if isinstance(m, _WEIGHT):
+            return True
+        return isinstance(m, _PASS_THROUGH) and len(n.users) > 0 and all(reaches_weight(u) for u in n.users)
+
+    found = []
+    for n in gm.graph.nodes:
+        if type(mod(n)) is not nn.BatchNorm2d:
+            continue
+        src = n.args[0]
+        while isinstance(mod(src), _PASS_THROUGH) and len(src.users) == 1:
+            src = src.args[0]
+        after_weight = isinstance(mod(src), nn.Conv2d) and len(src.users) == 1
+        if after_weight or all(reaches_weight(u) for u in n.users):
+            found.append(n.target)
+    return found
+
+
+@pytest.mark.parametrize('name', MODELS_SLOW)
+def test_folded_model_equals_the_unfolded_one_and_keeps_no_foldable_bn(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval().double()
+    _randomize_bn(model)
+    bn_before = sum(type(m) is nn.BatchNorm2d for m in model.modules())
+    folded = reparameterize_model(model).fuse()
+    assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == bn_before, 'the original is untouched'
+    assert _foldable_bns(folded) == []
+    x = small_input(name)
+    for size in (x.shape[-1], x.shape[-1] + 8):  # a second size: a new bias map, other borders
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        with torch.no_grad():
+            y, yf = model(x), folded(x)
+        assert torch.allclose(yf, y, rtol=1e-5, atol=1e-5 * y.abs().max().item()), name
+
+
+def test_ic_and_post_placements_keep_no_batchnorm_and_preact_keeps_only_the_norms_after_a_sum():
+    # IC (act-norm-drop-conv) and post (conv-norm-act) fold every BN
+    for name in ('ic_resnet20', 'cifar_resnet20', 'ic_resnet18'):
+        folded = timm.create_model(name).eval().fuse()
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()), name
+    # pre (norm-act-conv): a ReLU between each norm and the conv after it; the norms inside a block fold into
+    # the conv before them, those opening a block (after the residual sum) and the final one stay
+    pre = timm.create_model('cifar_preresnet20').eval().fuse()
+    left = [n for n, m in pre.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert left and all(n.endswith('units.0.pre.norm') or n == 'final.norm' for n in left), left
+    assert len(left) == sum(len(s) for s in pre.stages) + 1
+
+
+def test_reparameterize_model_folds_the_blocks_and_fuse_the_head():
+    model = timm.create_model('ic_resnet20').eval()
+    _randomize_bn(model)
+    blocks = reparameterize_model(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in blocks.stages.modules())
+    assert isinstance(blocks.final.norm, nn.BatchNorm2d)  # the root's own children: only its fuse folds them
+    assert 'norm' not in blocks.fuse().final._modules
+
+
+def test_fold_before_a_padded_conv_is_exact_on_the_border_even_for_a_zero_bn_scale():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).eval().double()
+    _randomize_bn(bn)
+    with torch.no_grad():
+        bn.weight[0] = 0.0  # zero-init last BN: a shift b / a would divide by zero
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True).double()
+    folded = fold_bn_before_conv(bn, conv).eval()
+    assert isinstance(folded, BiasMapConv2d)
+    for size in (7, 8):
+        x = torch.randn(3, 4, size, size, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), conv(bn(x)), rtol=1e-12, atol=1e-12)
+    # a BN after the folded conv folds on top (a placement with norms on both sides)
+    bn2 = nn.BatchNorm2d(6).eval().double()
+    _randomize_bn(bn2, seed=1)
+    both = fold_bn_after_conv(folded, bn2).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(both(x), bn2(conv(bn(x))), rtol=1e-12, atol=1e-12)
+
+
+def test_fold_before_an_unpadded_conv_is_a_plain_conv():
+    bn = nn.BatchNorm2d(4).eval()
+    _randomize_bn(bn)
+    conv = nn.Conv2d(4, 5, 1, bias=False)
+    folded = fold_bn_before_conv(bn, conv)
+    assert type(folded) is nn.Conv2d
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), conv(bn(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_training_mode_bn_and_other_norms_are_left_alone():
+    model = timm.create_model('ic_resnet20', placement='ic:norm=groupnorm,groups=4').eval()
+    norms = [type(m) for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and [type(m) for m in model.fuse().modules() if isinstance(m, nn.GroupNorm)] == norms
+
+
+def test_onnx_export_of_a_folded_ic_resnet20():
+    # the legacy (TorchScript) exporter still needs the onnx package to write the file
+    onnx = pytest.importorskip('onnx', reason='torch.onnx.export needs the onnx package, not installed')
+    model = timm.create_model('ic_resnet20').eval()
+    _randomize_bn(model)
+    folded = reparameterize_model(model).fuse()
+    buf = io.BytesIO()
+    torch.onnx.export(folded, torch.randn(1, 3, 32, 32), buf, dynamo=False, input_names=['x'],
+                      output_names=['y'])
+    graph = onnx.load_from_string(buf.getvalue()).graph
+    assert not any(n.op_type == 'BatchNormalization' for n in graph.node)
+    ort = pytest.importorskip('onnxruntime', reason='onnxruntime not installed: export checked, not run')
+    x = torch.randn(1, 3, 32, 32)
+    (y,) = ort.InferenceSession(buf.getvalue()).run(None, {'x': x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-4)
