@@ -1,5 +1,5 @@
-"""Fixtures shared by the test modules, and the data writers more than one of them needs (as fixtures: test
-modules do not import each other)."""
+"""Fixtures shared by the test modules, the registered models, and the data writers more than one of them
+needs (test modules do not import each other)."""
 import gzip
 import io
 import json
@@ -9,9 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import timm
 from PIL import Image
 
+import timm_ic  # registers the models listed below
 from timm_ic.training.data import MNIST_RAW_FILES
+
+# the registered models, shared by test_models.py and test_fold.py
+MODELS = timm.list_models(module=['ic_resnet', 'ic_densenet'])
+# the deepest nets, whose forward/backward, intermediates or torchscript took over 10 s each on the loaded 2-core
+# machine: `slow` for those tests (their shallower siblings run the same code in the quick loop)
+DEEP = {'ic_resnet101', 'ic_resnet110', 'ic_resnet152', 'ic_resnet164', 'kim_preresnet110', 'cifar_resnet110',
+        'cifar_resnet164', 'cifar_preresnet164', 'cifar_densenet_bc100', 'uout_densenet121', 'uout_densenet_bc100'}
+IMAGENET = [m for m in MODELS if timm.get_pretrained_cfg(m).input_size[-1] > 32]
+
+
+def small_input(name: str, batch: int = 2) -> torch.Tensor:
+    size = 64 if name in IMAGENET else 32
+    return torch.randn(batch, 3, size, size)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Tracer
 import timm_ic  # registers the models
 from timm_ic.layers import BiasMapConv2d, Dropout, Uout, fold_bn_after_conv, fold_bn_before_conv
 
-from test_models import DEEP, MODELS, small_input
+from conftest import DEEP, MODELS, small_input
 
 # the fold test runs a float64 forward of each model twice per size: the deep ones (and the ImageNet ones
 # at 64 px) in the slow tier

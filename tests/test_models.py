@@ -13,18 +13,9 @@ from timm_ic.layers import Uout
 from timm_ic.models import PlacedNet
 from timm_ic.placement import Placement
 
-MODELS = timm.list_models(module=['ic_resnet', 'ic_densenet'])
-# the deepest nets, whose forward/backward, intermediates or torchscript took over 10 s each on the loaded 2-core
-# machine: `slow` for those tests (their shallower siblings run the same code in the quick loop)
-DEEP = {'ic_resnet101', 'ic_resnet110', 'ic_resnet152', 'ic_resnet164', 'kim_preresnet110', 'cifar_resnet110',
-        'cifar_resnet164', 'cifar_preresnet164', 'cifar_densenet_bc100', 'uout_densenet121', 'uout_densenet_bc100'}
+from conftest import DEEP, IMAGENET, MODELS, small_input  # shared with test_fold.py
+
 MODELS_DEEP_SLOW = [pytest.param(m, marks=pytest.mark.slow) if m in DEEP else m for m in MODELS]
-IMAGENET = [m for m in MODELS if timm.get_pretrained_cfg(m).input_size[-1] > 32]
-
-
-def small_input(name: str, batch: int = 2) -> torch.Tensor:
-    size = 64 if name in IMAGENET else 32
-    return torch.randn(batch, 3, size, size)
 
 
 def test_zoo_is_registered_under_our_own_module_names():

@@ -6,7 +6,8 @@ from typing import Any, Dict, Optional, Sequence
 import timm
 import torch
 
-import timm_ic
+from .. import models
+from ..placement import Placement
 from .errors import UsageError
 from .model import check_model_name, check_safetensors_file
 from .recipes import list_recipes, load_recipe
@@ -154,7 +155,7 @@ def recipe_placement_applies(model: str, recipe_model: Optional[str]) -> bool:
         return False
     try:
         with torch.device('meta'):  # no memory, no init cost: only the default placement is wanted
-            placement = getattr(timm.create_model(model), 'placement', None)
+            placement = getattr(models.create_model(model), 'placement', None)
     except Exception:  # a model that cannot be built this way is not a timm-ic skeleton
         return False
     return placement is not None and not placement.has_drop
@@ -187,7 +188,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise UsageError(f'--drop-rate must be at least 0 and below 1, not {args.drop_rate:g}.')
     if args.placement:
         try:
-            timm_ic.Placement.parse(args.placement)
+            Placement.parse(args.placement)
         except (ValueError, TypeError) as e:
             raise UsageError(f'--placement {args.placement!r}: {e}') from None
     if args.initial_weights:
