@@ -290,17 +290,21 @@ def final_top1(record: RunRecord) -> Optional[float]:
     return float(record.epochs[-1]['eval_top1'])
 
 
+def run_model(folder: Path, record: RunRecord, weights: str) -> 'torch.nn.Module':
+    """The run's model, as its run.json records it, with `folder / weights` loaded exactly."""
+    from timm_ic.models import create_model
+    return create_model(record.model, weights=folder / weights, **record.model_args)
+
+
 def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, batch_size: int = 128) -> Dict[str, Any]:
     """Variance shift of the final weights, and test accuracy before and after BN recalibration (Li et al.),
     written to analysis.json. Training images with the eval transform, as `timm-ic diagnose` reads them."""
-    import timm
     import torch
     from timm.data import create_transform
-    from safetensors.torch import load_file
 
     import timm_ic  # noqa: F401
     from timm_ic.diagnostics import recalibrate_bn, variance_shift
-    from timm_ic.diagnostics._common import bn_layers
+    from timm_ic.diagnostics import running_stat_norms
     from timm_ic.training.data import build_datasets
 
     record = read_record(folder)
@@ -309,9 +313,7 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
         result['skipped'] = 'no final weights (the run did not finish)'
         write_json_atomic(folder / 'analysis.json', result)
         return result
-    model = timm.create_model(record.model, **record.model_args)
-    model.load_state_dict(load_file(folder / 'last.safetensors'))
-    model.eval()
+    model = run_model(folder, record, 'last.safetensors').eval()
     dataset = record.dataset
     mode = 'L' if record.in_chans == 1 else 'RGB'
     train_ds, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'),
@@ -336,7 +338,7 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
 
     with torch.no_grad():
         result['top1'] = accuracy()
-        if bn_layers(model):
+        if running_stat_norms(model):
             result['variance_shift'] = variance_shift(model, train_loader, num_batches).mean_shift
             recalibrate_bn(model, train_loader, num_batches)
             result['variance_shift_recalibrated'] = variance_shift(model, train_loader, num_batches).mean_shift
@@ -374,10 +376,8 @@ def analyse_spread(folder: Path, data_dir: Optional[str], num_images: int = 1000
                    seed: int = 0) -> Dict[str, Any]:
     """`logit_spread` of the run's best.safetensors on the first `num_images` test images (eval transform),
     masks drawn from torch seed `seed`; written to spread.json."""
-    import timm
     import torch
     from timm.data import create_transform
-    from safetensors.torch import load_file
 
     import timm_ic  # noqa: F401
     from timm_ic.training.data import build_datasets
@@ -388,8 +388,7 @@ def analyse_spread(folder: Path, data_dir: Optional[str], num_images: int = 1000
         result['skipped'] = 'no best weights (the run did not finish)'
         write_json_atomic(folder / 'spread.json', result)
         return result
-    model = timm.create_model(record.model, **record.model_args)
-    model.load_state_dict(load_file(folder / 'best.safetensors'))
+    model = run_model(folder, record, 'best.safetensors')
     dataset = record.dataset
     _, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'), dataset['train_split'],
                                    dataset['val_split'], input_img_mode='L' if record.in_chans == 1 else 'RGB')
