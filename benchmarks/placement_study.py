@@ -320,12 +320,14 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
                                           dataset['train_split'], dataset['val_split'], input_img_mode=mode)
     transform = create_transform(**record.data_config, is_training=False)
     train_ds.transform = test_ds.transform = transform
-    batch_size = min(batch_size, len(train_ds))  # tiny test data
-    num_batches = min(num_batches, len(train_ds) // batch_size)
-    result.update(num_batches=num_batches, batch_size=batch_size)
-    chosen = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[:num_batches * batch_size]
-    train_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, chosen.tolist()),
-                                               batch_size=batch_size, drop_last=True)
+    # two disjoint sets of training images: one to recalibrate on, one held out to measure the shift after it
+    batch_size = min(batch_size, len(train_ds) // 2)  # tiny test data
+    num_batches = min(num_batches, len(train_ds) // (2 * batch_size))
+    result.update(num_batches=num_batches, batch_size=batch_size, shift_after_measured_on='held-out batches')
+    chosen = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[:2 * num_batches * batch_size]
+    train_loader, heldout_loader = (
+        torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, part.tolist()), batch_size=batch_size,
+                                    drop_last=True) for part in chosen.chunk(2))
     test_loader = torch.utils.data.DataLoader(test_ds, batch_size=256)
 
     def accuracy() -> float:
@@ -341,7 +343,7 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
         if running_stat_norms(model):
             result['variance_shift'] = variance_shift(model, train_loader, num_batches).mean_shift
             recalibrate_bn(model, train_loader, num_batches)
-            result['variance_shift_recalibrated'] = variance_shift(model, train_loader, num_batches).mean_shift
+            result['variance_shift_recalibrated'] = variance_shift(model, heldout_loader, num_batches).mean_shift
             result['top1_recalibrated'] = accuracy()
     write_json_atomic(folder / 'analysis.json', result)
     return result
