@@ -145,19 +145,20 @@ def test_training_mode_bn_and_other_norms_are_left_alone():
     assert norms and [type(m) for m in model.fuse().modules() if isinstance(m, nn.GroupNorm)] == norms
 
 
-def test_onnx_export_of_a_folded_ic_resnet20():
-    # the legacy (TorchScript) exporter still needs the onnx package to write the file
-    onnx = pytest.importorskip('onnx', reason='torch.onnx.export needs the onnx package, not installed')
-    model = timm.create_model('ic_resnet20').eval()
+@pytest.mark.parametrize('name', ['ic_resnet20', pytest.param('ic_resnet50', marks=pytest.mark.slow)])
+def test_onnx_export_of_a_folded_model_runs_in_onnxruntime_and_matches(name):
+    # torch's default (dynamo) exporter needs onnx and onnxscript; onnxruntime runs the result: test dependencies
+    import onnx
+    import onnxruntime as ort
+    model = timm.create_model(name).eval()
     _randomize_bn(model)
     folded = reparameterize_model(model).fuse()
+    x = small_input(name, batch=1)
     buf = io.BytesIO()
-    torch.onnx.export(folded, torch.randn(1, 3, 32, 32), buf, dynamo=False, input_names=['x'],
-                      output_names=['y'])
-    graph = onnx.load_from_string(buf.getvalue()).graph
-    assert not any(n.op_type == 'BatchNormalization' for n in graph.node)
-    ort = pytest.importorskip('onnxruntime', reason='onnxruntime not installed: export checked, not run')
-    x = torch.randn(1, 3, 32, 32)
-    (y,) = ort.InferenceSession(buf.getvalue()).run(None, {'x': x.numpy()})
+    torch.onnx.export(folded, (x,), input_names=['x'], output_names=['y'], dynamo=True).save(buf)
+    onnx.checker.check_model(buf.getvalue())
+    ops = [n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node]
+    assert 'BatchNormalization' not in ops and 'Conv' in ops
+    (y,) = ort.InferenceSession(buf.getvalue(), providers=['CPUExecutionProvider']).run(None, {'x': x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-4)
