@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -77,6 +78,7 @@ class Question:
     analysis: bool = False  # variance shift and accuracy after BN recalibration, from the run's weights
     spread: bool = False  # logit spread over dropout masks (Kim et al.'s "more stable output"), from best weights
     lr_sweep: Dict[str, List[str]] = field(default_factory=dict)  # group -> arms in increasing lr
+    export: Tuple[str, ...] = ()  # arms whose best run is exported for `timm.create_model('local-dir:...')`
 
 
 def _lr_arms(prefix: str, placement: str, lrs: Sequence[float]) -> Dict[str, Arm]:
@@ -109,19 +111,20 @@ def build_questions(norms: Sequence[str] = tuple(NORMS), lrs: Sequence[float] = 
         'chen': Question(
             'IC layer vs pre- and post-activation', 'Chen et al. 2019 (arXiv 1905.05928)',
             {'ic': Arm('ic'), 'pre': Arm('pre'), 'post': Arm('post')},
-            [('ic', 'post'), ('ic', 'pre'), ('pre', 'post')]),
+            [('ic', 'post'), ('ic', 'pre'), ('pre', 'post')], export=('ic',)),
         'kim': Question(
             'where the dropout of a residual branch goes', 'Kim et al. 2023 (arXiv 2302.06112)',
             {'kim': Arm('kim'), 'every_unit': Arm('kim:drop_units=all'),
              'before_last_bn': Arm('kim:order=drop-norm-act-conv'), 'head_after_pool': Arm('kim:head=after_pool')},
             [('kim', 'every_unit'), ('kim', 'before_last_bn'), ('kim', 'head_after_pool')],
-            metrics=('top1', 'gap', 'epochs_to_target', 'logit_spread'), spread=True),
+            metrics=('top1', 'gap', 'epochs_to_target', 'logit_spread'), spread=True, export=('kim',)),
         'li': Question(
             'dropout before BN vs after it, and Uout', 'Li et al. 2019 (arXiv 1801.05134)',
             {'before_bn': Arm('before_bn'), 'after_bn': Arm('after_bn'),
              'uout_before_bn': Arm('before_bn:drop=uout,beta=0.2')},
             [('after_bn', 'before_bn'), ('uout_before_bn', 'before_bn'), ('after_bn', 'uout_before_bn')],
-            metrics=('top1', 'top1_recalibrated', 'recalibration_gain', 'variance_shift'), analysis=True),
+            metrics=('top1', 'top1_recalibrated', 'recalibration_gain', 'variance_shift'), analysis=True,
+            export=('uout_before_bn',)),
         'ioffe': Question(
             'BN vs no normalization: speed and the largest lr that trains', 'Ioffe & Szegedy 2015 (arXiv 1502.03167)',
             {**_lr_arms('bn', 'post', lrs), **_lr_arms('none', 'post:norm=none', lrs)},
@@ -167,7 +170,7 @@ PRESETS = {
 def questions_for(preset: Preset) -> Dict[str, Question]:
     if preset.questions == ('tiny',):
         return {'tiny': Question('two arms (test grid)', 'none', {'post': Arm('post'), 'pre': Arm('pre')},
-                                 [('pre', 'post')], analysis=True, spread=True,
+                                 [('pre', 'post')], analysis=True, spread=True, export=('pre',),
                                  metrics=('top1', 'gap', 'epochs_to_target', 'top1_recalibrated', 'variance_shift',
                                           'logit_spread'))}
     return {k: v for k, v in build_questions(preset.norms, preset.lrs, preset.small_batch_norms).items()
@@ -472,8 +475,140 @@ METRIC_WORDS = {'top1': 'test top-1 (%)', 'gap': 'eval - train loss', 'epochs_to
                 'largest_lr': 'largest lr that trains'}
 
 
-def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str] = ()) -> Dict[str, Any]:
-    """results.json, results.md and the figures from the run folders that exist under `out`."""
+@dataclass(frozen=True)
+class Claim:
+    """A paper's claim as one comparison of the study: `a` minus `b` on `metric` should have the sign `sign`
+    (+1: a larger). `source` says where the claim comes from (../shared/notes/papers.md, or 'ours' for an
+    expectation no listed finding states)."""
+    question: str
+    a: str
+    b: str
+    metric: str
+    sign: int
+    text: str
+    source: str = 'papers.md'
+
+
+CLAIMS = (
+    Claim('chen', 'ic', 'post', 'top1', +1, 'the IC layer (ReLU-BN-Dropout-Conv) beats post-activation in test top-1'),
+    Claim('chen', 'ic', 'pre', 'top1', +1, 'the IC layer beats pre-activation (no dropout) in test top-1'),
+    Claim('chen', 'ic', 'post', 'epochs_to_target', -1, 'the IC layer reaches the target accuracy in fewer epochs'),
+    Claim('kim', 'kim', 'every_unit', 'top1', +1, 'one dropout per branch, before the last weight layer, beats a '
+          'dropout before every weight layer'),
+    Claim('kim', 'kim', 'before_last_bn', 'top1', +1, 'dropout after the last BN beats dropout before it'),
+    Claim('kim', 'kim', 'head_after_pool', 'logit_spread', -1, 'head dropout before global pooling gives a more '
+          'stable output (smaller logit spread over dropout masks) than after it'),
+    Claim('li', 'before_bn', 'after_bn', 'variance_shift', +1, 'dropout before BN shifts BN\'s variance more than '
+          'dropout after BN'),
+    Claim('li', 'after_bn', 'before_bn', 'top1', +1, 'dropout after BN beats dropout before BN in test top-1'),
+    Claim('li', 'uout_before_bn', 'before_bn', 'top1', +1, 'Uout (beta 0.2) beats Bernoulli dropout before BN'),
+    Claim('li', 'before_bn', 'after_bn', 'recalibration_gain', +1, 'BN recalibration helps dropout-before-BN more '
+          'than dropout-after-BN'),
+    Claim('ioffe', 'bn@lr0.1', 'none@lr0.1', 'top1', +1, 'BN trains faster: higher test top-1 after the same few '
+          'epochs at the same lr'),
+    Claim('ioffe', 'bn', 'none', 'largest_lr', +1, 'BN trains at a larger learning rate'),
+    Claim('lubana', 'gn@b8', 'bn@b8', 'top1', +1, 'at batch 8, GroupNorm (batch-independent) beats BatchNorm',
+          source='ours'),
+    Claim('lubana', 'bn@b8', 'bn@b64', 'top1', -1, 'BatchNorm loses accuracy at batch 8 against batch 64',
+          source='ours'),
+)
+
+
+def claim_verdicts(questions_out: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Each of `CLAIMS` whose question ran: 'held' when the 95% interval of a - b excludes 0 on the claimed side,
+    'contradicted' when it excludes 0 on the other, 'undecided' when it contains 0 or there is no interval."""
+    verdicts = []
+    for claim in CLAIMS:
+        q = questions_out.get(claim.question)
+        if q is None:
+            continue
+        if claim.metric == 'largest_lr':
+            sweeps = q['lr_sweeps']
+            if claim.a not in sweeps or claim.b not in sweeps:
+                continue
+            sides = [sweeps[claim.a], sweeps[claim.b]]
+            values = [side['largest_lr']['values'] for side in sides]
+            not_reached = not all(side['every_seed'] for side in sides)
+        else:
+            if claim.a not in q['arms'] or claim.b not in q['arms'] or claim.metric not in q['metrics']:
+                continue
+            sides = [q['arms'][claim.a][claim.metric], q['arms'][claim.b][claim.metric]]
+            values = [side['values'] for side in sides]
+            not_reached = any(side.get('not_reached') for side in sides)
+        w = None if not_reached else welch(*values)
+        if w is None:
+            verdict, why = 'undecided', ('not reached by every seed' if not_reached
+                                         else 'no interval (fewer than 2 runs with a value)')
+        elif not w['significant']:
+            verdict, why = 'undecided', 'no significant difference'
+        else:
+            verdict = 'held' if (w['diff'] > 0) == (claim.sign > 0) else 'contradicted'
+            why = 'significant'
+        verdicts.append(dict(vars(claim), verdict=verdict, why=why, welch=w, n_a=len(values[0]), n_b=len(values[1])))
+    return verdicts
+
+
+def evaluate_export(export_dir: Path, record: RunRecord, data_dir: Optional[str]) -> Dict[str, float]:
+    """The exported weights as a user gets them, `timm.create_model('local-dir:...', pretrained=True)`, with the
+    data config their config.json gives, evaluated by train.py's own `evaluate` on the run's whole test set."""
+    import timm
+    import torch
+    from accelerate import Accelerator
+    from timm.data import create_transform, resolve_data_config
+
+    import timm_ic  # noqa: F401  (the architectures)
+    from timm_ic.training.data import build_datasets
+    from timm_ic.training.loop import evaluate
+
+    model = timm.create_model(f'local-dir:{export_dir}', pretrained=True)
+    dataset = record.dataset
+    _, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'), dataset['train_split'],
+                                   dataset['val_split'], input_img_mode='L' if record.in_chans == 1 else 'RGB')
+    test_ds.transform = create_transform(**resolve_data_config(model=model), is_training=False)
+    with torch.no_grad():
+        return evaluate(model, torch.utils.data.DataLoader(test_ds, batch_size=256), Accelerator(cpu=True),
+                        model.num_classes)
+
+
+def export_best(out: Path, preset: Preset, runs_out: Dict[str, Any], questions_out: Dict[str, Any],
+                data_dir: Optional[str]) -> Dict[str, Any]:
+    """Each export arm's run with the best test top-1 (its best.safetensors), exported with `timm-ic export` to
+    `out/export/<arm>/` and evaluated again from there (`evaluate_export`): `reloaded_top1` is what a user loading
+    the folder measures, `recorded_top1` what the run recorded for those weights."""
+    from timm_ic.hub.export import export
+
+    exports: Dict[str, Any] = {}
+    for qname, question in questions_for(preset).items():
+        for arm in question.export:
+            done = [n for n in questions_out[qname]['arms'][arm]['runs'] if runs_out[n]['best_top1'] is not None]
+            if not done:
+                continue
+            best = max(done, key=lambda n: (runs_out[n]['best_top1'], -runs_out[n]['seed']))
+            folder, target = out / 'runs' / best, out / 'export' / arm
+            record = read_record(folder)
+            export(folder, target)
+            exports[arm] = dict(run=best, seed=runs_out[best]['seed'], placement=question.arms[arm].placement,
+                                folder=target.relative_to(out).as_posix(), weights='best.safetensors',
+                                recorded_top1=(record.metrics or {}).get('top1'),
+                                reloaded_top1=evaluate_export(target, record, data_dir)['top1'])
+    return exports
+
+
+def versions() -> Dict[str, str]:
+    import platform
+
+    import timm
+    import torch
+
+    from timm_ic import __version__
+    return {'python': platform.python_version(), 'torch': torch.__version__, 'timm': timm.__version__,
+            'timm_ic': __version__, 'machine': platform.machine(), 'cpus': str(os.cpu_count())}
+
+
+def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str] = (), command: Optional[str] = None,
+          data_dir: Optional[str] = None, exports: bool = True) -> Dict[str, Any]:
+    """results.json, results.md and the figures from the run folders that exist under `out`; with `exports`, the
+    best run of each export arm exported (`export_best`)."""
     grid = build_grid(preset, extra_args)
     by_args: Dict[Tuple[Tuple[str, ...], int], Run] = {(r.args, r.seed): r for r in grid}
     runs_out: Dict[str, Any] = {}
@@ -486,7 +621,7 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
         if (folder / 'analysis.json').is_file():
             analysis = json.loads((folder / 'analysis.json').read_text())
         spread = json.loads((folder / 'spread.json').read_text()) if (folder / 'spread.json').is_file() else None
-        runs_out[run.name] = dict(seed=run.seed, status=record.status,
+        runs_out[run.name] = dict(seed=run.seed, status=record.status, versions=record.versions,
                                   **run_metrics(record, analysis, preset.target, spread))
     questions_out: Dict[str, Any] = {}
     for qname, question in questions_for(preset).items():
@@ -542,9 +677,15 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
                                                        sweeps[b]['largest_lr']['values']) if both else None))
         questions_out[qname] = dict(title=question.title, paper=question.paper, arms=arms, comparisons=comparisons,
                                     lr_sweeps=sweeps, lr_comparisons=lr_comparisons, metrics=list(question.metrics))
+    train_seconds = sum(r['train_s'] for r in runs_out.values())
+    provenance = dict(command=command, versions=versions(), train_seconds=train_seconds,
+                      train_minutes=round(train_seconds / 60, 1),
+                      run_versions=sorted({json.dumps(r['versions'], sort_keys=True) for r in runs_out.values()}))
     results = dict(schema='timm_ic.placement_study/1', preset=preset_name, settings=_preset_dict(preset),
-                   model=MODEL, recipe=RECIPE, extra_train_args=list(extra_args),
-                   runs_done=len(runs_out), runs_in_grid=len(grid), runs=runs_out, questions=questions_out)
+                   model=MODEL, recipe=RECIPE, extra_train_args=list(extra_args), provenance=provenance,
+                   runs_done=len(runs_out), runs_in_grid=len(grid), runs=runs_out, questions=questions_out,
+                   claims=claim_verdicts(questions_out),
+                   exports=export_best(out, preset, runs_out, questions_out, data_dir) if exports else {})
     write_json_atomic(out / 'results.json', results)
     with atomic_file(out / 'results.md') as tmp:
         tmp.write_text(format_markdown(results))
@@ -571,6 +712,15 @@ def _fmt(stat: Dict[str, Any], digits: int = 2) -> str:
     if stat['n'] == 1:
         return f'{stat["mean"]:.{digits}f} (n=1)'
     return f'{stat["mean"]:.{digits}f} ± {stat["std"]:.{digits}f} (n={stat["n"]})'
+
+
+def claim_line(c: Dict[str, Any]) -> str:
+    """One claim's verdict in words, with its numbers."""
+    w = c['welch']
+    numbers = (f'{c["a"]} − {c["b"]} = {w["diff"]:+.3g} [{w["low"]:+.3g}, {w["high"]:+.3g}], '
+               f'n = {c["n_a"]}, {c["n_b"]}' if w else f'n = {c["n_a"]}, {c["n_b"]}')
+    source = ' (our expectation, not a listed finding of the paper)' if c['source'] == 'ours' else ''
+    return f'**{c["verdict"]}** ({c["why"]}): {c["text"]}{source}; {METRIC_WORDS.get(c["metric"], c["metric"])}, {numbers}'
 
 
 def format_markdown(results: Dict[str, Any]) -> str:
@@ -624,6 +774,26 @@ def format_markdown(results: Dict[str, Any]) -> str:
             stat = _fmt(sweep['largest_lr'], 3) if sweep['every_seed'] else 'not reached by every seed'
             lines.append(f'- {METRIC_WORDS["largest_lr"]} (final top-1 > {sweep["trains_above"]:g}%, lrs tried '
                          f'{sweep["lrs"]}), {group}: {stat} ({per_seed}{missing})')
+        lines.append('')
+    if results.get('claims'):
+        lines += ['## The claims', '', '"held": the 95% interval excludes 0 on the claimed side; "contradicted": it '
+                  'excludes 0 on the other; "undecided": it contains 0, or there is no interval.', '']
+        lines += [f'- {claim_line(c)}' for c in results['claims']] + ['']
+    prov = results.get('provenance') or {}
+    if prov:
+        v = prov['versions']
+        lines += ['## How this was made', '', f'`{prov["command"]}`' if prov.get('command') else '(command not recorded)',
+                  '', f'Training time, all runs together: {prov["train_minutes"]:g} min (sum of the epochs\' times; '
+                  f'start-up, evaluation and the analyses come on top). Versions: python {v["python"]}, torch '
+                  f'{v["torch"]}, timm {v["timm"]}, timm_ic {v["timm_ic"]}; {v["machine"]}, {v["cpus"]} CPUs.', '']
+    if results.get('exports'):
+        lines += ['## Weights', '', 'The best run of each of these arms (by its best test top-1), exported with '
+                  '`timm-ic export`; "reloaded" is that folder loaded with `timm.create_model(\'local-dir:...\', '
+                  'pretrained=True)` and evaluated again by train.py\'s `evaluate` on the whole test set.', '',
+                  '| arm | placement | run | recorded top-1 | reloaded top-1 | folder |', '|---|---|---|---|---|---|']
+        for arm, e in results['exports'].items():
+            lines.append(f'| {arm} | `{e["placement"]}` | {e["run"]} | {e["recorded_top1"]:.2f} | '
+                         f'{e["reloaded_top1"]:.2f} | `{e["folder"]}` |')
         lines.append('')
     return '\n'.join(lines) + '\n'
 
@@ -706,6 +876,17 @@ def estimate_seconds(runs: Sequence[Run], preset: Preset, calib: Dict[str, float
     return total
 
 
+def study_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that runs this study (not this process's shard or merge-only flags), paths relative to the
+    repository when inside it."""
+    rel = out.relative_to(REPO).as_posix() if out.is_relative_to(REPO) else str(out)
+    parts = ['python', 'benchmarks/placement_study.py', '--preset', args.preset, '--out', rel]
+    parts += ['--questions', *args.questions] if args.questions else []
+    parts += ['--seeds', str(args.seeds)] if args.seeds else []
+    parts += ['--train-args', *args.train_args] if args.train_args else []
+    return shlex.join(parts)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -749,7 +930,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         counts = execute(mine, out, preset, data_dir, analyse, spread={r.name: r.args in spread_args for r in grid})
         print(f'shard {args.shard[0]}/{args.shard[1]}: {counts["ran"]} run, {counts["skipped"]} already done, '
               f'{counts["failed"]} failed')
-    results = merge(out, args.preset, preset, args.train_args)
+    results = merge(out, args.preset, preset, args.train_args, command=study_command(args, out), data_dir=data_dir)
     print(f'{results["runs_done"]} of {results["runs_in_grid"]} runs done; wrote {out / "results.json"}, '
           f'{out / "results.md"} and figures')
     return 0

@@ -156,6 +156,76 @@ def diagnose_placements(out: Path, quick: bool = False) -> Numbers:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The placement study on Fashion-MNIST (README, "What the papers' claims look like on real data")
+# ----------------------------------------------------------------------------------------------------------------
+
+STUDY = DOCS / 'study' / 'cpu'  # the committed results of `benchmarks/placement_study.py --preset cpu`
+
+
+def _study_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('placement_study', REPO / 'benchmarks' / 'placement_study.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _render_study(n: Numbers) -> str:
+    s = n['settings']
+    share = (f'{s["images_per_epoch"]:,} training images per epoch drawn from all 60,000' if s['images_per_epoch']
+             else 'all 60,000 training images every epoch')
+    rows = ['| paper | arm | placement | test top-1 (%), mean ± std (n) |', '|---|---|---|---|']
+    for q in n['questions']:
+        for arm in q['arms']:
+            top1 = arm['top1']
+            cell = f'{top1["mean"]:.2f} ± {top1["std"]:.2f} ({top1["n"]})' if top1['n'] > 1 else '-'
+            rows.append(f'| {q["paper"]} | {arm["name"]} | `{arm["placement"]}` | {cell} |')
+    counts = {v: sum(c['verdict'] == v for c in n['claims']) for v in ('held', 'contradicted', 'undecided')}
+    claims = '\n'.join(f'- {c}' for c in n['claim_lines'])
+    return f"""Measured by `{n['command']}` ({n['train_minutes']:g} minutes of training on \
+{n['versions']['cpus']} CPUs; torch {n['versions']['torch']}, timm {n['versions']['timm']}), figures and this \
+section by `{SCRIPT}`. Every arm is `{n['model']}` (one input channel) with the placement shown, recipe \
+`{n['recipe']}` (ours), {s['epochs']} epochs, {share}, seeds 0 to {s['seeds'] - 1}, test top-1 on all 10,000 test \
+images. These are short runs far from convergence: they show early training, not final accuracy. The full \
+tables (gap, epochs to target, variance shift, recalibration, logit spread) are in \
+[docs/study/cpu/results.md](docs/study/cpu/results.md); every number is in `results.json` beside it.
+
+![test top-1 per arm, every seed a point, the bar its mean](docs/study/cpu/accuracy.png)
+
+{chr(10).join(rows)}
+
+Each claim below is one comparison, a − b with its 95% Welch interval over seeds: **held** when the interval \
+excludes 0 on the claimed side, **contradicted** when it excludes 0 on the other, **undecided** when it contains 0 \
+(or has no interval). Of {len(n['claims'])}: {counts['held']} held, {counts['contradicted']} contradicted, \
+{counts['undecided']} undecided.
+
+{claims}"""
+
+
+@figure(render=_render_study)
+def placement_study(out: Path, quick: bool = False) -> Numbers:
+    """The figures of the committed `cpu` study, replotted from its results.json into `out/study/cpu/` (running
+    the study itself is `benchmarks/placement_study.py`'s job: about 90 minutes)."""
+    study = _study_module()
+    source = STUDY / 'results.json'
+    if not source.is_file():
+        raise SystemExit(f'{SCRIPT}: {source} is missing: run `python benchmarks/placement_study.py --preset cpu '
+                         f'--out docs/study/cpu` first')
+    results = json.loads(source.read_text(encoding='utf-8'))
+    target = out / 'study' / 'cpu'
+    target.mkdir(parents=True, exist_ok=True)
+    files = [p.relative_to(out).as_posix() for p in study.plot_results(results, target)]
+    questions = [dict(name=qname, paper=q['paper'].split(' (')[0], title=q['title'],
+                      arms=[dict(name=a, placement=arm['placement'], top1=arm['top1']) for a, arm in q['arms'].items()])
+                 for qname, q in results['questions'].items()]
+    prov = results['provenance']
+    return dict(command=prov['command'], train_minutes=prov['train_minutes'], versions=prov['versions'],
+                settings=results['settings'], model=results['model'], recipe=results['recipe'], files=files,
+                questions=questions, claims=results['claims'],
+                claim_lines=[study.claim_line(c) for c in results['claims']])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # README spans and the entry point
 # ----------------------------------------------------------------------------------------------------------------
 

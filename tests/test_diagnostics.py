@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -590,7 +591,8 @@ def test_make_figures_regenerates_figures_numbers_and_readme(tmp_path):
     make_figures = _make_figures()
     readme = tmp_path / 'README.md'
     readme.write_text('intro\n<!-- make_figures:diagnose_placements -->\nstale 1.58 / 2.44\n'
-                      '<!-- /make_figures:diagnose_placements -->\nend\n')
+                      '<!-- /make_figures:diagnose_placements -->\n<!-- make_figures:placement_study -->\n'
+                      '<!-- /make_figures:placement_study -->\nend\n')
     assert make_figures.main(['--quick', '--out', str(tmp_path / 'docs'), '--readme', str(readme)]) == 0
     with open(tmp_path / 'docs' / 'figures.json') as f:
         numbers = json.load(f)
@@ -602,8 +604,13 @@ def test_make_figures_regenerates_figures_numbers_and_readme(tmp_path):
     assert list(models) == ['cifar_resnet20 [before_bn]', 'cifar_resnet20 [after_bn]', 'cifar_resnet20 [ic]',
                             'cifar_resnet20 [ic:drop=uout,beta=0.5]']
     assert f"{models['cifar_resnet20 [before_bn]']['shift_mean']:.3g}" in text
-    assert sorted(os.listdir(tmp_path / 'docs')) == ['correlation.png', 'figures.json', 'signal.png',
+    assert sorted(os.listdir(tmp_path / 'docs')) == ['correlation.png', 'figures.json', 'signal.png', 'study',
                                                      'variance_shift.png']  # no temporary file left
+    study = numbers['placement_study']
+    assert make_figures.readme_span(text, 'placement_study') == make_figures.FIGURES['placement_study'].render(study)
+    assert sorted(os.listdir(tmp_path / 'docs' / 'study' / 'cpu')) == sorted(Path(f).name for f in study['files'])
+    for name in study['files']:
+        _assert_png(str(tmp_path / 'docs' / name))
     for name in ('correlation.png', 'signal.png', 'variance_shift.png'):
         _assert_png(str(tmp_path / 'docs' / name))
     readme.write_text('no markers\n')

@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
+import torchvision
+from accelerate import Accelerator
 from scipy import stats
+from timm.data import create_transform, resolve_data_config
+
+import timm_ic  # noqa: F401  (the architectures)
+from timm_ic.training.loop import evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,7 +111,7 @@ def test_merge_reports_means_intervals_and_no_significant_difference(tmp_path):
     for run in grid:
         arm = run.name.split('-')[0]
         _fake_run(tmp_path / 'runs' / run.name, [values[arm][run.seed]])
-    results = study.merge(tmp_path, 'tiny', preset)
+    results = study.merge(tmp_path, 'tiny', preset, exports=False)
     arm = results['questions']['tiny']['arms']['post']['top1']
     assert (arm['n'], arm['mean'], arm['std']) == (3, 80.0, 1.0)
     comparison = next(c for c in results['questions']['tiny']['comparisons'] if c['metric'] == 'top1')
@@ -119,7 +127,7 @@ def test_merge_reports_means_intervals_and_no_significant_difference(tmp_path):
             RunRecord(model=study.MODEL, status='finished', epochs=[dict(
                 epoch=1, eval_top1=90.0 + run.seed * 0.1, eval_loss=0.3, train_loss=0.2, epoch_time_s=1.0)]).write(
                 tmp_path / 'runs' / run.name / 'run.json')
-    results = study.merge(tmp_path, 'tiny', preset)
+    results = study.merge(tmp_path, 'tiny', preset, exports=False)
     comparison = next(c for c in results['questions']['tiny']['comparisons'] if c['metric'] == 'top1')
     assert comparison['welch']['significant'] and comparison['welch']['low'] > 0
 
@@ -178,6 +186,22 @@ def test_study_runs_shards_merges_and_never_redoes_a_finished_run(tmp_path, monk
         analysis = json.loads((folder / 'analysis.json').read_text())
         assert analysis['top1'] == json.loads((folder / 'run.json').read_text())['epochs'][-1]['eval_top1']
     assert (out / 'tiny_recalibration_and_shift.png').is_file()
+    provenance = results['provenance']
+    assert provenance['command'].startswith('python benchmarks/placement_study.py --preset tiny --out ')
+    assert provenance['versions']['torch'] == torch.__version__ and provenance['train_seconds'] > 0
+
+    # the best 'pre' run, exported, loads as a user loads it and gives the accuracy its run recorded
+    exported = results['exports']['pre']
+    pre_runs = results['questions']['tiny']['arms']['pre']['runs']
+    assert exported['run'] == max(pre_runs, key=lambda n: results['runs'][n]['best_top1'])
+    recorded = json.loads((out / 'runs' / exported['run'] / 'run.json').read_text())['metrics']['top1']
+    model = timm.create_model(f'local-dir:{out / exported["folder"]}', pretrained=True)
+    assert model.num_classes == 10 and str(model.placement) == 'pre'
+    test_set = torchvision.datasets.FashionMNIST(str(tmp_path / 'data'), train=False, transform=create_transform(
+        **resolve_data_config(model=model), is_training=False))
+    top1 = evaluate(model, torch.utils.data.DataLoader(test_set, batch_size=7), Accelerator(cpu=True), 10)['top1']
+    # the same images right: 1e-3 points is far below one image in 10,000 (float32 per-batch percentages)
+    assert top1 == pytest.approx(recorded, abs=1e-3) and exported['reloaded_top1'] == pytest.approx(recorded, abs=1e-3)
 
     # the whole grid again: nothing is redone
     stamps = {p: p.stat().st_mtime_ns for p in runs}
@@ -200,7 +224,7 @@ def test_merge_of_a_partial_study_is_strict_json(tmp_path):
     preset = study.PRESETS['tiny']
     first = study.build_grid(preset)[0]
     _fake_run(tmp_path / 'runs' / first.name, [50.0])  # one run of four: n=1 and n=0 arms
-    study.merge(tmp_path, 'tiny', preset)
+    study.merge(tmp_path, 'tiny', preset, exports=False)
 
     def refuse(constant):
         raise ValueError(f'{constant} in results.json')
@@ -245,7 +269,7 @@ def test_epochs_to_target_and_largest_lr_get_intervals_only_when_every_seed_has_
             RunRecord(model=study.MODEL, status='finished', epochs=[
                 dict(epoch=i + 1, eval_top1=t, eval_loss=0.5, train_loss=0.4) for i, t in enumerate(
                     curves[(arm, run.seed)])]).write(tmp_path / 'runs' / run.name / 'run.json')
-        return study.merge(tmp_path, 'x', preset)
+        return study.merge(tmp_path, 'x', preset, exports=False)
 
     for run in grid:
         (tmp_path / 'runs' / run.name).mkdir(parents=True)
@@ -282,3 +306,32 @@ def test_epochs_to_target_and_largest_lr_get_intervals_only_when_every_seed_has_
     epochs_cmp = next(c for c in q['comparisons'] if c['metric'] == 'epochs_to_target')
     assert not epochs_cmp['not_reached_by_every_seed'] and epochs_cmp['welch']['diff'] == -1.0
     assert 'bn@lr0.1 − none@lr0.1, epochs to target: -1.000 [-1.000, -1.000]' in (tmp_path / 'results.md').read_text()
+
+
+def _arm(values, not_reached=0):
+    return dict(study.mean_std(values), not_reached=not_reached)
+
+
+def test_claims_are_held_contradicted_or_undecided_by_their_interval():
+    chen = {'metrics': ['top1', 'epochs_to_target'], 'lr_sweeps': {}, 'arms': {
+        'ic': {'top1': _arm([80.0, 80.5, 81.0]), 'epochs_to_target': _arm([2, 2], not_reached=1)},
+        'post': {'top1': _arm([70.0, 70.4, 69.8]), 'epochs_to_target': _arm([3, 3, 3])},
+        'pre': {'top1': _arm([79.0, 81.5, 80.2]), 'epochs_to_target': _arm([2, 3, 2])}}}
+    kim = {'metrics': ['top1', 'logit_spread'], 'lr_sweeps': {}, 'arms': {
+        'kim': {'top1': _arm([60.0, 60.2]), 'logit_spread': _arm([0.5, 0.52])},
+        'head_after_pool': {'top1': _arm([60.0]), 'logit_spread': _arm([0.2, 0.21, 0.19])}}}
+    ioffe = {'metrics': ['top1'], 'arms': {}, 'lr_sweeps': {
+        'bn': {'every_seed': True, 'largest_lr': study.mean_std([1.6, 1.6, 0.4])},
+        'none': {'every_seed': False, 'largest_lr': study.mean_std([])}}}
+    verdicts = {(c['question'], c['a'], c['b'], c['metric']): c for c in
+                study.claim_verdicts({'chen': chen, 'kim': kim, 'ioffe': ioffe})}
+    assert verdicts[('chen', 'ic', 'post', 'top1')]['verdict'] == 'held'
+    assert verdicts[('chen', 'ic', 'pre', 'top1')]['verdict'] == 'undecided'
+    assert verdicts[('chen', 'ic', 'pre', 'top1')]['why'] == 'no significant difference'
+    assert verdicts[('chen', 'ic', 'post', 'epochs_to_target')]['why'] == 'not reached by every seed'
+    # a smaller spread is the claim: after-pool's is smaller here, so the claim is contradicted, said plainly
+    spread = verdicts[('kim', 'kim', 'head_after_pool', 'logit_spread')]
+    assert spread['verdict'] == 'contradicted' and spread['welch']['diff'] > 0
+    assert ('kim', 'kim', 'every_unit', 'top1') not in verdicts  # an arm that did not run: no verdict at all
+    assert verdicts[('ioffe', 'bn', 'none', 'largest_lr')]['verdict'] == 'undecided'
+    assert 'contradicted' in study.claim_line(spread) and '[' in study.claim_line(spread)
