@@ -883,6 +883,7 @@ def study_command(args: argparse.Namespace, out: Path) -> str:
     parts = ['python', 'benchmarks/placement_study.py', '--preset', args.preset, '--out', rel]
     parts += ['--questions', *args.questions] if args.questions else []
     parts += ['--seeds', str(args.seeds)] if args.seeds else []
+    parts += ['--arms', *args.arms] if args.arms else []
     parts += ['--train-args', *args.train_args] if args.train_args else []
     return shlex.join(parts)
 
@@ -897,6 +898,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--data-dir', default=None, help='passed to train.py (default: the Debian package / cache)')
     parser.add_argument('--questions', nargs='+', default=None, help='a subset of the preset\'s questions')
     parser.add_argument('--seeds', type=int, default=None, help="override the preset's seed count")
+    parser.add_argument('--arms', nargs='+', default=None,
+                        help='run only these arms (e.g. --arms ic --seeds 1: rerun one committed result)')
     parser.add_argument('--dry-run', action='store_true', help='print the grid and the estimate, run nothing')
     parser.add_argument('--train-args', nargs=argparse.REMAINDER, default=[],
                         help='the rest goes to every train.py run (e.g. --mixed-precision bf16)')
@@ -911,6 +914,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out).resolve()  # train.py runs from the repository root
     data_dir = os.path.abspath(args.data_dir) if args.data_dir else None
     grid = build_grid(preset, args.train_args)
+    if args.arms:
+        arms = {name: arm for q in questions_for(preset).values() for name, arm in q.arms.items()}
+        unknown = sorted(set(args.arms) - set(arms))
+        if unknown:
+            parser.error(f'--arms {unknown}: the arms of this grid are {", ".join(sorted(arms))}')
+        wanted = {arm_args(preset, arms[name], args.train_args) for name in args.arms}
+        grid = [run for run in grid if run.args in wanted]
     if not args.merge_only:
         mine = shard(grid, *args.shard)
         todo = [r for r in mine if not is_done(read_record(out / 'runs' / r.name), preset.epochs)]
