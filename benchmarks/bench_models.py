@@ -52,10 +52,12 @@ def time_step(fn, device, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def build(name: str, x: torch.Tensor, amp: bool):
-    """The model in train mode and its inference and training-step closures, not yet run."""
+def build(name: str, x: torch.Tensor, amp: bool, compile: bool = False):
+    """The model in train mode and its inference and training-step closures, not yet run; with `compile`, the
+    training step runs the model through `torch.compile` (inductor), the same parameters."""
     device = x.device
     model = timm.create_model(name, num_classes=10).to(device)
+    forward = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     target = torch.randint(0, 10, (x.shape[0],), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
@@ -66,7 +68,7 @@ def build(name: str, x: torch.Tensor, amp: bool):
 
     def train():
         with autocast:
-            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss = torch.nn.functional.cross_entropy(forward(x), target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -81,6 +83,20 @@ def measure(name: str, x: torch.Tensor, steps: int, amp: bool):
     model.train()
     train()
     return model, infer, train
+
+
+def compiled_train(name: str, x: torch.Tensor, amp: bool):
+    """A compiled training step of a fresh `name` (compiled and warmed up here), or None where torch.compile
+    fails on it (the message is printed)."""
+    model, _, train = build(name, x, amp, compile=True)
+    model.train()
+    try:
+        train()
+        train()  # a second step: recompiles, if any, happen before timing
+    except Exception as e:  # inductor needs a C++ compiler on CPU; report, do not abort the benchmark
+        print(f'torch.compile failed on {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}')
+        return None
+    return train
 
 
 def folded_infer(model: torch.nn.Module, x: torch.Tensor, amp: bool):
@@ -146,6 +162,12 @@ def peak_train_memory_in_child(*args) -> float:
         return pool.apply(peak_train_memory, args)
 
 
+def _compiled_cells(model_rate: dict, baseline_rate: dict) -> str:
+    if 'compiled' not in model_rate or 'compiled' not in baseline_rate:
+        return f' {"n/a":>14s} {"":>6s}'
+    return f' {model_rate["compiled"]:14.1f} {model_rate["compiled"] / baseline_rate["compiled"]:6.2f}'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu')
@@ -156,6 +178,8 @@ def main() -> None:
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
     parser.add_argument('--only', nargs='*', help='model names to keep')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak training memory columns')
+    parser.add_argument('--compile', action='store_true',
+                        help='also time training through torch.compile (inductor; minutes of compiling per model)')
     args = parser.parse_args()
     unknown = sorted(set(args.only or ()) - set(BASELINES))
     if unknown:  # a typo would otherwise benchmark nothing, silently
@@ -166,7 +190,8 @@ def main() -> None:
     print(f'device {device}, batch {args.batch_size}, steps {args.steps} x {args.repeats} repeats, amp {args.amp}')
     memory = not args.no_memory and (device.type == 'cuda' or resource is not None)
     print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>6s} {"train img/s":>12s} {"ratio":>6s}'
-          + (f' {"train MiB":>10s} {"ratio":>6s}' if memory else '') + f' {"fold img/s":>11s} {"ratio":>6s}')
+          + (f' {"train MiB":>10s} {"ratio":>6s}' if memory else '') + f' {"fold img/s":>11s} {"ratio":>6s}'
+          + (f' {"compiled train":>14s} {"ratio":>6s}' if args.compile else ''))
     groups = {}  # baseline -> its models: each baseline runs once, interleaved with all of them
     for name, baseline in PAIRS:
         if not args.only or name in args.only:
@@ -176,7 +201,8 @@ def main() -> None:
         x = torch.randn(args.batch_size, 3, size, size, device=device)
         runs = {n: measure(n, x, args.steps, args.amp) for n in (baseline, *names)}
         folded = {n: folded_infer(model, x, args.amp) for n, (model, _, _) in runs.items()}
-        times = {n: {'infer': [], 'train': [], 'fold': []} for n in runs}
+        compiled = {n: compiled_train(n, x, args.amp) for n in runs} if args.compile else {}
+        times = {n: {'infer': [], 'train': [], 'fold': [], 'compiled': []} for n in runs}
         for _ in range(args.repeats):  # interleaved, so drift hits all alike
             for n, (model, infer, train) in runs.items():
                 model.eval()
@@ -184,8 +210,10 @@ def main() -> None:
                 model.train()
                 times[n]['train'].append(time_step(train, device, args.steps))
                 times[n]['fold'].append(time_step(folded[n], device, args.steps))
-        rate = {n: {k: args.batch_size / statistics.median(v) for k, v in t.items()} for n, t in times.items()}
-        del runs, folded
+                if compiled.get(n) is not None:
+                    times[n]['compiled'].append(time_step(compiled[n], device, args.steps))
+        rate = {n: {k: args.batch_size / statistics.median(v) for k, v in t.items() if v} for n, t in times.items()}
+        del runs, folded, compiled
         if memory:
             mib = {n: peak_train_memory_in_child(n, args.batch_size, size, args.amp, str(device))
                    for n in (baseline, *names)}
@@ -194,7 +222,8 @@ def main() -> None:
                   f' {rate[name]["infer"] / rate[baseline]["infer"]:6.2f}'
                   f' {rate[name]["train"]:12.1f} {rate[name]["train"] / rate[baseline]["train"]:6.2f}'
                   + (f' {mib[name]:10.1f} {mib[name] / mib[baseline]:6.2f}' if memory else '')
-                  + f' {rate[name]["fold"]:11.1f} {rate[name]["fold"] / rate[baseline]["fold"]:6.2f}')
+                  + f' {rate[name]["fold"]:11.1f} {rate[name]["fold"] / rate[baseline]["fold"]:6.2f}'
+                  + (_compiled_cells(rate[name], rate[baseline]) if args.compile else ''))
 
     source = timm.create_model('resnet152')
     t = time.perf_counter()
