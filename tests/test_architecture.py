@@ -151,7 +151,7 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 # Every module on its own (all of timm_ic purged before each) and in shuffled orders, in one interpreter: one
-# fresh interpreter per module (45 of them, each importing torch and timm) cost ~4 minutes and found nothing more.
+# fresh interpreter per module (45, each importing torch and timm again) repeated this check for ~4 minutes.
 @pytest.mark.slow  # ~40 s of one CPU: every module's import twice over, and three orders
 def test_every_module_imports_on_its_own_and_in_any_order():
     result = _run(_IMPORT_ALONE, json.dumps([IMPORTABLE, LAYERS, [0, 1, 2]]))
