@@ -528,6 +528,10 @@ def claim_verdicts(questions_out: Dict[str, Any]) -> List[Dict[str, Any]]:
                 continue
             sides = [sweeps[claim.a], sweeps[claim.b]]
             values = [side['largest_lr']['values'] for side in sides]
+            if any(side['missing_seeds'] for side in sides):
+                verdicts.append(dict(vars(claim), verdict='undecided', why='not every run of the sweep is done',
+                                     welch=None, n_a=len(values[0]), n_b=len(values[1])))
+                continue
             not_reached = not all(side['every_seed'] for side in sides)
         else:
             if claim.a not in q['arms'] or claim.b not in q['arms'] or claim.metric not in q['metrics']:
