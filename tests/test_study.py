@@ -321,8 +321,8 @@ def test_claims_are_held_contradicted_or_undecided_by_their_interval():
         'kim': {'top1': _arm([60.0, 60.2]), 'logit_spread': _arm([0.5, 0.52])},
         'head_after_pool': {'top1': _arm([60.0]), 'logit_spread': _arm([0.2, 0.21, 0.19])}}}
     ioffe = {'metrics': ['top1'], 'arms': {}, 'lr_sweeps': {
-        'bn': {'every_seed': True, 'largest_lr': study.mean_std([1.6, 1.6, 0.4])},
-        'none': {'every_seed': False, 'largest_lr': study.mean_std([])}}}
+        'bn': {'every_seed': True, 'missing_seeds': [], 'largest_lr': study.mean_std([1.6, 1.6, 0.4])},
+        'none': {'every_seed': False, 'missing_seeds': [], 'largest_lr': study.mean_std([])}}}
     verdicts = {(c['question'], c['a'], c['b'], c['metric']): c for c in
                 study.claim_verdicts({'chen': chen, 'kim': kim, 'ioffe': ioffe})}
     assert verdicts[('chen', 'ic', 'post', 'top1')]['verdict'] == 'held'
@@ -335,3 +335,14 @@ def test_claims_are_held_contradicted_or_undecided_by_their_interval():
     assert ('kim', 'kim', 'every_unit', 'top1') not in verdicts  # an arm that did not run: no verdict at all
     assert verdicts[('ioffe', 'bn', 'none', 'largest_lr')]['verdict'] == 'undecided'
     assert 'contradicted' in study.claim_line(spread) and '[' in study.claim_line(spread)
+
+
+def test_arms_reruns_one_arm_and_one_seed_and_refuses_an_unknown_arm(tmp_path, capsys):
+    assert study.main(['--preset', 'cpu', '--out', str(tmp_path), '--arms', 'ic', '--seeds', '1', '--dry-run']) == 0
+    planned = [line.split(':')[0].strip() for line in capsys.readouterr().out.splitlines() if line.startswith('  ')]
+    assert len(planned) == 1 and planned[0].startswith('ic-') and planned[0].endswith('-s0')
+    # the same run folder name as in the whole grid: a rerun lands where the committed result came from
+    assert planned[0] in {r.name for r in study.build_grid(study.PRESETS['cpu'])}
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(['--preset', 'cpu', '--out', str(tmp_path), '--arms', 'icc', '--dry-run'])
+    assert exit_info.value.code == 2 and "--arms ['icc']" in capsys.readouterr().err
