@@ -326,3 +326,37 @@ def test_no_module_builds_models_around_the_factory():
                     node.func.attr == 'create_model' and getattr(node.func.value, 'id', None) == 'timm':
                 calls.append(f'{path.relative_to(root)}:{node.lineno}')
     assert calls == []
+
+
+def _weights_without_gradient_after_one_step(model: nn.Module, x: torch.Tensor) -> list:
+    """Names of the conv and linear weights whose gradient is exactly zero at the second step from
+    initialisation (one plain SGD step first: a branch started at zero by its last conv opens after it)."""
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    target = torch.arange(x.shape[0]) % model.num_classes
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), target).backward()
+        if _ == 0:
+            opt.step()
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+            and (m.weight.grad is None or not m.weight.grad.any())]
+
+
+@pytest.mark.parametrize('name', MODELS_DEEP_SLOW)
+def test_every_weight_layer_trains_from_the_initialisation(name):
+    # a residual branch whose last BN is zeroed and followed by a ReLU outputs exactly 0 with a zero gradient
+    # (ReLU'(0) = 0): pre-activation branches never trained at all (issue 10's study found it: kim = pre)
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    assert _weights_without_gradient_after_one_step(model, small_input(name, 4)) == []
+
+
+@pytest.mark.parametrize('placement', ['pre', 'kim', 'kim:order=drop-norm-act-conv', 'kim:drop_units=all', 'ic',
+                                       'post', 'before_bn', 'after_bn', 'pre:drop=uout,beta=0.2',
+                                       'pre:norm=groupnorm,group_size=8', 'post:norm=frn', 'pre:norm=evonorm_b0'])
+def test_every_weight_layer_trains_from_the_initialisation_under_each_placement(placement):
+    torch.manual_seed(0)
+    model = timm.create_model('cifar_resnet20', placement=placement, in_chans=1, num_classes=10)
+    assert _weights_without_gradient_after_one_step(model, torch.randn(4, 1, 28, 28)) == []

@@ -466,7 +466,8 @@ def build_placed_net(
     """Lay `placement` over `skeleton`. Weight layers (and the classifier, when its shape fits) are used as
     they are; norms are kept from `skeleton.source_norms` only where a BatchNorm of the same width sits on
     the same side of the same weight layer, and are new (weight 1, bias 0) everywhere else.
-    `zero_init_last` zeroes the last norm of each residual branch, as timm does for training from scratch.
+    `zero_init_last` starts each residual branch at zero, as timm does for training from scratch
+    (`_zero_init_last`: the last norm, or the last conv where an activation follows that norm).
     """
     p = Placement.parse(placement)
     slots = _Slots(p, skeleton.source_norms)
@@ -518,7 +519,7 @@ def build_placed_net(
     if zero_init_last:
         for m in model.modules():
             if isinstance(m, ResidualBlock):
-                _zero_init_last_norm(m)
+                _zero_init_last(m)
     model.feature_info = _feature_info(model, in_chans, feature_input_size)
     return model
 
@@ -573,11 +574,26 @@ def _residual_block(spec: ResidualSpec, p: Placement, slots: _Slots) -> Residual
     return ResidualBlock(units, downsample, spec.attn, spec.drop_path, act, preact=p.preact)
 
 
-def _zero_init_last_norm(block: ResidualBlock) -> None:
+def _zero_init_last(block: ResidualBlock) -> None:
+    """Start the residual branch at zero, as timm does for training from scratch, without killing its gradient.
+
+    timm zeroes the last norm of a post-activation branch (conv-BN, nothing after it but the sum) and the last
+    conv of a pre-activation one (ResNetV2's `zero_init_last`). A zero norm scale is only safe when nothing
+    nonlinear follows it in the branch: a BN at zero followed by a ReLU (pre-activation norm-act-conv) outputs
+    exactly 0, and ReLU's gradient at 0 is 0, so neither that BN nor anything before it in the branch would ever
+    train. So: the last norm when only eval-identity layers (dropout, Uout) and the conv follow it (post, IC's
+    act-norm-drop-conv), else the last conv's weight. A branch without norms is left as it is.
+    """
     last = block.units[-1]
-    norms = [m for m in (*last.pre, *last.post) if getattr(m, 'weight', None) is not None and m is not last.conv]
-    if norms:
-        nn.init.zeros_(norms[-1].weight)
+    layers = [*last.pre, last.conv, *last.post]
+    norms = [i for i, m in enumerate(layers) if m is not last.conv and getattr(m, 'weight', None) is not None]
+    if not norms:
+        return
+    after = layers[norms[-1] + 1:]
+    if all(m is last.conv or is_eval_identity(m) for m in after):
+        nn.init.zeros_(layers[norms[-1]].weight)
+    else:
+        nn.init.zeros_(last.conv.weight)
 
 
 def _num_features(stages: Sequence[nn.Sequential], stem_conv: nn.Conv2d) -> int:
