@@ -173,8 +173,8 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int) -> Tuple[nn.Mo
             data_config = record.data_config or None
     pretrained = spec.model.startswith(_PRETRAINED_PREFIXES)
     if not pretrained and not spec.checkpoint:
-        # timm zero-initialises the last norm of each residual branch for training from scratch; at init that
-        # silences every branch (zero gradient, constant units) and the signal measures would see the skip alone
+        # timm zero-initialises each residual branch (its last norm or last conv) for training from scratch; at
+        # init that silences every branch and the signal measures would see the skip alone
         kwargs['zero_init_last'] = False
     # the entrypoint takes the placement when it can (timm_ic models); a timm model is rewritten, and a
     # checkpoint (of the rewritten network) loaded after that
