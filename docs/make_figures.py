@@ -182,6 +182,9 @@ def _render_study(n: Numbers) -> str:
             rows.append(f'| {q["paper"]} | {arm["name"]} | `{arm["placement"]}` | {cell} |')
     counts = {v: sum(c['verdict'] == v for c in n['claims']) for v in ('held', 'contradicted', 'undecided')}
     claims = '\n'.join(f'- {c}' for c in n['claim_lines'])
+    others = '\n\n'.join(f'![{Path(f).stem.replace("_", " ")}: top-1 before and after BN recalibration, and '
+                           f'variance shift against top-1, every seed a point](docs/{f})'
+                           for f in n['files'] if not f.endswith('/accuracy.png'))
     return f"""Measured by `{n['command']}` ({n['train_minutes']:g} minutes of training on \
 {n['versions']['cpus']} CPUs; torch {n['versions']['torch']}, timm {n['versions']['timm']}), figures and this \
 section by `{SCRIPT}`. Every arm is `{n['model']}` (one input channel) with the placement shown, recipe \
@@ -199,7 +202,9 @@ excludes 0 on the claimed side, **contradicted** when it excludes 0 on the other
 (or has no interval). Of {len(n['claims'])}: {counts['held']} held, {counts['contradicted']} contradicted, \
 {counts['undecided']} undecided.
 
-{claims}"""
+{claims}
+
+{others}"""
 
 
 @figure(render=_render_study)
