@@ -79,6 +79,7 @@ class Question:
     spread: bool = False  # logit spread over dropout masks (Kim et al.'s "more stable output"), from best weights
     lr_sweep: Dict[str, List[str]] = field(default_factory=dict)  # group -> arms in increasing lr
     export: Tuple[str, ...] = ()  # arms whose best run is exported for `timm.create_model('local-dir:...')`
+    init_signal: bool = False  # signal-propagation probes of each run's model at initialisation (Lubana et al.)
 
 
 def _lr_arms(prefix: str, placement: str, lrs: Sequence[float]) -> Dict[str, Arm]:
@@ -95,6 +96,10 @@ NORMS = {'bn': 'post', 'gn': f'post:norm=groupnorm,group_size={GROUP_SIZE}', 'ln
          'evonorm_s0': f'post:norm=evonorm_s0,group_size={GROUP_SIZE}', 'vn': 'post:norm=variancenorm',
          'ws': 'post:norm=none,conv=ws'}
 IOFFE_LRS = (0.1, 0.4, 1.6)
+# Lubana et al.'s probes at initialisation (`analyse_init_signal`): residual-stream variance growth (last block
+# output over first), and at the last block output the mean cosine similarity between samples and the stable
+# rank; the gradient norm at the first conv output over that at the last
+INIT_SIGNAL_METRICS = ('stream_variance_growth', 'cosine_similarity_last', 'stable_rank_last', 'grad_norm_ratio')
 
 
 def build_questions(norms: Sequence[str] = tuple(NORMS), lrs: Sequence[float] = IOFFE_LRS,
@@ -132,7 +137,7 @@ def build_questions(norms: Sequence[str] = tuple(NORMS), lrs: Sequence[float] = 
             lr_sweep={'bn': [f'bn@lr{lr:g}' for lr in lrs], 'none': [f'none@lr{lr:g}' for lr in lrs]}),
         'lubana': Question(
             'the normalizer zoo at batch 64 and 8', 'Lubana et al. 2021 (arXiv 2106.05956)',
-            lubana_arms, lubana_cmp, metrics=('top1',)),
+            lubana_arms, lubana_cmp, metrics=('top1',) + INIT_SIGNAL_METRICS, init_signal=True),
     }
 
 
@@ -170,9 +175,9 @@ PRESETS = {
 def questions_for(preset: Preset) -> Dict[str, Question]:
     if preset.questions == ('tiny',):
         return {'tiny': Question('two arms (test grid)', 'none', {'post': Arm('post'), 'pre': Arm('pre')},
-                                 [('pre', 'post')], analysis=True, spread=True, export=('pre',),
+                                 [('pre', 'post')], analysis=True, spread=True, export=('pre',), init_signal=True,
                                  metrics=('top1', 'gap', 'epochs_to_target', 'top1_recalibrated', 'variance_shift',
-                                          'logit_spread'))}
+                                          'logit_spread', 'stream_variance_growth'))}
     return {k: v for k, v in build_questions(preset.norms, preset.lrs, preset.small_batch_norms).items()
             if k in preset.questions}
 
@@ -352,6 +357,38 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
     return result
 
 
+def analyse_init_signal(folder: Path, record: RunRecord, data_dir: Optional[str], num_batches: int = 4) -> Dict[str, Any]:
+    """Lubana et al.'s signal-propagation probes on the run's model at initialisation (its seed, its batch size,
+    train mode; no zero-initialised residual branches, as `timm-ic diagnose` measures init), written to
+    init_signal.json: `INIT_SIGNAL_METRICS`. Training images with the eval transform."""
+    import torch
+    from timm.data import create_transform
+
+    from timm_ic.diagnostics.signal import BLOCK_PROBE, LAYER_PROBE, signal_propagation
+    from timm_ic.models import create_model
+    from timm_ic.training.data import build_datasets
+
+    seed, batch_size = int(record.args.get('seed', 0)), int(record.args['batch_size'])
+    torch.manual_seed(seed)
+    model = create_model(record.model, zero_init_last=False, **record.model_args)
+    dataset = record.dataset
+    train_ds, _, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'), dataset['train_split'],
+                                    dataset['val_split'], input_img_mode='L' if record.in_chans == 1 else 'RGB')
+    train_ds.transform = create_transform(**record.data_config, is_training=False)
+    batch_size = min(batch_size, len(train_ds))
+    num_batches = min(num_batches, len(train_ds) // batch_size)
+    chosen = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed))[:num_batches * batch_size]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, chosen.tolist()), batch_size=batch_size)
+    signal = signal_propagation(model, loader, num_batches=num_batches, mode='train')
+    blocks, convs = signal.at(BLOCK_PROBE), signal.at(LAYER_PROBE)
+    result = dict(seed=seed, batch_size=batch_size, num_batches=num_batches, zero_init_last=False, mode='train',
+                  stream_variance_growth=blocks[-1].activation_variance / blocks[0].activation_variance,
+                  cosine_similarity_last=blocks[-1].cosine_similarity, stable_rank_last=blocks[-1].stable_rank,
+                  grad_norm_ratio=convs[0].grad_norm / convs[-1].grad_norm)
+    write_json_atomic(folder / 'init_signal.json', result)
+    return result
+
+
 def logit_spread(model, images, masks: int = 8, batch_size: int = 250) -> float:
     """Mean over images of the per-image std of the logits over `masks` dropout masks (std over masks of each
     logit, averaged over the classes): the model in eval mode (BN with its running statistics) except its dropout
@@ -443,7 +480,7 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> O
 # results
 
 def run_metrics(record: RunRecord, analysis: Optional[Dict[str, Any]], target: float,
-                spread: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                spread: Optional[Dict[str, Any]] = None, init_signal: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     epochs = record.epochs
     stopped = record.status.startswith('stopped')
     reached = next((e['epoch'] for e in epochs if e.get('eval_top1') is not None and e['eval_top1'] >= target), None)
@@ -466,13 +503,17 @@ def run_metrics(record: RunRecord, analysis: Optional[Dict[str, Any]], target: f
             metrics['recalibration_gain'] = analysis['top1_recalibrated'] - analysis['top1']
     if spread and 'skipped' not in spread:
         metrics['logit_spread'] = spread.get('logit_spread')
+    if init_signal:
+        metrics.update({k: init_signal.get(k) for k in INIT_SIGNAL_METRICS})
     return metrics
 
 
 METRIC_WORDS = {'top1': 'test top-1 (%)', 'gap': 'eval - train loss', 'epochs_to_target': 'epochs to target',
                 'top1_recalibrated': 'top-1 after BN recal. (%)', 'recalibration_gain': 'recal. gain (points)',
                 'variance_shift': 'variance shift', 'logit_spread': 'logit std over dropout masks',
-                'largest_lr': 'largest lr that trains'}
+                'largest_lr': 'largest lr that trains', 'stream_variance_growth': 'init: stream variance growth',
+                'cosine_similarity_last': 'init: cosine similarity (last block)',
+                'stable_rank_last': 'init: stable rank (last block)', 'grad_norm_ratio': 'init: grad norm first/last conv'}
 
 
 @dataclass(frozen=True)
@@ -507,6 +548,8 @@ CLAIMS = (
     Claim('ioffe', 'bn@lr0.1', 'none@lr0.1', 'top1', +1, 'BN trains faster: higher test top-1 after the same few '
           'epochs at the same lr'),
     Claim('ioffe', 'bn', 'none', 'largest_lr', +1, 'BN trains at a larger learning rate'),
+    Claim('lubana', 'ws@b64', 'bn@b64', 'stream_variance_growth', +1, 'without an activation-based normalizer '
+          '(weight standardisation alone), the residual stream\'s variance grows more at initialisation than with BN'),
     Claim('lubana', 'gn@b8', 'bn@b8', 'top1', +1, 'at batch 8, GroupNorm (batch-independent) beats BatchNorm',
           source='ours'),
     Claim('lubana', 'bn@b8', 'bn@b64', 'top1', -1, 'BatchNorm loses accuracy at batch 8 against batch 64',
@@ -610,11 +653,14 @@ def versions() -> Dict[str, str]:
 
 
 def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str] = (), command: Optional[str] = None,
-          data_dir: Optional[str] = None, exports: bool = True) -> Dict[str, Any]:
-    """results.json, results.md and the figures from the run folders that exist under `out`; with `exports`, the
-    best run of each export arm exported (`export_best`)."""
+          data_dir: Optional[str] = None, compute: bool = True) -> Dict[str, Any]:
+    """results.json, results.md and the figures from the run folders that exist under `out`. With `compute`, what
+    needs the data runs where it is missing: the init probes (`analyse_init_signal`) and the exports of the best
+    runs (`export_best`)."""
     grid = build_grid(preset, extra_args)
     by_args: Dict[Tuple[Tuple[str, ...], int], Run] = {(r.args, r.seed): r for r in grid}
+    init_signal_args = {arm_args(preset, arm, extra_args) for q in questions_for(preset).values() if q.init_signal
+                        for arm in q.arms.values()}
     runs_out: Dict[str, Any] = {}
     for run in grid:
         folder = out / 'runs' / run.name
@@ -625,8 +671,13 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
         if (folder / 'analysis.json').is_file():
             analysis = json.loads((folder / 'analysis.json').read_text())
         spread = json.loads((folder / 'spread.json').read_text()) if (folder / 'spread.json').is_file() else None
+        init_signal = None
+        if run.args in init_signal_args and (compute or (folder / 'init_signal.json').is_file()):
+            if not (folder / 'init_signal.json').is_file():
+                analyse_init_signal(folder, record, data_dir)
+            init_signal = json.loads((folder / 'init_signal.json').read_text())
         runs_out[run.name] = dict(seed=run.seed, status=record.status, versions=record.versions,
-                                  **run_metrics(record, analysis, preset.target, spread))
+                                  **run_metrics(record, analysis, preset.target, spread, init_signal))
     questions_out: Dict[str, Any] = {}
     for qname, question in questions_for(preset).items():
         arms: Dict[str, Any] = {}
@@ -689,7 +740,7 @@ def merge(out: Path, preset_name: str, preset: Preset, extra_args: Sequence[str]
                    model=MODEL, recipe=RECIPE, extra_train_args=list(extra_args), provenance=provenance,
                    runs_done=len(runs_out), runs_in_grid=len(grid), runs=runs_out, questions=questions_out,
                    claims=claim_verdicts(questions_out),
-                   exports=export_best(out, preset, runs_out, questions_out, data_dir) if exports else {})
+                   exports=export_best(out, preset, runs_out, questions_out, data_dir) if compute else {})
     write_json_atomic(out / 'results.json', results)
     with atomic_file(out / 'results.md') as tmp:
         tmp.write_text(format_markdown(results))

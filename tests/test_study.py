@@ -111,7 +111,7 @@ def test_merge_reports_means_intervals_and_no_significant_difference(tmp_path):
     for run in grid:
         arm = run.name.split('-')[0]
         _fake_run(tmp_path / 'runs' / run.name, [values[arm][run.seed]])
-    results = study.merge(tmp_path, 'tiny', preset, exports=False)
+    results = study.merge(tmp_path, 'tiny', preset, compute=False)
     arm = results['questions']['tiny']['arms']['post']['top1']
     assert (arm['n'], arm['mean'], arm['std']) == (3, 80.0, 1.0)
     comparison = next(c for c in results['questions']['tiny']['comparisons'] if c['metric'] == 'top1')
@@ -127,7 +127,7 @@ def test_merge_reports_means_intervals_and_no_significant_difference(tmp_path):
             RunRecord(model=study.MODEL, status='finished', epochs=[dict(
                 epoch=1, eval_top1=90.0 + run.seed * 0.1, eval_loss=0.3, train_loss=0.2, epoch_time_s=1.0)]).write(
                 tmp_path / 'runs' / run.name / 'run.json')
-    results = study.merge(tmp_path, 'tiny', preset, exports=False)
+    results = study.merge(tmp_path, 'tiny', preset, compute=False)
     comparison = next(c for c in results['questions']['tiny']['comparisons'] if c['metric'] == 'top1')
     assert comparison['welch']['significant'] and comparison['welch']['low'] > 0
 
@@ -180,6 +180,10 @@ def test_study_runs_shards_merges_and_never_redoes_a_finished_run(tmp_path, monk
     post = results['questions']['tiny']['arms']['post']
     assert post['top1']['n'] == 2 and post['variance_shift']['n'] == 2 and post['top1_recalibrated']['n'] == 2
     assert post['logit_spread']['values'] == [0.0, 0.0]  # from spread.json; the tiny arms have no dropout
+    # Lubana et al.'s probes at initialisation, per seed: the seeds' inits differ, the train mode's batch is the run's
+    growth = post['stream_variance_growth']['values']
+    assert len(growth) == 2 and growth[0] != growth[1] and all(v > 0 for v in growth)
+    assert all(json.loads(p.read_text())['batch_size'] == 8 for p in out.glob('runs/*/init_signal.json'))
     assert all(json.loads(p.read_text())['num_images'] == 20 for p in out.glob('runs/*/spread.json'))
     assert all(r['top1'] is not None for r in results['runs'].values())
     for folder in out.glob('runs/*'):  # the analysis evaluates the same weights on the same images as train.py
@@ -224,7 +228,7 @@ def test_merge_of_a_partial_study_is_strict_json(tmp_path):
     preset = study.PRESETS['tiny']
     first = study.build_grid(preset)[0]
     _fake_run(tmp_path / 'runs' / first.name, [50.0])  # one run of four: n=1 and n=0 arms
-    study.merge(tmp_path, 'tiny', preset, exports=False)
+    study.merge(tmp_path, 'tiny', preset, compute=False)
 
     def refuse(constant):
         raise ValueError(f'{constant} in results.json')
@@ -269,7 +273,7 @@ def test_epochs_to_target_and_largest_lr_get_intervals_only_when_every_seed_has_
             RunRecord(model=study.MODEL, status='finished', epochs=[
                 dict(epoch=i + 1, eval_top1=t, eval_loss=0.5, train_loss=0.4) for i, t in enumerate(
                     curves[(arm, run.seed)])]).write(tmp_path / 'runs' / run.name / 'run.json')
-        return study.merge(tmp_path, 'x', preset, exports=False)
+        return study.merge(tmp_path, 'x', preset, compute=False)
 
     for run in grid:
         (tmp_path / 'runs' / run.name).mkdir(parents=True)
