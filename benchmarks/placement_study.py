@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the repository's timm_ic, also when run from elsewhere
@@ -304,16 +304,27 @@ def run_model(folder: Path, record: RunRecord, weights: str) -> 'torch.nn.Module
     return create_model(record.model, weights=folder / weights, **record.model_args)
 
 
+def run_datasets(record: RunRecord, data_dir: Optional[str], data_config: Optional[Dict[str, Any]] = None):
+    """(train, test) sets of the run's data with the eval transform of `data_config` (default: the run's)."""
+    from timm.data import create_transform
+
+    from timm_ic.training.data import build_datasets
+    dataset = record.dataset
+    train_ds, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'), dataset['train_split'],
+                                          dataset['val_split'], input_img_mode='L' if record.in_chans == 1 else 'RGB')
+    train_ds.transform = test_ds.transform = create_transform(**(data_config or record.data_config),
+                                                              is_training=False)
+    return train_ds, test_ds
+
+
 def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, batch_size: int = 128) -> Dict[str, Any]:
     """Variance shift of the final weights, and test accuracy before and after BN recalibration (Li et al.),
     written to analysis.json. Training images with the eval transform, as `timm-ic diagnose` reads them."""
     import torch
-    from timm.data import create_transform
 
     import timm_ic  # noqa: F401
     from timm_ic.diagnostics import recalibrate_bn, variance_shift
     from timm_ic.diagnostics import running_stat_norms
-    from timm_ic.training.data import build_datasets
 
     record = read_record(folder)
     result: Dict[str, Any] = {'weights': 'last.safetensors', 'num_batches': num_batches, 'batch_size': batch_size}
@@ -322,12 +333,7 @@ def analyse_run(folder: Path, data_dir: Optional[str], num_batches: int = 8, bat
         write_json_atomic(folder / 'analysis.json', result)
         return result
     model = run_model(folder, record, 'last.safetensors').eval()
-    dataset = record.dataset
-    mode = 'L' if record.in_chans == 1 else 'RGB'
-    train_ds, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'),
-                                          dataset['train_split'], dataset['val_split'], input_img_mode=mode)
-    transform = create_transform(**record.data_config, is_training=False)
-    train_ds.transform = test_ds.transform = transform
+    train_ds, test_ds = run_datasets(record, data_dir)
     # two disjoint sets of training images: one to recalibrate on, one held out to measure the shift after it
     batch_size = min(batch_size, len(train_ds) // 2)  # tiny test data
     num_batches = min(num_batches, len(train_ds) // (2 * batch_size))
@@ -362,19 +368,14 @@ def analyse_init_signal(folder: Path, record: RunRecord, data_dir: Optional[str]
     train mode; no zero-initialised residual branches, as `timm-ic diagnose` measures init), written to
     init_signal.json: `INIT_SIGNAL_METRICS`. Training images with the eval transform."""
     import torch
-    from timm.data import create_transform
 
     from timm_ic.diagnostics.signal import BLOCK_PROBE, LAYER_PROBE, signal_propagation
     from timm_ic.models import create_model
-    from timm_ic.training.data import build_datasets
 
     seed, batch_size = int(record.args.get('seed', 0)), int(record.args['batch_size'])
     torch.manual_seed(seed)
     model = create_model(record.model, zero_init_last=False, **record.model_args)
-    dataset = record.dataset
-    train_ds, _, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'), dataset['train_split'],
-                                    dataset['val_split'], input_img_mode='L' if record.in_chans == 1 else 'RGB')
-    train_ds.transform = create_transform(**record.data_config, is_training=False)
+    train_ds, _ = run_datasets(record, data_dir)
     batch_size = min(batch_size, len(train_ds))
     num_batches = min(num_batches, len(train_ds) // batch_size)
     chosen = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed))[:num_batches * batch_size]
@@ -419,10 +420,8 @@ def analyse_spread(folder: Path, data_dir: Optional[str], num_images: int = 1000
     """`logit_spread` of the run's best.safetensors on the first `num_images` test images (eval transform),
     masks drawn from torch seed `seed`; written to spread.json."""
     import torch
-    from timm.data import create_transform
 
     import timm_ic  # noqa: F401
-    from timm_ic.training.data import build_datasets
 
     record = read_record(folder)
     result: Dict[str, Any] = {'weights': 'best.safetensors', 'masks': masks, 'seed': seed}
@@ -431,10 +430,7 @@ def analyse_spread(folder: Path, data_dir: Optional[str], num_images: int = 1000
         write_json_atomic(folder / 'spread.json', result)
         return result
     model = run_model(folder, record, 'best.safetensors')
-    dataset = record.dataset
-    _, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'), dataset['train_split'],
-                                   dataset['val_split'], input_img_mode='L' if record.in_chans == 1 else 'RGB')
-    test_ds.transform = create_transform(**record.data_config, is_training=False)
+    _, test_ds = run_datasets(record, data_dir)
     n = min(num_images, len(test_ds))
     images = torch.stack([test_ds[i][0] for i in range(n)])
     torch.manual_seed(seed)
@@ -601,17 +597,13 @@ def evaluate_export(export_dir: Path, record: RunRecord, data_dir: Optional[str]
     import timm
     import torch
     from accelerate import Accelerator
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import resolve_data_config
 
     import timm_ic  # noqa: F401  (the architectures)
-    from timm_ic.training.data import build_datasets
     from timm_ic.training.loop import evaluate
 
     model = timm.create_model(f'local-dir:{export_dir}', pretrained=True)
-    dataset = record.dataset
-    _, test_ds, _ = build_datasets(dataset['name'], data_dir or dataset.get('data_dir'), dataset['train_split'],
-                                   dataset['val_split'], input_img_mode='L' if record.in_chans == 1 else 'RGB')
-    test_ds.transform = create_transform(**resolve_data_config(model=model), is_training=False)
+    _, test_ds = run_datasets(record, data_dir, resolve_data_config(model=model))  # the export's own config
     with torch.no_grad():
         return evaluate(model, torch.utils.data.DataLoader(test_ds, batch_size=256), Accelerator(cpu=True),
                         model.num_classes)
