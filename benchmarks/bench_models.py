@@ -2,7 +2,8 @@
 
 For every (model, baseline) pair: inference images/s (eval, no grad) and training images/s
 (forward + backward + SGD step); a baseline and all its models run on the same input, interleaved
-repeats, median of the repeats; prints each model's ratio to its baseline (1.00 = as fast). Then inference
+repeats, median of the repeats; prints each model's ratio to its baseline (1.00 = as fast): the median of the
+per-repeat ratios (each repeat times a model and its baseline back to back), with their min-max. Then inference
 with BatchNorm folded into the weight layers on both sides (`fold`: timm-ic models by `PlacedNet.fuse()`, which
 runs `timm.utils.reparameterize_model`; timm's own baselines, which have no `fuse`, by torch's standard conv-BN
 fold `torch.fx.experimental.optimization.fuse`) and its ratio. Then the peak
@@ -16,13 +17,20 @@ The pairs are `timm_ic.models.BASELINES` (every paper-placement model and its ba
     python benchmarks/bench_models.py                       # CPU, every pair; ImageNet ones at 112px
     python benchmarks/bench_models.py --only ic_resnet20 ic_resnet18
     python benchmarks/bench_models.py --device cuda --amp --batch-size 128 --image-size 224
+
+On CPU much of a step can be the allocator: glibc's malloc hands freed activation memory back to the OS, and
+every fresh page of the next step faults, which costs about as much as a pass over it; a model that allocates
+more (a dropout's output and mask) pays more of it. PyTorch's performance tuning guide suggests a caching
+allocator on CPU (jemalloc, tcmalloc); glibc's own knobs keep freed memory in the process without installing one:
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 python benchmarks/bench_models.py ...
 """
 import argparse
 import copy
 import multiprocessing
 import statistics
 import time
-from typing import Optional
+from typing import List, Optional
 
 import timm
 import torch
@@ -162,10 +170,10 @@ def peak_train_memory_in_child(*args) -> float:
         return pool.apply(peak_train_memory, args)
 
 
-def _compiled_cells(model_rate: dict, baseline_rate: dict) -> str:
-    if 'compiled' not in model_rate or 'compiled' not in baseline_rate:
-        return f' {"n/a":>14s} {"":>6s}'
-    return f' {model_rate["compiled"]:14.1f} {model_rate["compiled"] / baseline_rate["compiled"]:6.2f}'
+def ratio_cell(model_seconds: List[float], baseline_seconds: List[float]) -> str:
+    """The model's speed over its baseline's: the median of the per-repeat ratios, (min-max) of them."""
+    r = sorted(b / m for b, m in zip(baseline_seconds, model_seconds))
+    return f'{statistics.median(r):5.2f} ({r[0]:.2f}-{r[-1]:.2f})'
 
 
 def main() -> None:
@@ -189,9 +197,11 @@ def main() -> None:
 
     print(f'device {device}, batch {args.batch_size}, steps {args.steps} x {args.repeats} repeats, amp {args.amp}')
     memory = not args.no_memory and (device.type == 'cuda' or resource is not None)
-    print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>6s} {"train img/s":>12s} {"ratio":>6s}'
-          + (f' {"train MiB":>10s} {"ratio":>6s}' if memory else '') + f' {"fold img/s":>11s} {"ratio":>6s}'
-          + (f' {"compiled train":>14s} {"ratio":>6s}' if args.compile else ''))
+    cell = 17  # ratio_cell's width
+    print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>{cell}s} {"train img/s":>12s}'
+          f' {"ratio":>{cell}s}' + (f' {"train MiB":>10s} {"ratio":>6s}' if memory else '')
+          + f' {"fold img/s":>11s} {"ratio":>{cell}s}'
+          + (f' {"compiled train":>14s} {"ratio":>{cell}s}' if args.compile else ''))
     groups = {}  # baseline -> its models: each baseline runs once, interleaved with all of them
     for name, baseline in PAIRS:
         if not args.only or name in args.only:
@@ -218,12 +228,15 @@ def main() -> None:
             mib = {n: peak_train_memory_in_child(n, args.batch_size, size, args.amp, str(device))
                    for n in (baseline, *names)}
         for name in names:
-            print(f'{name:24s} {baseline:22s} {rate[name]["infer"]:12.1f}'
-                  f' {rate[name]["infer"] / rate[baseline]["infer"]:6.2f}'
-                  f' {rate[name]["train"]:12.1f} {rate[name]["train"] / rate[baseline]["train"]:6.2f}'
+            t, tb = times[name], times[baseline]
+            compiled_cells = ''
+            if args.compile:
+                compiled_cells = (f' {rate[name]["compiled"]:14.1f} {ratio_cell(t["compiled"], tb["compiled"])}'
+                                  if t['compiled'] and tb['compiled'] else f' {"n/a":>14s} {"":>{cell}s}')
+            print(f'{name:24s} {baseline:22s} {rate[name]["infer"]:12.1f} {ratio_cell(t["infer"], tb["infer"])}'
+                  f' {rate[name]["train"]:12.1f} {ratio_cell(t["train"], tb["train"])}'
                   + (f' {mib[name]:10.1f} {mib[name] / mib[baseline]:6.2f}' if memory else '')
-                  + f' {rate[name]["fold"]:11.1f} {rate[name]["fold"] / rate[baseline]["fold"]:6.2f}'
-                  + (_compiled_cells(rate[name], rate[baseline]) if args.compile else ''))
+                  + f' {rate[name]["fold"]:11.1f} {ratio_cell(t["fold"], tb["fold"])}' + compiled_cells)
 
     source = timm.create_model('resnet152')
     t = time.perf_counter()

@@ -128,6 +128,20 @@ def test_fold_before_a_padded_conv_is_exact_on_the_border_even_for_a_zero_bn_sca
         torch.testing.assert_close(both(x), bn2(conv(bn(x))), rtol=1e-12, atol=1e-12)
 
 
+def test_a_folded_padded_conv_trains_with_the_gradient_of_the_unfolded_pair():
+    # the bias map is added in place onto the conv's output: autograd must still see conv(bn(x))
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).eval().double()
+    _randomize_bn(bn)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+    folded = fold_bn_before_conv(bn, conv).train()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 6, 6, 6, dtype=torch.float64)
+    grad_folded, = torch.autograd.grad(folded(x), x, g)
+    grad_pair, = torch.autograd.grad(conv(bn(x)), x, g)
+    torch.testing.assert_close(grad_folded, grad_pair, rtol=1e-12, atol=1e-12)
+
+
 def test_fold_before_an_unpadded_conv_is_a_plain_conv():
     bn = nn.BatchNorm2d(4).eval()
     _randomize_bn(bn)
@@ -162,3 +176,23 @@ def test_onnx_export_of_a_folded_model_runs_in_onnxruntime_and_matches(name):
     (y,) = ort.InferenceSession(buf.getvalue(), providers=['CPUExecutionProvider']).run(None, {'x': x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['ic_resnet20', 'cifar_preresnet20'])
+def test_inference_sums_into_the_branch_and_leaves_the_input_and_output_as_with_grad(name):
+    # without grad a residual block adds the shortcut into its branch's output in place: the same result as
+    # the autograd path, and no block writes into a tensor it was given
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    inputs = []
+    for block in model.modules():
+        if type(block).__name__ == 'ResidualBlock':
+            block.register_forward_pre_hook(lambda m, args: inputs.append((args[0], args[0].clone())))
+    with torch.no_grad():
+        y = model(x)
+    assert inputs and all(torch.equal(seen, copy) for seen, copy in inputs)
+    torch.testing.assert_close(y, model(x).detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.fuse()(x), y, rtol=1e-4, atol=1e-4)

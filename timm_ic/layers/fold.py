@@ -80,7 +80,9 @@ class BiasMapConv2d(nn.Conv2d):
             m = self._maps.get(key)
             if m is None:
                 m = self._maps[key] = self.bias_map(x)
-        return super().forward(x) + m
+        # in place on the conv's fresh output: no third activation-sized tensor, which on CPU costs about as much
+        # as the add itself (a fresh allocation's page faults); autograd-safe, conv's backward does not read it
+        return super().forward(x).add_(m)
 
     def _apply(self, fn, recurse=True):
         self._maps = {}  # device / dtype changes

@@ -130,7 +130,11 @@ class ResidualBlock(nn.Module):
             else:
                 x = unit(x)
         x = self.drop_path(self.attn(x))
-        return self.act(x + shortcut)
+        if torch.is_grad_enabled() or x.dtype != shortcut.dtype or x.shape != shortcut.shape:
+            return self.act(x + shortcut)
+        # inference: the branch's output is this block's own (it ends in a conv), so the sum goes into it, one
+        # activation-sized allocation fewer (on CPU a fresh one costs about as much as the add)
+        return self.act(x.add_(shortcut))
 
 
 class DenseLayer(nn.Module):
@@ -323,10 +327,15 @@ def _norm_before(seq: nn.Sequential) -> Optional[str]:
 
 def _fold_across_units(units: Sequence[Unit]) -> None:
     """Pre-activation (norm-act-conv): a unit's opening norm takes the previous unit's conv output alone,
-    so it folds into that conv (the standard conv-BN fold)."""
+    so it folds into that conv (the standard conv-BN fold). After the fold, an activation that now opens such
+    a unit runs in place: its input is that conv's fresh output, which nothing else reads (the first unit's
+    input is the block's, shared with the shortcut or the concatenation, and stays untouched)."""
     for prev, unit in zip(units[:-1], units[1:]):
         if all(is_eval_identity(m) for m in prev.post):
             _fold_norm_after(unit.pre, prev, 'conv')
+            first = next(iter(unit.pre.children()), None)
+            if isinstance(getattr(first, 'inplace', None), bool):
+                first.inplace = True  # one activation-sized allocation fewer
 
 
 def _fold_norm_after(seq: nn.Sequential, owner: nn.Module, conv_name: str) -> None:
