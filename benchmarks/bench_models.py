@@ -3,7 +3,7 @@
 For every (model, baseline) pair: inference images/s (eval, no grad) and training images/s
 (forward + backward + SGD step); a baseline and all its models run on the same input, interleaved
 repeats, median of the repeats; prints each model's ratio to its baseline (1.00 = as fast): the median of the
-per-repeat ratios (each repeat times a model and its baseline back to back), with their min-max. Then inference
+per-repeat ratios (each repeat times a model and its baseline back to back) [their interquartile range]. Then inference
 with BatchNorm folded into the weight layers on both sides (`fold`: timm-ic models by `PlacedNet.fuse()`, which
 runs `timm.utils.reparameterize_model`; timm's own baselines, which have no `fuse`, by torch's standard conv-BN
 fold `torch.fx.experimental.optimization.fuse`) and its ratio. Then the peak
@@ -171,9 +171,10 @@ def peak_train_memory_in_child(*args) -> float:
 
 
 def ratio_cell(model_seconds: List[float], baseline_seconds: List[float]) -> str:
-    """The model's speed over its baseline's: the median of the per-repeat ratios, (min-max) of them."""
-    r = sorted(b / m for b, m in zip(baseline_seconds, model_seconds))
-    return f'{statistics.median(r):5.2f} ({r[0]:.2f}-{r[-1]:.2f})'
+    """The model's speed over its baseline's: the median of the per-repeat ratios [their interquartile range]."""
+    r = [b / m for b, m in zip(baseline_seconds, model_seconds)]
+    q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0],) * 3
+    return f'{statistics.median(r):5.2f} [{q1:.2f}-{q3:.2f}]'
 
 
 def main() -> None:
