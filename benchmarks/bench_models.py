@@ -193,6 +193,9 @@ def main() -> None:
     unknown = sorted(set(args.only or ()) - set(BASELINES))
     if unknown:  # a typo would otherwise benchmark nothing, silently
         parser.error(f'--only: {unknown} have no baseline pair; valid: {sorted(BASELINES)}')
+    for flag in ('steps', 'repeats', 'batch_size', 'image_size'):
+        if getattr(args, flag) < 1:
+            parser.error(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(args, flag)}')
     device = torch.device(args.device)
     torch.manual_seed(0)
 

@@ -17,3 +17,15 @@ def test_peak_train_memory_is_the_childs_own_rise(monkeypatch):
     rise = bench_models.peak_train_memory_in_child('cifar_resnet20', 2, 32, False, 'cpu')
     assert ballast.sum() > 0
     assert 0 < rise < 64, rise  # two steps at batch 2 hold a few MiB of activations and gradients
+
+
+def test_ratios_pair_each_repeat_with_its_baseline_and_bad_counts_exit_2(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_models
+    # the machine slows down between repeats, model and baseline alike: each repeat's ratio is 1, so is the spread
+    assert bench_models.ratio_cell([1.0, 2.0, 4.0, 8.0], [1.0, 2.0, 4.0, 8.0]) == ' 1.00 [1.00-1.00]'
+    assert bench_models.ratio_cell([2.0], [1.0]) == ' 0.50 [0.50-0.50]'  # one repeat: no spread to show
+    monkeypatch.setattr(sys, 'argv', ['bench_models.py', '--repeats', '0'])
+    with pytest.raises(SystemExit) as e:
+        bench_models.main()
+    assert e.value.code == 2
