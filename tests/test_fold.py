@@ -194,5 +194,7 @@ def test_inference_sums_into_the_branch_and_leaves_the_input_and_output_as_with_
         y = model(x)
     assert inputs and all(torch.equal(seen, copy) for seen, copy in inputs)
     torch.testing.assert_close(y, model(x).detach(), rtol=0, atol=0)
+    with torch.no_grad():  # the in-place choice reads tensor attributes: FX must still trace without grad
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), y, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(model.fuse()(x), y, rtol=1e-4, atol=1e-4)

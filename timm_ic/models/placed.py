@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import create_classifier, get_act_layer
+from timm.layers import create_classifier, get_act_layer, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq
 
@@ -77,6 +77,17 @@ class Unit(nn.Module):
             delattr(self.pre, name)
         _fold_norm_after(self.post, self, 'conv')
         return self
+
+
+@torch.fx.wrap  # one node in a traced graph: its branch reads tensor attributes
+@register_notrace_function
+def residual_sum(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """branch + shortcut. In inference it goes into `branch`, a residual block's own output (it ends in a weight
+    layer): one activation-sized allocation fewer, which on CPU costs about as much as the add. With grad, or
+    where the sum would promote or broadcast, it is out of place."""
+    if torch.is_grad_enabled() or branch.dtype != shortcut.dtype or branch.shape != shortcut.shape:
+        return branch + shortcut
+    return branch.add_(shortcut)
 
 
 class ResidualBlock(nn.Module):
@@ -129,12 +140,7 @@ class ResidualBlock(nn.Module):
                 x = unit.post(unit.conv(x))
             else:
                 x = unit(x)
-        x = self.drop_path(self.attn(x))
-        if torch.is_grad_enabled() or x.dtype != shortcut.dtype or x.shape != shortcut.shape:
-            return self.act(x + shortcut)
-        # inference: the branch's output is this block's own (it ends in a conv), so the sum goes into it, one
-        # activation-sized allocation fewer (on CPU a fresh one costs about as much as the add)
-        return self.act(x.add_(shortcut))
+        return self.act(residual_sum(self.drop_path(self.attn(x)), shortcut))
 
 
 class DenseLayer(nn.Module):
