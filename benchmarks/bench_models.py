@@ -201,7 +201,7 @@ def main() -> None:
 
     print(f'device {device}, batch {args.batch_size}, steps {args.steps} x {args.repeats} repeats, amp {args.amp}')
     memory = not args.no_memory and (device.type == 'cuda' or resource is not None)
-    cell = 17  # ratio_cell's width
+    cell = len(ratio_cell([1.0], [1.0]))
     print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>{cell}s} {"train img/s":>12s}'
           f' {"ratio":>{cell}s}' + (f' {"train MiB":>10s} {"ratio":>6s}' if memory else '')
           + f' {"fold img/s":>11s} {"ratio":>{cell}s}'

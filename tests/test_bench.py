@@ -1,4 +1,5 @@
 """benchmarks/bench_models.py: the peak training memory column measures the model, not the parent process."""
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +26,12 @@ def test_ratios_pair_each_repeat_with_its_baseline_and_bad_counts_exit_2(monkeyp
     # the machine slows down between repeats, model and baseline alike: each repeat's ratio is 1, so is the spread
     assert bench_models.ratio_cell([1.0, 2.0, 4.0, 8.0], [1.0, 2.0, 4.0, 8.0]) == ' 1.00 [1.00-1.00]'
     assert bench_models.ratio_cell([2.0], [1.0]) == ' 0.50 [0.50-0.50]'  # one repeat: no spread to show
+    # the model's repeats slow down while the baseline's speed up: the medians and quartiles of the two columns are
+    # equal (an unpaired ratio would say 1.00 [1.00-1.00]); the paired ratios are 4, 1.5, 2/3 and 1/4
+    r = sorted([4.0, 1.5, 2 / 3, 0.25])
+    q1, _, q3 = statistics.quantiles(r, n=4)
+    assert bench_models.ratio_cell([1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]) == \
+        f' {(1.5 + 2 / 3) / 2:4.2f} [{q1:.2f}-{q3:.2f}]'
     monkeypatch.setattr(sys, 'argv', ['bench_models.py', '--repeats', '0'])
     with pytest.raises(SystemExit) as e:
         bench_models.main()

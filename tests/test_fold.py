@@ -9,7 +9,8 @@ from timm.utils import reparameterize_model
 from torch.fx import GraphModule, Tracer
 
 import timm_ic  # registers the models
-from timm_ic.layers import BiasMapConv2d, Dropout, Uout, fold_bn_after_conv, fold_bn_before_conv
+from timm_ic.layers import BiasMapConv2d, is_eval_identity, Dropout, Uout, fold_bn_after_conv, fold_bn_before_conv
+from timm_ic.models import ResidualBlock
 
 from conftest import DEEP, MODELS, small_input
 
@@ -188,7 +189,7 @@ def test_inference_sums_into_the_branch_and_leaves_the_input_and_output_as_with_
     x = torch.randn(2, 3, 32, 32)
     inputs = []
     for block in model.modules():
-        if type(block).__name__ == 'ResidualBlock':
+        if isinstance(block, ResidualBlock):
             block.register_forward_pre_hook(lambda m, args: inputs.append((args[0], args[0].clone())))
     with torch.no_grad():
         y = model(x)
@@ -198,3 +199,20 @@ def test_inference_sums_into_the_branch_and_leaves_the_input_and_output_as_with_
         torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), y, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(model.fuse()(x), y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('placement', ['ic', 'pre', 'kim', 'kim:order=drop-norm-act-conv', 'pre:drop=uout,beta=0.2'])
+def test_fusing_runs_only_activations_in_place_and_never_a_block_input(placement):
+    # after the fold a later unit's activation takes the previous conv's output alone and may run in place; a
+    # dropout keeps the flag it was built with, and the first unit (its input is the shortcut's too) is untouched
+    model = timm.create_model('cifar_resnet20', placement=placement).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        model.fuse()
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    assert not any(getattr(m, 'inplace', False) for m in model.modules() if is_eval_identity(m))
+    for block in model.modules():
+        if isinstance(block, ResidualBlock):
+            assert not any(getattr(m, 'inplace', False) for m in block.units[0].pre.modules())

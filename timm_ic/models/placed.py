@@ -82,9 +82,9 @@ class Unit(nn.Module):
 @torch.fx.wrap  # one node in a traced graph: its branch reads tensor attributes
 @register_notrace_function
 def residual_sum(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-    """branch + shortcut. In inference it goes into `branch`, a residual block's own output (it ends in a weight
-    layer): one activation-sized allocation fewer, which on CPU costs about as much as the add. With grad, or
-    where the sum would promote or broadcast, it is out of place."""
+    """branch + shortcut. In inference it goes into `branch`, a tensor the block made (its last unit's output):
+    one activation-sized allocation fewer, which on CPU costs about as much as the add. With grad, or where the
+    sum would promote or broadcast, it is out of place."""
     if torch.is_grad_enabled() or branch.dtype != shortcut.dtype or branch.shape != shortcut.shape:
         return branch + shortcut
     return branch.add_(shortcut)
@@ -333,15 +333,17 @@ def _norm_before(seq: nn.Sequential) -> Optional[str]:
 
 def _fold_across_units(units: Sequence[Unit]) -> None:
     """Pre-activation (norm-act-conv): a unit's opening norm takes the previous unit's conv output alone,
-    so it folds into that conv (the standard conv-BN fold). After the fold, an activation that now opens such
-    a unit runs in place: its input is that conv's fresh output, which nothing else reads (the first unit's
-    input is the block's, shared with the shortcut or the concatenation, and stays untouched)."""
+    so it folds into that conv (the standard conv-BN fold). After the fold, the unit's activation runs in place
+    when only dropouts come before it: its input is that conv's fresh output, which nothing else reads (the first
+    unit's input is the block's, shared with the shortcut or the concatenation, and stays untouched)."""
     for prev, unit in zip(units[:-1], units[1:]):
         if all(is_eval_identity(m) for m in prev.post):
             _fold_norm_after(unit.pre, prev, 'conv')
-            first = next(iter(unit.pre.children()), None)
-            if isinstance(getattr(first, 'inplace', None), bool):
-                first.inplace = True  # one activation-sized allocation fewer
+            names = list(unit.pre._modules)
+            act = unit.pre._modules.get('act')
+            if isinstance(getattr(act, 'inplace', None), bool) and \
+                    all(is_eval_identity(unit.pre._modules[n]) for n in names[:names.index('act')]):
+                act.inplace = True  # one activation-sized allocation fewer
 
 
 def _fold_norm_after(seq: nn.Sequential, owner: nn.Module, conv_name: str) -> None:
