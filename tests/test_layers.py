@@ -1,5 +1,6 @@
 """Layers: the papers' formulas measured on synthetic data, plus modes, dtypes, compile and bad arguments."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ def test_dropout_on_non_centred_input_does_not_scale_correlation_by_p_keep():
 ALL_LAYERS = {
     'uout': lambda: Uout(0.3),
     'dropout': lambda: create_dropout('dropout', 0.3),
+    'dropout_low_rate': lambda: create_dropout('dropout', 0.05),
     'ic': lambda: ICLayer(8, drop='dropout', drop_rate=0.2),
     'ic_uout': lambda: ICLayer(8, drop='uout', beta=0.2),
     **{f'norm_{name}': (lambda name=name: create_norm(name, 8)) for name in NORM_KINDS},
@@ -213,7 +215,8 @@ def test_split_norm_act_separates_frn_and_evonorm_nonlinearity():
     assert isinstance(norm, nn.BatchNorm2d) and act is None
 
 
-# The CPU fast path of Dropout and Uout (16-bit draws from torch's generator, 1-byte mask; timm_ic.layers.dropout)
+# The CPU fast paths of Dropout and Uout (timm_ic.layers.dropout): drop positions drawn as geometric gaps at rates
+# up to 1/8; 16-bit draws from torch's generator and a 1-byte mask above
 
 def test_random_int16_draws_all_64_bits_of_each_word():
     # random_() with its default range leaves an int64's sign bit 0: the top 16-bit piece would never be negative
@@ -228,7 +231,7 @@ def test_random_int16_draws_all_64_bits_of_each_word():
         torch.testing.assert_close(ones, torch.full((4,), 0.5, dtype=torch.float64), atol=0.003, rtol=0)
 
 
-@pytest.mark.parametrize('p', [0.05, 0.1, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize('p', [0.13, 0.3, 0.5, 0.9])
 def test_dropout_drops_each_16_bit_value_below_its_threshold_exactly(p, monkeypatch):
     # the exact-granularity argument: fed every one of the 65536 16-bit values once, the layer drops exactly
     # round(p * 65536) of them, so with uniform draws P(drop) = round(p * 65536) / 65536, within 2^-17 of p
@@ -243,7 +246,7 @@ def test_dropout_drops_each_16_bit_value_below_its_threshold_exactly(p, monkeypa
     assert float(y.double().mean()) == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize('p', [0.05, 0.2, 0.5])
+@pytest.mark.parametrize('p', [0.001, 0.05, 0.125, 0.2, 0.5])
 def test_dropout_rate_on_a_large_tensor(p):
     torch.manual_seed(0)
     n = 4_000_000
@@ -251,7 +254,59 @@ def test_dropout_rate_on_a_large_tensor(p):
     assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5  # 5 standard errors: ~1e-4 at p = 0.05
 
 
-@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Uout(0.3)], ids=['dropout', 'uout'])
+@pytest.mark.parametrize('p', [1e-4, 0.05, 0.125])
+def test_geometric_gaps_invert_every_32_bit_draw_exactly(p):
+    # steps - 1 >= g exactly for the draws u = j / 2^32 with j <= floor((1 - p)^g * 2^32): P(g or more units kept
+    # before a drop) = floor((1 - p)^g * 2^32) / 2^32, within 2^-32 of the geometric law, for every g up to the
+    # largest step a draw can give (u = 2^-32)
+    largest = int(math.floor(math.log(2.0 ** -32) / math.log1p(-p)))
+    for g in sorted({1, 2, 3, 10, largest // 2, largest - 1, largest}):
+        j = math.floor((1 - p) ** g * 2 ** 32)
+        bits = torch.tensor([j, j + 1], dtype=torch.int64).sub_(2 ** 31 + 1).to(torch.int32)  # u = j, j + 1
+        kept = dropout_mod.geometric_steps(bits, p) - 1
+        assert int(kept[0]) >= g > int(kept[1]), (g, kept)
+    ends = torch.tensor([-2 ** 31, 2 ** 31 - 1], dtype=torch.int32)  # u = 2^-32 and u = 1
+    assert dropout_mod.geometric_steps(ends, p).tolist() == [largest + 1, 1]
+
+
+@pytest.mark.parametrize('sigmas', [6.0, -3.0], ids=['one_draw', 'draws_again'])
+def test_drop_positions_are_independent_bernoulli_units(sigmas):
+    # -3 sigmas draws too few gaps on purpose, so positions continue across several draws
+    torch.manual_seed(0)
+    n, p = 2_000_000, 0.1
+    positions = dropout_mod.drop_positions(n, p, torch.device('cpu'), sigmas=sigmas)
+    assert positions.dtype == torch.int64 and bool((positions.diff() > 0).all())
+    assert int(positions[0]) >= 0 and int(positions[-1]) < n
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[positions] = True
+    se = (p * (1 - p) / n) ** 0.5
+    assert abs(float(dropped.double().mean()) - p) < 5 * se
+    for lag in (1, 2, 7):  # neighbours drop together with probability p^2: no correlation between units
+        both = float((dropped[:-lag] & dropped[lag:]).double().mean())
+        assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+    # the drop counts of 100-unit windows have the binomial variance n p (1 - p), as independent units do
+    counts = dropped.view(-1, 100).double().sum(1)
+    assert float(counts.var()) == pytest.approx(100 * p * (1 - p), rel=0.03)
+
+
+@pytest.mark.parametrize('sigmas', [6.0, -50.0], ids=['one_draw', 'one_gap_per_draw'])
+def test_every_unit_of_a_small_tensor_drops_at_the_rate(sigmas):
+    # the first and last units too: the positions start at unit 0 and stop before n; at -50 sigmas every gap is
+    # a draw of its own, so each continues where the last stopped
+    torch.manual_seed(0)
+    calls, n, p = 20_000, 8, 0.3
+    dropped = torch.zeros(calls, n)
+    for i in range(calls):
+        positions = dropout_mod.drop_positions(n, p, torch.device('cpu'), sigmas=sigmas)
+        assert bool((positions.diff() > 0).all())
+        dropped[i, positions] = 1
+    torch.testing.assert_close(dropped.mean(0), torch.full((n,), p), atol=5 * (p * (1 - p) / calls) ** 0.5, rtol=0)
+    both = (dropped[:, :-1] * dropped[:, 1:]).mean(0)  # neighbours independent
+    torch.testing.assert_close(both, torch.full((n - 1,), p * p), atol=5 * (p * p / calls) ** 0.5, rtol=0)
+
+
+@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Dropout(0.05), lambda: Uout(0.3)],
+                         ids=['dropout', 'dropout_low_rate', 'uout'])
 def test_same_seed_or_restored_rng_state_gives_the_same_noise(make):
     layer = make().train()
     x = torch.randn(8, 16, 7, 7)
@@ -266,14 +321,18 @@ def test_same_seed_or_restored_rng_state_gives_the_same_noise(make):
     assert torch.equal(layer(x), after)
 
 
-def test_dropout_forward_and_gradient_are_mask_times_scale():
+@pytest.mark.parametrize('p, channels_last', [(0.3, False), (0.05, False), (0.05, True)])
+def test_dropout_forward_and_gradient_are_mask_times_scale(p, channels_last):
     torch.manual_seed(0)
-    p = 0.3
-    x = (torch.rand(16, 8, 5, 5) + 0.5).requires_grad_()  # no zeros: a zero output means a dropped unit
+    x = torch.rand(16, 8, 5, 5) + 0.5  # no zeros: a zero output means a dropped unit
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     y = Dropout(p).train()(x)
     keep = y != 0
-    assert 0.6 < keep.float().mean() < 0.8
-    scale = 65536 / (65536 - dropout_mod.drop_levels(p))
+    assert abs(keep.float().mean() - (1 - p)) < 0.05
+    # the rate as asked at rates up to 1/8, rounded to a multiple of 1/65536 above
+    scale = 1 / (1 - p) if p <= 1 / 8 else 65536 / (65536 - dropout_mod.drop_levels(p))
     torch.testing.assert_close(y, x.detach() * keep * scale)
     g = torch.randn_like(y)
     y.backward(g)
@@ -307,6 +366,11 @@ def test_cpu_dropouts_keep_a_small_mask_for_backward():
     # Bernoulli: one byte per element, not the float mask F.dropout keeps; Uout: the 2-byte draws
     assert saved_for_backward(Dropout(0.2).train(), x) == [(torch.bool, x.numel())]
     assert saved_for_backward(Uout(0.2).train(), x) == [(torch.int16, 2 * x.numel())]
+    # rates up to 1/8: the drops' 8-byte indices, at most one byte per element
+    torch.manual_seed(0)
+    x = torch.randn(64, 16, 8, 8, requires_grad=True)
+    (dtype, size), = saved_for_backward(Dropout(0.05).train(), x)
+    assert dtype == torch.int64 and 0.3 * x.numel() < size < 0.5 * x.numel()
 
 
 def no_fast_path(like):
@@ -322,16 +386,18 @@ def test_other_devices_use_torch_ops(make, monkeypatch):
         make().train()(torch.ones(4, 8))
 
 
-def test_rates_too_small_for_16_bits_use_f_dropout(monkeypatch):
-    # 1e-4 is 6.55 / 65536: rounding to 7 / 65536 would move it by 7%
+def test_rates_too_fine_for_16_bits_keep_their_exact_scale(monkeypatch):
+    # 1e-4 is 6.55 / 65536 (drop positions, exact); 1 - 1e-4 keeps 6.55 / 65536 (F.dropout): rounding either to
+    # a multiple of 1/65536 would move it by 7%
     monkeypatch.setattr(dropout_mod, 'random_int16', no_fast_path)
     for p in (1e-4, 1 - 1e-4):
-        y = Dropout(p).train()(torch.ones(1000))
-        kept = y[y != 0]  # scaled by F.dropout's 1 / (1 - p), not by that of a rounded rate
+        y = Dropout(p).train()(torch.ones(100_000))
+        kept = y[y != 0]  # scaled by 1 / (1 - p), not by that of a rounded rate
         torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
 
 
-@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Uout(0.3)], ids=['dropout', 'uout'])
+@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Dropout(0.05), lambda: Uout(0.3)],
+                         ids=['dropout', 'dropout_low_rate', 'uout'])
 def test_train_mode_fx_trace_torchscript_and_compile(make):
     layer = make().train()
     x = torch.randn(4, 8, 6, 6)

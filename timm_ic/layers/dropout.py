@@ -6,16 +6,24 @@
   BN centres the units so that dropout's gates scale pairwise correlation by p_keep.
 
 Training speed on CPU: torch's `F.dropout` and `uniform_` spend most of their time drawing a random float per
-element, then make several full passes (mask, scale, multiply). On CPU both layers here draw 16 bits per element
-(64-bit words from torch's own generator, read as four 16-bit integers), keep a 1-byte mask (Uout: the 2-byte draws)
-for backward, and apply mask and scale in a custom autograd function. The draws come from torch's default generator,
-so `torch.manual_seed`, `torch.get_rng_state` / `set_rng_state` (exact resume) and activation checkpointing work as
-before. 16 bits fix the granularity: a Bernoulli drop probability is a multiple of 1/65536 (the requested one
-rounded, off by at most 2^-17), Uout's noise takes 65536 equally likely values, the midpoints of an even split of
-[1 - beta, 1 + beta]. Other devices (GPU, meta), TorchScript, and rates too small for 16 bits use torch's own
-ops, which are already the fastest there; so does torch.compile (inductor draws its own fused random numbers,
-seeded from torch's generator).
+element, then make several full passes (mask, scale, multiply). On CPU the layers here draw from torch's own
+generator (64-bit words, `random_`), as few bits as the distribution needs, and apply mask and scale in a custom
+autograd function:
+- Bernoulli dropout at rates up to 1/8 (the IC layer's 0.05, Kim et al.'s 0.1) draws where the drops are, not
+  whether each unit drops: the gaps between drops are independent geometric variables (memorylessness makes
+  that the same as independent Bernoulli units), one 32-bit draw per dropped unit by inversion, instead of 16 bits
+  per unit. The output is x * 1/(1-p) with the drops zeroed; backward keeps only the drops' flat indices (8 bytes
+  per dropped unit: at most one byte per unit). The rate is the requested one to within 2^-32.
+- Bernoulli dropout at other rates and Uout draw 16 bits per element (four per word) and keep a 1-byte mask
+  (Uout: the 2-byte draws). A drop probability is then a multiple of 1/65536 (the requested one rounded, off by at
+  most 2^-17); Uout's noise takes 65536 equally likely values, the midpoints of an even split of [1 - beta,
+  1 + beta].
+Since the draws come from torch's default generator, `torch.manual_seed`, `torch.get_rng_state` /
+`set_rng_state` (exact resume) and activation checkpointing work as before. Other devices (GPU, meta),
+TorchScript, and rates near 1 use torch's own ops, which are already the fastest there; so does torch.compile
+(inductor draws its own fused random numbers, seeded from torch's generator).
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -30,8 +38,8 @@ __all__ = ['Dropout', 'Uout', 'ICLayer', 'create_dropout', 'DROP_KINDS', 'dropou
 DROP_KINDS = ('dropout', 'uout', 'none')
 
 LEVELS = 1 << 16  # values of one 16-bit draw
-# below this many of LEVELS on either side, rounding p to a multiple of 1/LEVELS would move it by more than ~1%
-# of itself: such rates take torch's exact F.dropout
+# keep probabilities below this many of LEVELS would move by more than ~1% of themselves if rounded to a multiple
+# of 1/LEVELS: such rates (near 1) take torch's exact F.dropout
 MIN_LEVELS = 64
 
 
@@ -47,14 +55,49 @@ def check_beta(beta: float) -> float:
     return float(beta)
 
 
-def random_int16(like: torch.Tensor) -> torch.Tensor:
-    """Uniform int16 in [-32768, 32767], one per element of `like`, from torch's default generator.
+def random_bits(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """n uniform integers of `dtype` (int16 or int32) covering its whole range, from torch's default generator.
 
     `random_(-2**63, None)` fills an int64 with all 64 bits random (the default range leaves the sign bit 0),
-    so each of its four 16-bit pieces is uniform and independent of the others."""
-    n = like.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-2 ** 63, None)
-    return words.view(torch.int16)[:n].view(like.shape)
+    so each of its 16- or 32-bit pieces is uniform and independent of the others."""
+    per_word = 8 // dtype.itemsize
+    words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    return words.view(dtype)[:n]
+
+
+def random_int16(like: torch.Tensor) -> torch.Tensor:
+    """Uniform int16 in [-32768, 32767], one per element of `like`."""
+    return random_bits(like.numel(), torch.int16, like.device).view(like.shape)
+
+
+# rates up to this draw the drops' positions (cheaper than 16 bits per unit, and at most 1 byte per unit kept)
+GEOMETRIC_MAX_RATE = 1 / 8
+
+
+def geometric_steps(bits: torch.Tensor, p: float) -> torch.Tensor:
+    """1 + the number of kept units before the next drop, by inversion of 32-bit draws `bits` (int32): with
+    u = (bits + 2^31 + 1) / 2^32, uniform on {1, ..., 2^32} / 2^32, floor(log(u) / log(1 - p)) >= g exactly
+    when u <= (1 - p)^g, so P(g or more kept) is (1 - p)^g to within 2^-32."""
+    u = bits.to(torch.float64).add_(2 ** 31 + 1).mul_(2.0 ** -32)  # exact in float64
+    return u.log_().div_(math.log1p(-p)).floor_().add_(1).to(torch.int64)
+
+
+def drop_positions(n: int, p: float, device: torch.device, sigmas: float = 6.0) -> torch.Tensor:
+    """Sorted flat indices of the dropped units among n, each dropped independently with probability p.
+
+    Draws enough gaps to pass n but for a chance of about 1e-9 (`sigmas` standard deviations above the
+    expected count), and draws again from where they stopped when not."""
+    chunks, start = [], 0  # start: the first unit not yet decided
+    while True:
+        expected = (n - start) * p
+        count = max(int(expected + sigmas * math.sqrt(expected) + 16), 1)
+        positions = geometric_steps(random_bits(count, torch.int32, device), p).cumsum_(0).add_(start - 1)
+        last = int(positions[-1])
+        if last >= n:
+            chunks.append(positions[:int(torch.searchsorted(positions, n))])
+            return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        chunks.append(positions)
+        start = last + 1
 
 
 def _fast_path(x: torch.Tensor) -> bool:
@@ -63,7 +106,7 @@ def _fast_path(x: torch.Tensor) -> bool:
     return x.device.type == 'cpu' and not torch.compiler.is_compiling()
 
 
-# Both functions build their output in the one tensor they allocate (mask or noise, then in-place multiplies): on
+# Each function builds its output in the one tensor it allocates (mask or noise, then in-place multiplies): on
 # CPU a fresh tensor's first touch (page faults) costs about as much as a pass over it.
 
 class _MaskScale(torch.autograd.Function):
@@ -80,6 +123,29 @@ class _MaskScale(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         keep, = ctx.saved_tensors
         return keep.view(torch.uint8).to(grad.dtype).mul_(grad).mul_(ctx.scale), None, None
+
+
+class _DropPositions(torch.autograd.Function):
+    """y = x * scale with the units at flat `positions` zeroed; the same for the gradient."""
+
+    @staticmethod
+    def apply_to(t: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        out = t.mul(scale)
+        if not out.is_contiguous():  # e.g. channels_last: positions index the contiguous layout
+            out = out.contiguous()
+        out.view(-1).index_fill_(0, positions, 0)
+        return out
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.save_for_backward(positions)
+        return _DropPositions.apply_to(x, positions, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
+        positions, = ctx.saved_tensors
+        return _DropPositions.apply_to(grad, positions, ctx.scale), None, None
 
 
 class _Uout(torch.autograd.Function):
@@ -114,9 +180,14 @@ def drop_levels(p: float) -> int:
 @register_notrace_function
 @torch.jit.unused
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Bernoulli dropout, `F.dropout`'s contract; on CPU p is rounded to a multiple of 1/65536 (see module doc)."""
+    """Bernoulli dropout, `F.dropout`'s contract; on CPU above rate 1/8, p is rounded to a multiple of 1/65536
+    (see module doc)."""
+    if not training or p == 0.0 or not _fast_path(x):
+        return F.dropout(x, p, training)
+    if p <= GEOMETRIC_MAX_RATE:
+        return _DropPositions.apply(x, drop_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
     levels = drop_levels(p)
-    if not training or p == 0.0 or not _fast_path(x) or min(levels, LEVELS - levels) < MIN_LEVELS:
+    if LEVELS - levels < MIN_LEVELS:
         return F.dropout(x, p, training)
     # k drops iff k < levels - 32768: probability exactly levels / 65536; the scale keeps E[y] = x exactly
     keep = random_int16(x) >= levels - LEVELS // 2
