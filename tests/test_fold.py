@@ -9,7 +9,8 @@ from timm.utils import reparameterize_model
 from torch.fx import GraphModule, Tracer
 
 import timm_ic  # registers the models
-from timm_ic.layers import BiasMapConv2d, is_eval_identity, Dropout, Uout, fold_bn_after_conv, fold_bn_before_conv
+from timm_ic.layers import BiasMapConv2d, Dropout, Uout, fold_bn_after_conv, fold_bn_after_relu, fold_bn_before_conv, \
+    is_eval_identity
 from timm_ic.models import ResidualBlock
 
 from conftest import DEEP, MODELS, small_input
@@ -141,6 +142,47 @@ def test_a_folded_padded_conv_trains_with_the_gradient_of_the_unfolded_pair():
     grad_folded, = torch.autograd.grad(folded(x), x, g)
     grad_pair, = torch.autograd.grad(conv(bn(x)), x, g)
     torch.testing.assert_close(grad_folded, grad_pair, rtol=1e-12, atol=1e-12)
+
+
+def test_relu_then_bn_between_two_convs_folds_into_the_first_exactly_for_every_sign_of_the_scale():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).eval().double()
+    _randomize_bn(bn)  # scales of both signs
+    with torch.no_grad():
+        bn.weight[0] = 0.0
+        bn.weight[1] = -0.0
+    assert (bn.weight < 0).any() and (bn.weight > 0).any()
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=True).double().eval()
+    after = nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2, bias=True).double().eval()
+    conv2, floor, after2 = fold_bn_after_relu(conv, bn, after)
+    assert type(conv2) is nn.Conv2d and type(after2) is nn.Conv2d  # no bias map: the border is exact as is
+    assert not any(m.training for m in (conv2, after2))  # as the modules they replace
+    for size in (7, 8):
+        x = torch.randn(3, 4, size, size, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(after2(floor(conv2(x))), after(bn(torch.relu(conv(x)))), rtol=1e-12,
+                                       atol=1e-12)
+
+
+def test_fused_ic_blocks_keep_a_bias_map_only_in_their_first_unit_and_run_eval_modules():
+    model = timm.create_model('ic_resnet20').eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    model.fuse()
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    assert all(isinstance(b.units[0].conv, BiasMapConv2d) for b in blocks)
+    assert not any(isinstance(u.conv, BiasMapConv2d) for b in blocks for u in b.units[1:])
+    assert not any(m.training for m in model.modules())  # the folded modules too
+    maps = []  # an eval bias map is computed once per input size, then cached
+    for m in model.modules():
+        if isinstance(m, BiasMapConv2d):
+            m.bias_map = lambda x, f=m.bias_map: maps.append(1) or f(x)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    assert len(maps) == len(blocks)
 
 
 def test_fold_before_an_unpadded_conv_is_a_plain_conv():

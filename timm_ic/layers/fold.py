@@ -8,6 +8,11 @@ padding pads BN(x), not x. A conv without padding gets it as a bias; a padded co
 bias map (`BiasMapConv2d`), which stays exact whatever `a` is (a shift x + b / a would divide by a zero or
 tiny `a`, e.g. the zero-init last BN of a block).
 
+Between two convs, ReLU then BN (the IC layer's order) folds into the conv before the ReLU, with no bias map:
+a * relu(x) + b = s * max(|a| x + s b, s b) for s the sign of a, so the first conv takes |a| and s b (the standard
+fold), the ReLU becomes a per-channel floor s b (`ClampMin2d`), and s goes into the second conv's input channels
+(zero padding commutes with a per-channel sign).
+
 Only plain `nn.BatchNorm2d` with running statistics folds, and only into a plain `nn.Conv2d` / `nn.Linear`
 (a weight-standardized conv normalizes its weight: a scale would be undone). Other norms (GN, LN, FRN...)
 depend on the sample and stay.
@@ -21,8 +26,8 @@ from timm.layers import register_notrace_module
 
 from .dropout import Dropout, Uout
 
-__all__ = ['BiasMapConv2d', 'bn_affine', 'is_eval_identity', 'fold_bn_after_conv', 'fold_bn_before_conv',
-           'fold_bn_before_linear', 'can_fold_into']
+__all__ = ['BiasMapConv2d', 'ClampMin2d', 'bn_affine', 'is_eval_identity', 'fold_bn_after_conv',
+           'fold_bn_after_relu', 'fold_bn_before_conv', 'fold_bn_before_linear', 'can_fold_into']
 
 
 def bn_affine(bn: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -73,8 +78,8 @@ class BiasMapConv2d(nn.Conv2d):
                         self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or self.training:
-            m = self.bias_map(x)  # no cache: traced as a constant, or weights may still change
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or self.training:
+            m = self.bias_map(x)  # no cache: traced into the graph, or weights may still change
         else:
             key = (tuple(x.shape[2:]), x.dtype, x.device)
             m = self._maps.get(key)
@@ -96,7 +101,7 @@ def _conv_like(conv: nn.Conv2d, cls, weight: torch.Tensor, bias: Optional[torch.
     new.weight = nn.Parameter(weight.detach().clone(), requires_grad=conv.weight.requires_grad)
     if bias is not None:
         new.bias = nn.Parameter(bias.detach().clone(), requires_grad=conv.weight.requires_grad)
-    return new
+    return new.train(conv.training)  # an eval BiasMapConv2d caches its map
 
 
 @torch.no_grad()
@@ -118,7 +123,11 @@ def fold_bn_before_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
 @torch.no_grad()
 def fold_bn_after_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """The standard fold: a conv computing bn(conv(x)) in eval."""
-    a, b = bn_affine(bn)
+    return _affine_after_conv(conv, *bn_affine(bn))
+
+
+def _affine_after_conv(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> nn.Conv2d:
+    """A conv computing a * conv(x) + b per output channel."""
     w = conv.weight
     a_out = a.to(w.dtype)[:, None, None, None]
     bias = b.to(w.dtype) + (a.to(w.dtype) * conv.bias if conv.bias is not None else 0.0)
@@ -126,6 +135,35 @@ def fold_bn_after_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     if isinstance(conv, BiasMapConv2d):
         new.bias_weight.copy_(conv.bias_weight * a_out)
     return new
+
+
+class ClampMin2d(nn.Module):
+    """max(x, floor) per channel: a ReLU followed by a BN, once the BN is folded into the conv before the ReLU
+    (`fold_bn_after_relu`). `inplace` when its input is a tensor nothing else reads (a conv's fresh output)."""
+
+    def __init__(self, floor: torch.Tensor, inplace: bool = False):
+        super().__init__()
+        self.register_buffer('floor', floor.detach().clone().view(-1, 1, 1))
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one vectorized pass, as fast as a ReLU: clamp with both bounds as tensors is several times slower on CPU
+        return x.clamp_min_(self.floor) if self.inplace else x.clamp_min(self.floor)
+
+    def extra_repr(self) -> str:
+        return f'{self.floor.numel()}, inplace={self.inplace}'
+
+
+@torch.no_grad()
+def fold_bn_after_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, next_conv: nn.Conv2d) \
+        -> Tuple[nn.Conv2d, ClampMin2d, nn.Conv2d]:
+    """conv, ReLU, bn, next_conv in eval as conv', `ClampMin2d`, next_conv' (module doc): no norm and no bias
+    map left. s = -1 where bn's scale is negative, else 1."""
+    a, b = bn_affine(bn)
+    sign = torch.where(a < 0, -1.0, 1.0).to(a.dtype)
+    w = next_conv.weight
+    new_next = _conv_like(next_conv, type(next_conv), w * _per_input(sign.to(w.dtype), next_conv), next_conv.bias)
+    return _affine_after_conv(conv, a.abs(), sign * b), ClampMin2d(sign * b).train(conv.training), new_next
 
 
 @torch.no_grad()
@@ -137,4 +175,4 @@ def fold_bn_before_linear(bn: nn.BatchNorm2d, fc: nn.Linear) -> nn.Linear:
     new.weight = nn.Parameter(w * a.to(w.dtype)[None], requires_grad=w.requires_grad)
     bias = w @ b.to(w.dtype) + (fc.bias if fc.bias is not None else 0.0)
     new.bias = nn.Parameter(bias, requires_grad=w.requires_grad)
-    return new
+    return new.train(fc.training)

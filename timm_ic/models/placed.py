@@ -36,8 +36,8 @@ from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq
 
 from ..layers import GROUPED_NORMS, NORMS_WITH_ACT, bn_affine, can_fold_into, create_conv, create_dropout, \
-    create_norm, fold_bn_after_conv, fold_bn_before_conv, fold_bn_before_linear, is_eval_identity, resolve_groups, \
-    split_norm_act
+    create_norm, fold_bn_after_conv, fold_bn_after_relu, fold_bn_before_conv, fold_bn_before_linear, \
+    is_eval_identity, resolve_groups, split_norm_act
 from ..placement import Placement
 from .pretrained import build_model_with_checks
 from .skeleton import (
@@ -333,17 +333,35 @@ def _norm_before(seq: nn.Sequential) -> Optional[str]:
 
 def _fold_across_units(units: Sequence[Unit]) -> None:
     """Pre-activation (norm-act-conv): a unit's opening norm takes the previous unit's conv output alone,
-    so it folds into that conv (the standard conv-BN fold). After the fold, the unit's activation runs in place
-    when only dropouts come before it: its input is that conv's fresh output, which nothing else reads (the first
-    unit's input is the block's, shared with the shortcut or the concatenation, and stays untouched)."""
+    so it folds into that conv (the standard conv-BN fold). IC (act-norm-drop-conv): ReLU then norm fold into the
+    previous conv too (`fold_bn_after_relu`), leaving the unit's own conv without a bias map. After the fold, the
+    unit's activation runs in place when only dropouts come before it: its input is that conv's fresh output,
+    which nothing else reads (the first unit's input is the block's, shared with the shortcut or the
+    concatenation, and stays untouched)."""
     for prev, unit in zip(units[:-1], units[1:]):
         if all(is_eval_identity(m) for m in prev.post):
             _fold_norm_after(unit.pre, prev, 'conv')
+            _fold_relu_norm_after(unit, prev)
             names = list(unit.pre._modules)
             act = unit.pre._modules.get('act')
             if isinstance(getattr(act, 'inplace', None), bool) and \
                     all(is_eval_identity(unit.pre._modules[n]) for n in names[:names.index('act')]):
                 act.inplace = True  # one activation-sized allocation fewer
+
+
+def _fold_relu_norm_after(unit: Unit, prev: Unit) -> None:
+    """A unit opening with ReLU then a foldable BatchNorm (dropouts between or after), whose input is `prev`'s
+    conv output alone: the norm goes into prev's conv, the ReLU becomes its per-channel floor."""
+    mods = list(unit.pre.named_children())
+    if not mods or type(mods[0][1]) is not nn.ReLU:
+        return
+    rest = [(name, m) for name, m in mods[1:] if not is_eval_identity(m)]
+    if len(rest) != 1 or bn_affine(rest[0][1]) is None or not can_fold_into(prev.conv, before=False) \
+            or not can_fold_into(unit.conv, before=True):
+        return
+    prev.conv, floor, unit.conv = fold_bn_after_relu(prev.conv, rest[0][1], unit.conv)
+    setattr(unit.pre, mods[0][0], floor)
+    delattr(unit.pre, rest[0][0])
 
 
 def _fold_norm_after(seq: nn.Sequential, owner: nn.Module, conv_name: str) -> None:
