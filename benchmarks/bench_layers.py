@@ -3,14 +3,14 @@
     python benchmarks/bench_layers.py                              # CPU, (128, 16, 32, 32) float32
     python benchmarks/bench_layers.py --shape 128 64 8 8 --repeats 51
 
-Each row times `layer(x).backward(g)` for one of our layers and for torch's layer with the same distribution
-(`nn.Dropout`; for Uout, x times `uniform_` noise, as Uout is written in torch ops), alternating the two every
-repeat. The ratio is torch's time over ours: the median of the per-repeat ratios [their interquartile range]
+Each row times a forward and backward (`torch.autograd.grad`) of one of our layers and of torch's layer with the
+same distribution (`nn.Dropout`; for Uout, x times `uniform_` noise, as Uout is written in torch ops),
+alternating the two every repeat. The ratio is torch's time over ours: the median of the per-repeat ratios [their interquartile range]
 (`bench_models.ratio_cell`). Our Bernoulli dropout draws the drops' positions at rates up to 1/8 and 16 bits per
 unit above (`timm_ic.layers.dropout`), so the rows cover both.
 """
 import argparse
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
@@ -57,8 +57,10 @@ def main() -> None:
         for layer in (ours, theirs):
             if isinstance(layer, nn.Module):
                 layer.train()
-        times = {'ours': [], 'torch': []}  # type: dict[str, List[float]]
-        runs = {'ours': lambda: ours(x).backward(g), 'torch': lambda: theirs(x).backward(g)}
+        times: Dict[str, List[float]] = {'ours': [], 'torch': []}
+        # autograd.grad, not backward: no x.grad accumulating across runs
+        runs = {'ours': lambda: torch.autograd.grad(ours(x), x, g),
+                'torch': lambda: torch.autograd.grad(theirs(x), x, g)}
         for run in runs.values():  # warm-up
             run()
         for _ in range(args.repeats):

@@ -9,8 +9,8 @@ from timm.utils import reparameterize_model
 from torch.fx import GraphModule, Tracer
 
 import timm_ic  # registers the models
-from timm_ic.layers import BiasMapConv2d, Dropout, Uout, fold_bn_after_conv, fold_bn_after_relu, fold_bn_before_conv, \
-    is_eval_identity
+from timm_ic.layers import BiasMapConv2d, ClampMin2d, Dropout, Uout, fold_bn_after_conv, fold_bn_after_relu, \
+    fold_bn_before_conv, is_eval_identity
 from timm_ic.models import ResidualBlock
 
 from conftest import DEEP, MODELS, small_input
@@ -183,6 +183,37 @@ def test_fused_ic_blocks_keep_a_bias_map_only_in_their_first_unit_and_run_eval_m
         for _ in range(3):
             torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
     assert len(maps) == len(blocks)
+
+
+def test_loading_weights_into_a_fused_model_drops_its_cached_bias_maps():
+    x = torch.randn(2, 3, 32, 32)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = timm.create_model('ic_resnet20').eval()
+        _randomize_bn(model, seed)
+        with torch.no_grad():
+            models.append((model(x), model.fuse()))
+    (_, first), (expected, second) = models
+    with torch.no_grad():
+        first(x)  # caches the first model's maps
+        first.load_state_dict(second.state_dict())
+        torch.testing.assert_close(first(x), expected, rtol=1e-4, atol=1e-4)
+    conv = next(m for m in first.modules() if isinstance(m, BiasMapConv2d))
+    with torch.no_grad():
+        for size in range(8, 8 + 2 * conv.max_cached_maps):
+            conv(torch.randn(1, conv.in_channels, size, size))
+    assert len(conv._maps) == conv.max_cached_maps  # bounded, whatever sizes come
+
+
+def test_clamp_min_keeps_the_input_dtype():
+    floor = ClampMin2d(torch.randn(4))
+    x = torch.randn(2, 4, 3, 3).bfloat16()
+    for inplace in (False, True):
+        floor.inplace = inplace
+        y = floor(x.clone())
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, torch.maximum(x, floor.floor.bfloat16()))
 
 
 def test_fold_before_an_unpadded_conv_is_a_plain_conv():

@@ -263,10 +263,23 @@ def test_geometric_gaps_invert_every_32_bit_draw_exactly(p):
     for g in sorted({1, 2, 3, 10, largest // 2, largest - 1, largest}):
         j = math.floor((1 - p) ** g * 2 ** 32)
         bits = torch.tensor([j, j + 1], dtype=torch.int64).sub_(2 ** 31 + 1).to(torch.int32)  # u = j, j + 1
-        kept = dropout_mod.geometric_steps(bits, p) - 1
+        kept = dropout_mod.geometric_steps(bits, p, longest=2 ** 62) - 1
         assert int(kept[0]) >= g > int(kept[1]), (g, kept)
     ends = torch.tensor([-2 ** 31, 2 ** 31 - 1], dtype=torch.int32)  # u = 2^-32 and u = 1
-    assert dropout_mod.geometric_steps(ends, p).tolist() == [largest + 1, 1]
+    assert dropout_mod.geometric_steps(ends, p, longest=2 ** 62).tolist() == [largest + 1, 1]
+    assert dropout_mod.geometric_steps(ends, p, longest=5).tolist() == [5, 1]
+
+
+@pytest.mark.parametrize('p', [1e-19, 5e-324])
+def test_rates_too_small_to_drop_anything_leave_every_unit(p):
+    # a step of 1 / p units would pass int64: steps are cut at the end of the tensor
+    torch.manual_seed(0)
+    x = torch.randn(1000, requires_grad=True)
+    y = Dropout(p).train()(x)
+    torch.testing.assert_close(y, x * (1 / (1 - p)))
+    assert Dropout(0.05).train()(torch.ones(0)).shape == (0,)
+    with pytest.raises(ValueError, match='dropout probability'):  # F.dropout's own message
+        dropout_mod.dropout(torch.ones(4), -0.05)
 
 
 @pytest.mark.parametrize('sigmas', [6.0, -3.0], ids=['one_draw', 'draws_again'])
@@ -373,16 +386,17 @@ def test_cpu_dropouts_keep_a_small_mask_for_backward():
     assert dtype == torch.int64 and 0.3 * x.numel() < size < 0.5 * x.numel()
 
 
-def no_fast_path(like):
-    raise AssertionError('16-bit draws used')
+def no_fast_path(*args, **kwargs):
+    raise AssertionError('fast path draws used')
 
 
-@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Uout(0.3)], ids=['dropout', 'uout'])
+@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Dropout(0.05), lambda: Uout(0.3)],
+                         ids=['dropout', 'dropout_low_rate', 'uout'])
 def test_other_devices_use_torch_ops(make, monkeypatch):
-    monkeypatch.setattr(dropout_mod, 'random_int16', no_fast_path)
+    monkeypatch.setattr(dropout_mod, 'random_bits', no_fast_path)
     with torch.device('meta'):  # stands in for CUDA: any device but the CPU
         assert make().train()(torch.empty(4, 8)).shape == (4, 8)
-    with pytest.raises(AssertionError, match='16-bit draws'):  # and the CPU takes the fast path
+    with pytest.raises(AssertionError, match='fast path draws'):  # and the CPU takes the fast path
         make().train()(torch.ones(4, 8))
 
 

@@ -13,7 +13,7 @@ autograd function:
   whether each unit drops: the gaps between drops are independent geometric variables (memorylessness makes
   that the same as independent Bernoulli units), one 32-bit draw per dropped unit by inversion, instead of 16 bits
   per unit. The output is x * 1/(1-p) with the drops zeroed; backward keeps only the drops' flat indices (8 bytes
-  per dropped unit: at most one byte per unit). The rate is the requested one to within 2^-32.
+  per dropped unit: p bytes per unit on average, one at p = 1/8). The rate is the requested one to within 2^-32.
 - Bernoulli dropout at other rates and Uout draw 16 bits per element (four per word) and keep a 1-byte mask
   (Uout: the 2-byte draws). A drop probability is then a multiple of 1/65536 (the requested one rounded, off by at
   most 2^-17); Uout's noise takes 65536 equally likely values, the midpoints of an even split of [1 - beta,
@@ -70,16 +70,17 @@ def random_int16(like: torch.Tensor) -> torch.Tensor:
     return random_bits(like.numel(), torch.int16, like.device).view(like.shape)
 
 
-# rates up to this draw the drops' positions (cheaper than 16 bits per unit, and at most 1 byte per unit kept)
+# rates up to this draw the drops' positions: faster than 16 bits per unit, and at most 1 byte per unit kept on average
 GEOMETRIC_MAX_RATE = 1 / 8
 
 
-def geometric_steps(bits: torch.Tensor, p: float) -> torch.Tensor:
+def geometric_steps(bits: torch.Tensor, p: float, longest: int) -> torch.Tensor:
     """1 + the number of kept units before the next drop, by inversion of 32-bit draws `bits` (int32): with
     u = (bits + 2^31 + 1) / 2^32, uniform on {1, ..., 2^32} / 2^32, floor(log(u) / log(1 - p)) >= g exactly
-    when u <= (1 - p)^g, so P(g or more kept) is (1 - p)^g to within 2^-32."""
+    when u <= (1 - p)^g, so P(g or more kept) is (1 - p)^g to within 2^-32. Steps are cut to `longest` (one
+    that long already passes the last unit), which keeps those of tiny rates inside int64."""
     u = bits.to(torch.float64).add_(2 ** 31 + 1).mul_(2.0 ** -32)  # exact in float64
-    return u.log_().div_(math.log1p(-p)).floor_().add_(1).to(torch.int64)
+    return u.log_().div_(math.log1p(-p)).floor_().add_(1).clamp_max_(longest).to(torch.int64)
 
 
 def drop_positions(n: int, p: float, device: torch.device, sigmas: float = 6.0) -> torch.Tensor:
@@ -91,7 +92,8 @@ def drop_positions(n: int, p: float, device: torch.device, sigmas: float = 6.0) 
     while True:
         expected = (n - start) * p
         count = max(int(expected + sigmas * math.sqrt(expected) + 16), 1)
-        positions = geometric_steps(random_bits(count, torch.int32, device), p).cumsum_(0).add_(start - 1)
+        steps = geometric_steps(random_bits(count, torch.int32, device), p, longest=n - start + 1)
+        positions = steps.cumsum_(0).add_(start - 1)
         last = int(positions[-1])
         if last >= n:
             chunks.append(positions[:int(torch.searchsorted(positions, n))])
@@ -129,10 +131,9 @@ class _DropPositions(torch.autograd.Function):
     """y = x * scale with the units at flat `positions` zeroed; the same for the gradient."""
 
     @staticmethod
-    def apply_to(t: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
-        out = t.mul(scale)
-        if not out.is_contiguous():  # e.g. channels_last: positions index the contiguous layout
-            out = out.contiguous()
+    def scale_and_zero(t: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        # contiguous whatever t's layout (channels_last, an expanded gradient): positions index that layout
+        out = torch.mul(t, scale, out=torch.empty_like(t, memory_format=torch.contiguous_format))
         out.view(-1).index_fill_(0, positions, 0)
         return out
 
@@ -140,12 +141,12 @@ class _DropPositions(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
         ctx.save_for_backward(positions)
-        return _DropPositions.apply_to(x, positions, scale)
+        return _DropPositions.scale_and_zero(x, positions, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         positions, = ctx.saved_tensors
-        return _DropPositions.apply_to(grad, positions, ctx.scale), None, None
+        return _DropPositions.scale_and_zero(grad, positions, ctx.scale), None, None
 
 
 class _Uout(torch.autograd.Function):
@@ -182,8 +183,8 @@ def drop_levels(p: float) -> int:
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Bernoulli dropout, `F.dropout`'s contract; on CPU above rate 1/8, p is rounded to a multiple of 1/65536
     (see module doc)."""
-    if not training or p == 0.0 or not _fast_path(x):
-        return F.dropout(x, p, training)
+    if not training or not 0.0 < p < 1.0 or not _fast_path(x):
+        return F.dropout(x, p, training)  # its own error for a rate outside [0, 1]
     if p <= GEOMETRIC_MAX_RATE:
         return _DropPositions.apply(x, drop_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
     levels = drop_levels(p)

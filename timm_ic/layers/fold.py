@@ -67,6 +67,8 @@ class BiasMapConv2d(nn.Conv2d):
     """conv(x) + conv(pad0(constant image)) with the constant's conv (`bias_weight`) kept apart: what a
     padded conv after a BN becomes. The map depends on the input size only, so it is cached per size."""
 
+    max_cached_maps = 8  # input sizes
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer('bias_weight', torch.zeros_like(self.weight))
@@ -84,6 +86,8 @@ class BiasMapConv2d(nn.Conv2d):
             key = (tuple(x.shape[2:]), x.dtype, x.device)
             m = self._maps.get(key)
             if m is None:
+                if len(self._maps) >= self.max_cached_maps:
+                    del self._maps[next(iter(self._maps))]  # the oldest
                 m = self._maps[key] = self.bias_map(x)
         # in place on the conv's fresh output: no third activation-sized tensor, which on CPU costs about as much
         # as the add itself (a fresh allocation's page faults); autograd-safe, conv's backward does not read it
@@ -92,6 +96,10 @@ class BiasMapConv2d(nn.Conv2d):
     def _apply(self, fn, recurse=True):
         self._maps = {}  # device / dtype changes
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._maps = {}  # new bias_weight
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
 def _conv_like(conv: nn.Conv2d, cls, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Conv2d:
@@ -126,6 +134,7 @@ def fold_bn_after_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return _affine_after_conv(conv, *bn_affine(bn))
 
 
+@torch.no_grad()
 def _affine_after_conv(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> nn.Conv2d:
     """A conv computing a * conv(x) + b per output channel."""
     w = conv.weight
@@ -148,7 +157,8 @@ class ClampMin2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one vectorized pass, as fast as a ReLU: clamp with both bounds as tensors is several times slower on CPU
-        return x.clamp_min_(self.floor) if self.inplace else x.clamp_min(self.floor)
+        floor = self.floor.to(x.dtype)  # a float32 floor would promote a bf16 x out of place
+        return x.clamp_min_(floor) if self.inplace else x.clamp_min(floor)
 
     def extra_repr(self) -> str:
         return f'{self.floor.numel()}, inplace={self.inplace}'

@@ -300,8 +300,8 @@ class PlacedNet(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> 'PlacedNet':
-        """Fold every eval BatchNorm that sits next to a weight layer (no nonlinearity between) into it, in
-        place, for inference. timm's `reparameterize_model(model)` calls the blocks' own `fuse` (it calls
+        """Fold every eval BatchNorm that sits next to a weight layer (no nonlinearity between, or a ReLU between
+        two convs: `fold_bn_after_relu`) into it, in place, for inference. timm's `reparameterize_model(model)` calls the blocks' own `fuse` (it calls
         children only); this also folds the stem's norm (post-activation) and the final norm into the
         classifier (IC: act-norm, then global average pool, which commutes with BN's per-channel affine map).
         After it, `forward_intermediates(norm=True)` no longer applies that final norm."""
