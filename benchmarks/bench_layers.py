@@ -5,11 +5,12 @@
 
 Each row times a forward and backward (`torch.autograd.grad`) of one of our layers and of torch's layer with the
 same distribution (`nn.Dropout`; for Uout, x times `uniform_` noise, as Uout is written in torch ops),
-alternating the two every repeat. The ratio is torch's time over ours: the median of the per-repeat ratios [their interquartile range]
-(`bench_models.ratio_cell`). Our Bernoulli dropout draws the drops' positions at rates up to 1/8 and 16 bits per
-unit above (`timm_ic.layers.dropout`), so the rows cover both.
+alternating the two every repeat. The ratio is torch's time over ours: the median of the per-repeat ratios
+[their interquartile range] (`bench_models.ratio_cell`). Our Bernoulli dropout draws the drops' positions at
+rates up to 1/8 and 16 bits per unit above (`timm_ic.layers.dropout`), so the rows cover both.
 """
 import argparse
+import statistics
 from typing import Callable, Dict, List
 
 import torch
@@ -66,7 +67,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for side, run in runs.items():
                 times[side].append(time_step(run, device, args.steps))
-        median = {side: sorted(t)[len(t) // 2] * 1e3 for side, t in times.items()}
+        median = {side: statistics.median(t) * 1e3 for side, t in times.items()}
         print(f'{name:16s} {median["ours"]:8.2f} {median["torch"]:9.2f} {ratio_cell(times["ours"], times["torch"])}')
 
 

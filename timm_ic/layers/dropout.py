@@ -13,7 +13,8 @@ autograd function:
   whether each unit drops: the gaps between drops are independent geometric variables (memorylessness makes
   that the same as independent Bernoulli units), one 32-bit draw per dropped unit by inversion, instead of 16 bits
   per unit. The output is x * 1/(1-p) with the drops zeroed; backward keeps only the drops' flat indices (8 bytes
-  per dropped unit: p bytes per unit on average, one at p = 1/8). The rate is the requested one to within 2^-32.
+  per dropped unit: 8p bytes per unit on average, one at p = 1/8). Each gap's law is exact to 2^-32, so a unit's
+  drop probability is the requested one to within about 1e-9 (under 25 p 2^-32: the gap's ~22/p possible lengths).
 - Bernoulli dropout at other rates and Uout draw 16 bits per element (four per word) and keep a 1-byte mask
   (Uout: the 2-byte draws). A drop probability is then a multiple of 1/65536 (the requested one rounded, off by at
   most 2^-17); Uout's noise takes 65536 equally likely values, the midpoints of an even split of [1 - beta,

@@ -154,7 +154,7 @@ class DenseLayer(nn.Module):
         return torch.cat([x, self.units(x)], 1)
 
     def fuse(self) -> 'DenseLayer':
-        """Fold the pre-activation norm between two units into the first's conv (the units fold the rest)."""
+        """Fold the norm between two units into the first's conv (`_fold_across_units`; the units fold the rest)."""
         _fold_across_units(list(self.units))
         return self
 
@@ -301,9 +301,10 @@ class PlacedNet(nn.Module):
     @torch.no_grad()
     def fuse(self) -> 'PlacedNet':
         """Fold every eval BatchNorm that sits next to a weight layer (no nonlinearity between, or a ReLU between
-        two convs: `fold_bn_after_relu`) into it, in place, for inference. timm's `reparameterize_model(model)` calls the blocks' own `fuse` (it calls
-        children only); this also folds the stem's norm (post-activation) and the final norm into the
-        classifier (IC: act-norm, then global average pool, which commutes with BN's per-channel affine map).
+        two convs: `fold_bn_after_relu`) into it, in place, for inference. timm's `reparameterize_model(model)`
+        calls the blocks' own `fuse` (it calls children only); this also folds the stem's norm (post-activation)
+        and the final norm into the classifier (IC: act-norm, then global average pool, which commutes with BN's
+        per-channel affine map).
         After it, `forward_intermediates(norm=True)` no longer applies that final norm."""
         from timm.models import reparameterize_model
         reparameterize_model(self, inplace=True)
