@@ -247,6 +247,38 @@ def test_uout_models_use_beta_0_2(name):
     assert betas == {0.2} and model.placement.beta == 0.2
 
 
+def test_slot_runs_relu_then_uout_as_one_op_without_keeping_the_relu_output():
+    from collections import OrderedDict
+    from timm_ic.models.placed import Slot
+    slot = Slot(OrderedDict(norm=nn.BatchNorm2d(8), act=nn.ReLU(), drop=Uout(0.2))).train()
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+
+    def run():
+        kept = {}  # storage -> bytes, what autograd keeps for backward
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: t):
+            torch.manual_seed(0)
+            y = conv(slot(x))
+        y.square().sum().backward()
+        return y, x.grad.clone(), sum(kept.values())
+
+    fused, fused_grad, fused_kept = run()
+    calls = []
+    hook = slot.act.register_forward_hook(lambda *args: calls.append(1))  # a hooked module runs as itself
+    x.grad = None
+    plain, plain_grad, plain_kept = run()
+    assert calls == [1]
+    assert torch.equal(fused, plain) and torch.equal(fused_grad, plain_grad)
+    assert plain_kept - fused_kept == 4 * x.numel()  # the ReLU's float output
+    hook.remove()
+    traced = torch.fx.symbolic_trace(slot)  # in training too, the fused op is one call in the graph
+    assert any('relu_uout' in str(n.target) for n in traced.graph.nodes)
+    torch.manual_seed(0)
+    assert torch.equal(conv(traced(x)), fused)
+
+
 @pytest.mark.parametrize('norm', ['frn', 'evonorm_b0', 'evonorm_s0'])
 def test_post_blocks_with_frn_or_evonorm_apply_their_nonlinearity_after_the_sum(norm):
     # Lubana et al.'s reference block: the norm before the sum without its nonlinearity, TLU / EvoNorm after it

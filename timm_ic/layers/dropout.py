@@ -19,6 +19,9 @@ autograd function:
   (Uout: the 2-byte draws). A drop probability is then a multiple of 1/65536 (the requested one rounded, off by at
   most 2^-17); Uout's noise takes 65536 equally likely values, the midpoints of an even split of [1 - beta,
   1 + beta].
+- Uout right after a ReLU (`relu_uout`, which the placement slots use in training: DenseNet's BN-ReLU-Uout) is one
+  autograd op: its noise is positive for beta < 1, so relu(x) * u = max(x * u, 0), and backward needs only the
+  output (which the next weight layer keeps anyway) and the draws, not the ReLU's output too.
 Since the draws come from torch's default generator, `torch.manual_seed`, `torch.get_rng_state` /
 `set_rng_state` (exact resume) and activation checkpointing work as before. Other devices (GPU, meta),
 TorchScript, and rates near 1 use torch's own ops, which are already the fastest there; so does torch.compile
@@ -34,7 +37,7 @@ from timm.layers import register_notrace_function
 
 from .norm import create_norm
 
-__all__ = ['Dropout', 'Uout', 'ICLayer', 'create_dropout', 'DROP_KINDS', 'dropout', 'uout']
+__all__ = ['Dropout', 'Uout', 'ICLayer', 'create_dropout', 'DROP_KINDS', 'dropout', 'uout', 'relu_uout']
 
 DROP_KINDS = ('dropout', 'uout', 'none')
 
@@ -173,6 +176,25 @@ class _Uout(torch.autograd.Function):
         return _Uout.noise(draws, ctx.beta, grad.dtype).mul_(grad), None, None
 
 
+class _ReLUUout(torch.autograd.Function):
+    """y = relu(x) * u, Uout right after a ReLU, as one output: u > 0 (beta < 1) commutes with the ReLU, so
+    y = max(x * u, 0) from the same draws. Keeps y, which the next weight layer keeps anyway, and the 2-byte
+    draws; a ReLU then `_Uout` would keep the ReLU's output as well (4 bytes per element)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, draws: torch.Tensor, beta: float) -> torch.Tensor:
+        ctx.beta = beta
+        y = _Uout.noise(draws, beta, x.dtype).mul_(x).clamp_min_(0.0)  # clamp keeps NaN, as relu does
+        ctx.save_for_backward(y, draws)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
+        y, draws = ctx.saved_tensors
+        # y > 0 exactly where x > 0: ReLU's own backward (threshold_backward) on its mask
+        return torch.ops.aten.threshold_backward(_Uout.noise(draws, ctx.beta, grad.dtype).mul_(grad), y, 0), None, None
+
+
 def drop_levels(p: float) -> int:
     """How many of the 65536 values of a 16-bit draw drop a unit: round(p * 65536)."""
     return round(p * LEVELS)
@@ -209,6 +231,17 @@ def uout(x: torch.Tensor, beta: float, training: bool = True) -> torch.Tensor:
     return _Uout.apply(x, random_int16(x), beta)
 
 
+@torch.fx.wrap
+@register_notrace_function
+@torch.jit.unused
+def relu_uout(x: torch.Tensor, beta: float, training: bool = True) -> torch.Tensor:
+    """uout(relu(x), beta, training): the same values from the same draws. On CPU with beta < 1, one autograd
+    op that keeps no ReLU output of its own (`_ReLUUout`); elsewhere the two ops."""
+    if training and 0.0 < beta < 1.0 and _fast_path(x):
+        return _ReLUUout.apply(x, random_int16(x), beta)
+    return uout(F.relu(x), beta, training)
+
+
 class Dropout(nn.Dropout):
     """`nn.Dropout` drawing its mask through `dropout` above: faster on CPU, the same as `nn.Dropout` elsewhere.
 
@@ -240,6 +273,11 @@ class Uout(nn.Module):
         if torch.jit.is_scripting():
             return x * torch.empty_like(x).uniform_(1.0 - self.beta, 1.0 + self.beta)
         return uout(x, self.beta)
+
+    @torch.jit.unused
+    def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """self(relu(x)) as one op (`relu_uout`), for a slot that holds a ReLU then this Uout."""
+        return relu_uout(x, self.beta, self.training)
 
     def extra_repr(self) -> str:
         return f'beta={self.beta}'

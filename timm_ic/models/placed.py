@@ -31,11 +31,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as torch_module
 from timm.layers import create_classifier, get_act_layer, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq
 
-from ..layers import GROUPED_NORMS, NORMS_WITH_ACT, bn_affine, can_fold_into, create_conv, create_dropout, \
+from ..layers import GROUPED_NORMS, NORMS_WITH_ACT, Uout, bn_affine, can_fold_into, create_conv, create_dropout, \
     create_norm, fold_bn_after_conv, fold_bn_after_relu, fold_bn_before_conv, fold_bn_before_linear, \
     is_eval_identity, resolve_groups, split_norm_act
 from ..placement import Placement
@@ -45,7 +46,7 @@ from .skeleton import (
 )
 
 __all__ = [
-    'PlacedNet', 'Unit', 'ResidualBlock', 'DenseLayer', 'Transition', 'build_placed_net', 'create_placed_model',
+    'PlacedNet', 'Slot', 'Unit', 'ResidualBlock', 'DenseLayer', 'Transition', 'build_placed_net', 'create_placed_model',
     'conv_layer',
 ]
 
@@ -53,6 +54,43 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (the test of `nn.Module._call_impl`'s fast path)."""
+    g = torch_module  # torch's global hooks live there
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
+
+
+class Slot(nn.Sequential):
+    """The modules a placement puts in one slot (norm, act, drop, in the placement's order), run in turn.
+
+    In training, a ReLU right before a Uout runs as one op (`Uout.forward_after_relu`): the same values from the same draws,
+    without keeping the ReLU's output for backward as well as the Uout's (4 bytes per element; DenseNet's
+    BN-ReLU-Uout before each conv). Modules with hooks run as themselves, so their hooks see what they expect."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.training:
+            return self._forward_fused(x)
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self)
+        i = 0
+        while i < len(modules):
+            first, second = modules[i], modules[i + 1] if i + 1 < len(modules) else None
+            if type(first) is nn.ReLU and type(second) is Uout and not (_hooked(first) or _hooked(second)):
+                x = second.forward_after_relu(x)
+                i += 2
+            else:
+                x = first(x)
+                i += 1
+        return x
+
 
 class Unit(nn.Module):
     """One weight layer with the slots the placement puts before (`pre`) and after (`post`) it."""
@@ -437,7 +475,7 @@ class _Slots:
                     mods['act'] = act
             elif slot == 'drop' and with_drop:
                 mods['drop'] = self.drop()
-        return nn.Sequential(mods)
+        return Slot(mods)
 
     def unit(self, conv: nn.Conv2d, with_drop: bool, post_slots: Optional[Sequence[str]] = None,
              post_norm: Optional[nn.Module] = None) -> Unit:
