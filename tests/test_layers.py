@@ -386,21 +386,27 @@ def test_cpu_dropouts_keep_a_small_mask_for_backward():
     assert dtype == torch.int64 and 0.3 * x.numel() < size < 0.5 * x.numel()
 
 
-@pytest.mark.parametrize('beta', [0.3, 0.999, 1.5], ids=['fused', 'fused_near_1', 'beta_1_or_more_unfused'])
-def test_relu_uout_is_uout_of_relu_from_the_same_draws(beta):
+@pytest.mark.parametrize('make', [
+    lambda: Uout(0.3), lambda: Uout(0.999), lambda: Uout(1.5), lambda: Dropout(0.05), lambda: Dropout(0.3),
+    lambda: Dropout(1 - 1e-4),
+], ids=['uout', 'uout_near_1', 'uout_beta_1_or_more_unfused', 'dropout_positions', 'dropout_16_bit',
+        'dropout_torch'])
+def test_dropout_after_relu_is_one_op_with_the_values_of_the_two(make):
+    layer = make().train()
     x = torch.randn(4, 8, 6, 6)
-    x.view(-1)[:4] = torch.tensor([0.0, -0.0, float('nan'), -1e-30])
+    x.view(-1)[:5] = torch.tensor([0.0, -0.0, float('nan'), -1e-30, float('inf')])
     fused_x, plain_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn_like(x)
     torch.manual_seed(0)
-    fused = dropout_mod.relu_uout(fused_x, beta)
+    fused = layer.forward_after_relu(fused_x)
     fused.backward(g)
     torch.manual_seed(0)
-    plain = Uout(beta).train()(torch.relu(plain_x))
+    plain = layer(torch.relu(plain_x))
     plain.backward(g)
     torch.testing.assert_close(fused, plain, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(fused_x.grad, plain_x.grad, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(dropout_mod.relu_uout(x, beta, training=False), torch.relu(x), equal_nan=True)
+    layer.eval()
+    torch.testing.assert_close(layer.forward_after_relu(x), torch.relu(x), rtol=0, atol=0, equal_nan=True)
 
 
 def no_fast_path(*args, **kwargs):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import timm_ic  # registers the models
-from timm_ic.layers import Uout
+from timm_ic.layers import Dropout, Uout
 from timm_ic.models import PlacedNet
 from timm_ic.placement import Placement
 
@@ -247,10 +247,12 @@ def test_uout_models_use_beta_0_2(name):
     assert betas == {0.2} and model.placement.beta == 0.2
 
 
-def test_slot_runs_relu_then_uout_as_one_op_without_keeping_the_relu_output():
+@pytest.mark.parametrize('make', [lambda: Uout(0.2), lambda: Dropout(0.1), lambda: Dropout(0.3)],
+                         ids=['uout', 'dropout_positions', 'dropout_16_bit'])
+def test_slot_runs_relu_then_dropout_as_one_op_without_keeping_the_relu_output(make):
     from collections import OrderedDict
     from timm_ic.models.placed import Slot
-    slot = Slot(OrderedDict(norm=nn.BatchNorm2d(8), act=nn.ReLU(), drop=Uout(0.2))).train()
+    slot = Slot(OrderedDict(norm=nn.BatchNorm2d(8), act=nn.ReLU(), drop=make())).train()
     conv = nn.Conv2d(8, 8, 3, padding=1)
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
 
@@ -274,7 +276,8 @@ def test_slot_runs_relu_then_uout_as_one_op_without_keeping_the_relu_output():
     assert plain_kept - fused_kept == 4 * x.numel()  # the ReLU's float output
     hook.remove()
     traced = torch.fx.symbolic_trace(slot)  # in training too, the fused op is one call in the graph
-    assert any('relu_uout' in str(n.target) for n in traced.graph.nodes)
+    assert [n.kwargs.get('after_relu') for n in traced.graph.nodes if n.op == 'call_function'] == [True]
+    assert [n.target for n in traced.graph.nodes if n.op == 'call_module'] == ['norm']
     torch.manual_seed(0)
     assert torch.equal(conv(traced(x)), fused)
 

@@ -19,16 +19,17 @@ autograd function:
   (Uout: the 2-byte draws). A drop probability is then a multiple of 1/65536 (the requested one rounded, off by at
   most 2^-17); Uout's noise takes 65536 equally likely values, the midpoints of an even split of [1 - beta,
   1 + beta].
-- Uout right after a ReLU (`relu_uout`, which the placement slots use in training: DenseNet's BN-ReLU-Uout) is one
-  autograd op: its noise is positive for beta < 1, so relu(x) * u = max(x * u, 0), and backward needs only the
-  output (which the next weight layer keeps anyway) and the draws, not the ReLU's output too.
+- A dropout or Uout right after a ReLU (`after_relu=True`, which placement slots use in training: DenseNet's
+  BN-ReLU-Uout, Kim et al.'s BN-ReLU-dropout) is one autograd op: the multiplier is never negative (Uout's for
+  beta < 1), so relu(x) * m = max(x * m, 0), and backward needs only the output (which the next weight layer
+  keeps anyway) and what was drawn, not the ReLU's output too.
 Since the draws come from torch's default generator, `torch.manual_seed`, `torch.get_rng_state` /
 `set_rng_state` (exact resume) and activation checkpointing work as before. Other devices (GPU, meta),
 TorchScript, and rates near 1 use torch's own ops, which are already the fastest there; so does torch.compile
 (inductor draws its own fused random numbers, seeded from torch's generator).
 """
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,7 @@ from timm.layers import register_notrace_function
 
 from .norm import create_norm
 
-__all__ = ['Dropout', 'Uout', 'ICLayer', 'create_dropout', 'DROP_KINDS', 'dropout', 'uout', 'relu_uout']
+__all__ = ['Dropout', 'Uout', 'ICLayer', 'create_dropout', 'DROP_KINDS', 'dropout', 'uout']
 
 DROP_KINDS = ('dropout', 'uout', 'none')
 
@@ -112,87 +113,62 @@ def _fast_path(x: torch.Tensor) -> bool:
     return x.device.type == 'cpu' and not torch.compiler.is_compiling()
 
 
-# Each function builds its output in the one tensor it allocates (mask or noise, then in-place multiplies): on
-# CPU a fresh tensor's first touch (page faults) costs about as much as a pass over it.
+# Each multiplier builds its result in the one tensor it allocates (mask, noise or scaled copy, then in-place
+# ops): on CPU a fresh tensor's first touch (page faults) costs about as much as a pass over it.
 
-class _MaskScale(torch.autograd.Function):
-    """y = x * keep * scale in forward, grad * keep * scale in backward; keeps only the 1-byte mask."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        ctx.save_for_backward(keep)
-        # bool -> float is a slow conversion on CPU; uint8 -> float (the same bytes) is not
-        return keep.view(torch.uint8).to(x.dtype).mul_(x).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
-        keep, = ctx.saved_tensors
-        return keep.view(torch.uint8).to(grad.dtype).mul_(grad).mul_(ctx.scale), None, None
+def keep_times(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """t * keep * scale, from the 1-byte mask `keep`."""
+    # bool -> float is a slow conversion on CPU; uint8 -> float (the same bytes) is not
+    return keep.view(torch.uint8).to(t.dtype).mul_(t).mul_(scale)
 
 
-class _DropPositions(torch.autograd.Function):
-    """y = x * scale with the units at flat `positions` zeroed; the same for the gradient."""
-
-    @staticmethod
-    def scale_and_zero(t: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
-        # contiguous whatever t's layout (channels_last, an expanded gradient): positions index that layout
-        out = torch.mul(t, scale, out=torch.empty_like(t, memory_format=torch.contiguous_format))
-        out.view(-1).index_fill_(0, positions, 0)
-        return out
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        ctx.save_for_backward(positions)
-        return _DropPositions.scale_and_zero(x, positions, scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
-        positions, = ctx.saved_tensors
-        return _DropPositions.scale_and_zero(grad, positions, ctx.scale), None, None
+def drop_positions_times(t: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """t * scale with the units at flat `positions` zeroed."""
+    # contiguous whatever t's layout (channels_last, an expanded gradient): positions index that layout
+    out = torch.mul(t, scale, out=torch.empty_like(t, memory_format=torch.contiguous_format))
+    out.view(-1).index_fill_(0, positions, 0)
+    return out
 
 
-class _Uout(torch.autograd.Function):
-    """y = x * u with u = 1 + beta * (k + 1/2) / 32768 from 16-bit draws k; keeps only the 2-byte draws."""
+def uout_times(t: torch.Tensor, draws: torch.Tensor, beta: float) -> torch.Tensor:
+    """t * u, Uout's noise u = 1 + beta * (k + 1/2) / 32768 from the 16-bit draws k."""
+    # the noise in at least float32: bfloat16 would round the 65536 values to a few hundred
+    step = beta / (LEVELS // 2)
+    u = draws.to(torch.promote_types(t.dtype, torch.float32)).mul_(step).add_(1.0 + step / 2)
+    return u.to(t.dtype).mul_(t)
+
+
+Multiplier = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+class _Multiply(torch.autograd.Function):
+    """y = x * m for a dropout's multiplier m: `times(t, drawn, arg)` multiplies t by it, rebuilt from what was
+    drawn (the 1-byte mask, the drop positions, Uout's 2-byte draws), which is all backward keeps.
+
+    With `after_relu`, y = relu(x) * m as one op, for m >= 0 (Bernoulli's 0 or 1/(1-p), Uout's noise for
+    beta < 1): y = max(x * m, 0), the same values from the same draws. Backward keeps y, which the next weight
+    layer keeps anyway, where a ReLU then a dropout would keep the ReLU's output as well (4 bytes per element);
+    its gradient is zero where y is not positive, which differs from the two ops' only for a non-finite gradient
+    at a dropped unit."""
 
     @staticmethod
-    def noise(draws: torch.Tensor, beta: float, dtype: torch.dtype) -> torch.Tensor:
-        # in at least float32: bfloat16 would round the 65536 values to a few hundred
-        step = beta / (LEVELS // 2)
-        u = draws.to(torch.promote_types(dtype, torch.float32)).mul_(step).add_(1.0 + step / 2)
-        return u.to(dtype)
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, draws: torch.Tensor, beta: float) -> torch.Tensor:
-        ctx.beta = beta
-        ctx.save_for_backward(draws)
-        return _Uout.noise(draws, beta, x.dtype).mul_(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
-        draws, = ctx.saved_tensors
-        # regenerated from the saved draws: 2 bytes per element kept instead of the 4 of a float noise tensor
-        return _Uout.noise(draws, ctx.beta, grad.dtype).mul_(grad), None, None
-
-
-class _ReLUUout(torch.autograd.Function):
-    """y = relu(x) * u, Uout right after a ReLU, as one output: u > 0 (beta < 1) commutes with the ReLU, so
-    y = max(x * u, 0) from the same draws. Keeps y, which the next weight layer keeps anyway, and the 2-byte
-    draws; a ReLU then `_Uout` would keep the ReLU's output as well (4 bytes per element)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, draws: torch.Tensor, beta: float) -> torch.Tensor:
-        ctx.beta = beta
-        y = _Uout.noise(draws, beta, x.dtype).mul_(x).clamp_min_(0.0)  # clamp keeps NaN, as relu does
-        ctx.save_for_backward(y, draws)
+    def forward(ctx, x: torch.Tensor, drawn: torch.Tensor, arg: float, times: Multiplier,
+                after_relu: bool) -> torch.Tensor:
+        ctx.times, ctx.arg = times, arg
+        y = times(x, drawn, arg)
+        if after_relu:
+            ctx.save_for_backward(drawn, y.clamp_min_(0.0))  # clamp keeps NaN, as relu does
+        else:
+            ctx.save_for_backward(drawn)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
-        y, draws = ctx.saved_tensors
-        # y > 0 exactly where x > 0: ReLU's own backward (threshold_backward) on its mask
-        return torch.ops.aten.threshold_backward(_Uout.noise(draws, ctx.beta, grad.dtype).mul_(grad), y, 0), None, None
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
+        drawn, *relu_output = ctx.saved_tensors
+        grad = ctx.times(grad, drawn, ctx.arg)
+        if relu_output:  # ReLU's own backward
+            grad = torch.ops.aten.threshold_backward(grad, relu_output[0], 0)
+        return grad, None, None, None, None
 
 
 def drop_levels(p: float) -> int:
@@ -203,43 +179,36 @@ def drop_levels(p: float) -> int:
 @torch.fx.wrap
 @register_notrace_function
 @torch.jit.unused
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool = False) -> torch.Tensor:
     """Bernoulli dropout, `F.dropout`'s contract; on CPU above rate 1/8, p is rounded to a multiple of 1/65536
-    (see module doc)."""
+    (see module doc). `after_relu`: dropout(relu(x)), as one op on CPU (`_Multiply`)."""
     if not training or not 0.0 < p < 1.0 or not _fast_path(x):
-        return F.dropout(x, p, training)  # its own error for a rate outside [0, 1]
+        return F.dropout(F.relu(x) if after_relu else x, p, training)  # its own error for a rate outside [0, 1]
     if p <= GEOMETRIC_MAX_RATE:
-        return _DropPositions.apply(x, drop_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
+        positions = drop_positions(x.numel(), p, x.device)
+        return _Multiply.apply(x, positions, 1.0 / (1.0 - p), drop_positions_times, after_relu)
     levels = drop_levels(p)
     if LEVELS - levels < MIN_LEVELS:
-        return F.dropout(x, p, training)
+        return F.dropout(F.relu(x) if after_relu else x, p, training)
     # k drops iff k < levels - 32768: probability exactly levels / 65536; the scale keeps E[y] = x exactly
     keep = random_int16(x) >= levels - LEVELS // 2
-    return _MaskScale.apply(x, keep, LEVELS / (LEVELS - levels))
+    return _Multiply.apply(x, keep, LEVELS / (LEVELS - levels), keep_times, after_relu)
 
 
 @torch.fx.wrap
 @register_notrace_function
 @torch.jit.unused
-def uout(x: torch.Tensor, beta: float, training: bool = True) -> torch.Tensor:
-    """Uout: x * u with u ~ U(1 - beta, 1 + beta) per element in training, x in eval (see module doc on CPU)."""
+def uout(x: torch.Tensor, beta: float, training: bool = True, after_relu: bool = False) -> torch.Tensor:
+    """Uout: x * u with u ~ U(1 - beta, 1 + beta) per element in training, x in eval (see module doc on CPU).
+    `after_relu`: uout(relu(x)), as one op on CPU for beta < 1 (`_Multiply`; the noise is positive)."""
+    if after_relu and (not training or beta == 0.0 or beta >= 1.0 or not _fast_path(x)):
+        return uout(F.relu(x), beta, training)
     if not training or beta == 0.0:
         return x
     if not _fast_path(x):
         # x + x * r with r ~ U(-beta, beta), as one multiply: 1 + r ~ U(1 - beta, 1 + beta)
         return x * torch.empty_like(x).uniform_(1.0 - beta, 1.0 + beta)
-    return _Uout.apply(x, random_int16(x), beta)
-
-
-@torch.fx.wrap
-@register_notrace_function
-@torch.jit.unused
-def relu_uout(x: torch.Tensor, beta: float, training: bool = True) -> torch.Tensor:
-    """uout(relu(x), beta, training): the same values from the same draws. On CPU with beta < 1, one autograd
-    op that keeps no ReLU output of its own (`_ReLUUout`); elsewhere the two ops."""
-    if training and 0.0 < beta < 1.0 and _fast_path(x):
-        return _ReLUUout.apply(x, random_int16(x), beta)
-    return uout(F.relu(x), beta, training)
+    return _Multiply.apply(x, random_int16(x), beta, uout_times, after_relu)
 
 
 class Dropout(nn.Dropout):
@@ -254,6 +223,11 @@ class Dropout(nn.Dropout):
         if torch.jit.is_scripting():
             return F.dropout(x, self.p, self.training)
         return dropout(x, self.p, self.training)
+
+    @torch.jit.unused
+    def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """self(relu(x)), as one op on CPU: for a slot that holds a ReLU then this dropout."""
+        return dropout(x, self.p, self.training, after_relu=True)
 
 
 class Uout(nn.Module):
@@ -276,8 +250,8 @@ class Uout(nn.Module):
 
     @torch.jit.unused
     def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
-        """self(relu(x)) as one op (`relu_uout`), for a slot that holds a ReLU then this Uout."""
-        return relu_uout(x, self.beta, self.training)
+        """self(relu(x)), as one op on CPU: for a slot that holds a ReLU then this Uout."""
+        return uout(x, self.beta, self.training, after_relu=True)
 
     def extra_repr(self) -> str:
         return f'beta={self.beta}'

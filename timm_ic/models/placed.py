@@ -36,8 +36,8 @@ from timm.layers import create_classifier, get_act_layer, register_notrace_funct
 from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq
 
-from ..layers import GROUPED_NORMS, NORMS_WITH_ACT, Uout, bn_affine, can_fold_into, create_conv, create_dropout, \
-    create_norm, fold_bn_after_conv, fold_bn_after_relu, fold_bn_before_conv, fold_bn_before_linear, \
+from ..layers import GROUPED_NORMS, NORMS_WITH_ACT, Dropout, Uout, bn_affine, can_fold_into, create_conv, \
+    create_dropout, create_norm, fold_bn_after_conv, fold_bn_after_relu, fold_bn_before_conv, fold_bn_before_linear, \
     is_eval_identity, resolve_groups, split_norm_act
 from ..placement import Placement
 from .pretrained import build_model_with_checks
@@ -66,9 +66,10 @@ def _hooked(module: nn.Module) -> bool:
 class Slot(nn.Sequential):
     """The modules a placement puts in one slot (norm, act, drop, in the placement's order), run in turn.
 
-    In training, a ReLU right before a Uout runs as one op (`Uout.forward_after_relu`): the same values from the same draws,
-    without keeping the ReLU's output for backward as well as the Uout's (4 bytes per element; DenseNet's
-    BN-ReLU-Uout before each conv). Modules with hooks run as themselves, so their hooks see what they expect."""
+    In training, a ReLU right before a dropout or Uout runs as one op (their `forward_after_relu`): the same
+    values from the same draws, without keeping the ReLU's output for backward as well as the dropout's output
+    (4 bytes per element; DenseNet's BN-ReLU-Uout before each conv, Kim et al.'s BN-ReLU-dropout). Modules with
+    hooks run as themselves, so their hooks see what they expect."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.training:
@@ -83,7 +84,8 @@ class Slot(nn.Sequential):
         i = 0
         while i < len(modules):
             first, second = modules[i], modules[i + 1] if i + 1 < len(modules) else None
-            if type(first) is nn.ReLU and type(second) is Uout and not (_hooked(first) or _hooked(second)):
+            fusable = type(first) is nn.ReLU and type(second) in (Dropout, Uout)
+            if fusable and not (_hooked(first) or _hooked(second)):
                 x = second.forward_after_relu(x)
                 i += 2
             else:
