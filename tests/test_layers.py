@@ -394,7 +394,10 @@ def test_cpu_dropouts_keep_a_small_mask_for_backward():
 def test_dropout_after_relu_is_one_op_with_the_values_of_the_two(make):
     layer = make().train()
     x = torch.randn(4, 8, 6, 6)
-    x.view(-1)[:5] = torch.tensor([0.0, -0.0, float('nan'), -1e-30, float('inf')])
+    # a third of the units special, so that some of each are dropped (not subnormals: x * u can round to 0 where
+    # x does not, and the gradient is masked by the output, as `_Multiply` says)
+    special = torch.tensor([0.0, -0.0, float('nan'), -1e-30, float('inf'), -float('inf')])
+    x.view(-1)[:360] = special.repeat(60)
     fused_x, plain_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn_like(x)
     torch.manual_seed(0)
@@ -407,6 +410,15 @@ def test_dropout_after_relu_is_one_op_with_the_values_of_the_two(make):
     torch.testing.assert_close(fused_x.grad, plain_x.grad, rtol=0, atol=0, equal_nan=True)
     layer.eval()
     torch.testing.assert_close(layer.forward_after_relu(x), torch.relu(x), rtol=0, atol=0, equal_nan=True)
+
+
+def test_uout_after_relu_with_a_negative_beta_takes_the_two_ops():
+    # uout() itself does not check beta: a negative one makes negative noise, which does not commute with relu
+    x = torch.randn(4, 8, 6, 6)
+    torch.manual_seed(0)
+    fused = dropout_mod.uout(x, -1.5, after_relu=True)
+    torch.manual_seed(0)
+    assert torch.equal(fused, dropout_mod.uout(torch.relu(x), -1.5))
 
 
 def no_fast_path(*args, **kwargs):

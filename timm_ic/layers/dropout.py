@@ -22,7 +22,7 @@ autograd function:
 - A dropout or Uout right after a ReLU (`after_relu=True`, which placement slots use in training: DenseNet's
   BN-ReLU-Uout, Kim et al.'s BN-ReLU-dropout) is one autograd op: the multiplier is never negative (Uout's for
   beta < 1), so relu(x) * m = max(x * m, 0), and backward needs only the output (which the next weight layer
-  keeps anyway) and what was drawn, not the ReLU's output too.
+  keeps anyway) and what was drawn, not the ReLU's output too (4 bytes per unit in float32).
 Since the draws come from torch's default generator, `torch.manual_seed`, `torch.get_rng_state` /
 `set_rng_state` (exact resume) and activation checkpointing work as before. Other devices (GPU, meta),
 TorchScript, and rates near 1 use torch's own ops, which are already the fastest there; so does torch.compile
@@ -149,12 +149,15 @@ class _Multiply(torch.autograd.Function):
     beta < 1): y = max(x * m, 0), the same values from the same draws. Backward keeps y, which the next weight
     layer keeps anyway, where a ReLU then a dropout would keep the ReLU's output as well (4 bytes per element);
     its gradient is zero where y is not positive, which differs from the two ops' only for a non-finite gradient
-    at a dropped unit."""
+    at a dropped unit or where x * m underflows to 0. The output must not be changed in place before backward
+    (it is saved), as a ReLU's must not."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, drawn: torch.Tensor, arg: float, times: Multiplier,
                 after_relu: bool) -> torch.Tensor:
         ctx.times, ctx.arg = times, arg
+        if after_relu and times is keep_times:
+            x = x.clamp_min(0.0)  # the mask's 0 times -inf is NaN, not relu's 0 (only used at rates above 1/8)
         y = times(x, drawn, arg)
         if after_relu:
             ctx.save_for_backward(drawn, y.clamp_min_(0.0))  # clamp keeps NaN, as relu does
@@ -201,7 +204,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool =
 def uout(x: torch.Tensor, beta: float, training: bool = True, after_relu: bool = False) -> torch.Tensor:
     """Uout: x * u with u ~ U(1 - beta, 1 + beta) per element in training, x in eval (see module doc on CPU).
     `after_relu`: uout(relu(x)), as one op on CPU for beta < 1 (`_Multiply`; the noise is positive)."""
-    if after_relu and (not training or beta == 0.0 or beta >= 1.0 or not _fast_path(x)):
+    if after_relu and (not training or not 0.0 < beta < 1.0 or not _fast_path(x)):  # else the noise is > 0
         return uout(F.relu(x), beta, training)
     if not training or beta == 0.0:
         return x

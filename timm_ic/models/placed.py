@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules import module as torch_module
 from timm.layers import create_classifier, get_act_layer, register_notrace_function
 from timm.models._features import feature_take_indices
@@ -63,16 +64,24 @@ def _hooked(module: nn.Module) -> bool:
                 or g._global_backward_hooks or g._global_backward_pre_hooks)
 
 
+@torch.jit.unused
+def _tracing() -> bool:
+    # compiling first: dynamo would not trace fx's thread-local flag
+    return torch.compiler.is_compiling() or is_fx_symbolic_tracing()
+
+
 class Slot(nn.Sequential):
     """The modules a placement puts in one slot (norm, act, drop, in the placement's order), run in turn.
 
-    In training, a ReLU right before a dropout or Uout runs as one op (their `forward_after_relu`): the same
-    values from the same draws, without keeping the ReLU's output for backward as well as the dropout's output
-    (4 bytes per element; DenseNet's BN-ReLU-Uout before each conv, Kim et al.'s BN-ReLU-dropout). Modules with
-    hooks run as themselves, so their hooks see what they expect."""
+    In eager training, a ReLU right before a dropout or Uout runs as one op (their `forward_after_relu`; on CPU
+    one autograd function): the same values from the same draws, without keeping the ReLU's output for backward
+    as well as the dropout's output (4 bytes per element in float32; DenseNet's BN-ReLU-Uout before each conv,
+    Kim et al.'s BN-ReLU-dropout). Its output, saved for backward, must not be changed in place, as a ReLU's
+    must not. Modules with hooks, TorchScript, torch.compile and FX tracing (whose graph keeps each module's node,
+    as feature extractors expect) run the modules as themselves."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.training:
+        if not torch.jit.is_scripting() and self.training and not _tracing():
             return self._forward_fused(x)
         for module in self:
             x = module(x)
