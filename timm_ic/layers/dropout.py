@@ -157,7 +157,9 @@ class _Multiply(torch.autograd.Function):
                 after_relu: bool) -> torch.Tensor:
         ctx.times, ctx.arg = times, arg
         if after_relu and times is keep_times:
-            x = x.clamp_min(0.0)  # the mask's 0 times -inf is NaN, not relu's 0 (only used at rates above 1/8)
+            # the mask's 0 times -inf is NaN, not relu's 0 (rates above 1/8 only); zeroing by the bool mask
+            # (torch.where, masked_fill_) instead is about 4x slower than the uint8 multiply on CPU
+            x = x.clamp_min(0.0)
         y = times(x, drawn, arg)
         if after_relu:
             ctx.save_for_backward(drawn, y.clamp_min_(0.0))  # clamp keeps NaN, as relu does
