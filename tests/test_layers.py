@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from timm_ic.layers import (
-    NORM_KINDS, Dropout, ICLayer, Uout, VarianceNorm2d, create_conv, create_dropout, create_norm,
+    NORM_KINDS, Dropout, ICLayer, Uout, VarianceNorm2d, create_conv, create_dropout, create_norm, set_dropout_redraw,
 )
 
 dropout_mod = importlib.import_module('timm_ic.layers.dropout')  # the module, whatever names the package exports
@@ -419,6 +419,64 @@ def test_uout_after_relu_with_a_negative_beta_takes_the_two_ops():
     fused = dropout_mod.uout(x, -1.5, after_relu=True)
     torch.manual_seed(0)
     assert torch.equal(fused, dropout_mod.uout(torch.relu(x), -1.5))
+
+
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA'))]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
+@pytest.mark.parametrize('kind, arg', [('dropout', 0.3), ('uout', 0.3)])
+def test_redrawing_dropouts_keep_the_generator_state_and_draw_again_in_backward(kind, arg, after_relu, dtype, device,
+                                                                             monkeypatch):
+    if device == 'cpu':  # the CUDA path, run on the CPU's generator: the same code but for the device
+        monkeypatch.setattr(dropout_mod, '_redraw_path', lambda x: x.requires_grad and torch.is_grad_enabled())
+    x = torch.randn(4, 8, 6, 6, dtype=dtype, device=device)
+    x.view(-1)[:360] = torch.tensor([0.0, -0.0, float('nan'), -1e-30, float('inf'), -float('inf')]).repeat(60)
+    x = x.to(memory_format=torch.channels_last)  # the draws follow x's layout, and a redraw must too
+    g = torch.randn_like(x).contiguous()  # a gradient in another layout than x
+    layer = (Dropout(arg) if kind == 'dropout' else Uout(arg)).train()
+    assert set_dropout_redraw(layer) == 1 and layer.redraw
+    op = layer.forward_after_relu if after_relu else layer
+    generator = dropout_mod.default_generator(x.device)
+
+    torch.manual_seed(0)
+    ours_x = x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = op(ours_x)
+    state_after = generator.get_state()
+    ours.backward(g)
+    # torch's own ops, the same draws: m in x's layout, y = x * m (Bernoulli: times 1 / keep after the mask)
+    torch.manual_seed(0)
+    ref_x = x.clone().requires_grad_()
+    m = torch.empty_like(x)
+    m = m.bernoulli_(1 - arg) if kind == 'dropout' else m.uniform_(1 - arg, 1 + arg)
+    inner = torch.relu(ref_x) if after_relu else ref_x
+    ref = inner * m * (1 / (1 - arg)) if kind == 'dropout' else inner * m
+    ref.backward(g)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(state_after, generator.get_state())  # it drew once, as much as torch's ops did
+    # nothing of x's size kept but, after a ReLU, the output (which the next layer keeps anyway)
+    assert [t.data_ptr() for t in saved] == ([ours.data_ptr()] if after_relu else [])
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_dropouts_redraw_only_when_asked_and_only_on_cuda(device):
+    x = torch.randn(4, 8, 6, 6, device=device, requires_grad=True)
+    for layer in (Dropout(0.3), Dropout(0.05), Uout(0.3)):
+        kept = {}
+        for redraw in (False, True):
+            set_dropout_redraw(layer.train(), redraw)
+            saved = []
+            torch.manual_seed(0)  # the same drops: at rate 0.05 the CPU keeps their positions
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                layer(x)
+            kept[redraw] = sum(t.numel() * t.element_size() for t in saved if t is not x)
+        # CUDA: the mask or noise kept by default, nothing with redraw; CPU: its small mask either way
+        assert kept[True] == (0 if device == 'cuda' else kept[False]) and kept[False] > 0, (layer, kept)
 
 
 def no_fast_path(*args, **kwargs):

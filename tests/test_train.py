@@ -741,3 +741,12 @@ def test_a_previous_run_is_not_overwritten_without_overwrite(tmp_path, capsys):
     assert code == 0, err
     assert json.loads((out / 'run.json').read_text())['status'] == 'finished'
     load_file(out / 'best.safetensors')  # the new run's weights
+
+
+def test_redraw_dropout_flag_sets_every_dropout_of_the_model():
+    import timm
+    from timm_ic.layers import Dropout, Uout
+    for argv, expected in (([], False), (['--redraw-dropout'], True)):
+        model = train.adapt_model(train.parse_args(argv), None, timm.create_model('uout_wrn28_10', num_classes=10))
+        drops = [m for m in model.modules() if isinstance(m, (Dropout, Uout))]
+        assert drops and all(m.redraw is expected for m in drops)

@@ -1,5 +1,5 @@
 """Layers: the IC layer, Uout, and the normalizer zoo of "Beyond BatchNorm"."""
-from .dropout import DROP_KINDS, Dropout, ICLayer, Uout, create_dropout
+from .dropout import DROP_KINDS, Dropout, ICLayer, Uout, create_dropout, set_dropout_redraw
 from .norm import (
     CONV_KINDS, GROUPED_NORMS, NORM_KINDS, NORMS_WITH_ACT, TLU, VarianceNorm2d, create_conv, create_norm,
     resolve_groups, split_norm_act,

@@ -27,6 +27,12 @@ Since the draws come from torch's default generator, `torch.manual_seed`, `torch
 `set_rng_state` (exact resume) and activation checkpointing work as before. Other devices (GPU, meta),
 TorchScript, and rates near 1 use torch's own ops, which are already the fastest there; so does torch.compile
 (inductor draws its own fused random numbers, seeded from torch's generator).
+
+On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
+activations the weight layers keep: 1.1 to 2x a baseline's peak training memory. With `redraw` (per module, or
+`set_dropout_redraw(model)`) eager CUDA training keeps only the generator's 16-byte state and draws the same
+mask or noise again in backward (`_Redraw`; a ReLU before it is folded in as on CPU): about the baseline's
+memory, for extra kernels and Python per dropout that slowed training by 3 to 20% on an H200 (README, Speed).
 """
 import math
 from typing import Callable, Optional, Tuple
@@ -38,7 +44,7 @@ from timm.layers import register_notrace_function
 
 from .norm import create_norm
 
-__all__ = ['Dropout', 'Uout', 'ICLayer', 'create_dropout', 'DROP_KINDS', 'dropout', 'uout']
+__all__ = ['Dropout', 'Uout', 'ICLayer', 'create_dropout', 'DROP_KINDS', 'dropout', 'uout', 'set_dropout_redraw']
 
 DROP_KINDS = ('dropout', 'uout', 'none')
 
@@ -176,6 +182,70 @@ class _Multiply(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _redraw_path(x: torch.Tensor) -> bool:
+    # eager autograd on CUDA (asked for by `redraw`): torch's own draws, kept for backward as the generator's 16-byte
+    # state instead of a mask or noise tensor. Not under compile (inductor fuses and partitions torch's own ops)
+    # or graph capture (a captured generator's state is not its replay's)
+    return (x.is_cuda and x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """torch's default generator of `device` (CPU, or one CUDA device's), the one `torch.manual_seed` seeds."""
+    if device.type == 'cuda':
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+# Draws of the redrawing path: `draw(m, arg, generator)` fills the fresh tensor m in place with the multiplier
+# (its layout fixed by the caller, so a redraw puts each value where the first draw did)
+
+def draw_keep(m: torch.Tensor, keep: float, generator: torch.Generator) -> torch.Tensor:
+    return m.bernoulli_(keep, generator=generator)
+
+
+def draw_uout(m: torch.Tensor, beta: float, generator: torch.Generator) -> torch.Tensor:
+    return m.uniform_(1.0 - beta, 1.0 + beta, generator=generator)
+
+
+def _times_drawn(t: torch.Tensor, m: torch.Tensor, draw: Callable, arg: float) -> torch.Tensor:
+    """t times the multiplier `draw` put in m, in m's memory."""
+    if draw is draw_keep:  # 0 or 1 times t is exact; the scale then rounds once, as F.dropout's x * mask * scale
+        return m.mul_(t).mul_(1.0 / arg)
+    return m.mul_(t)
+
+
+class _Redraw(torch.autograd.Function):
+    """y = x * m (with `after_relu`, relu(x) * m), m drawn by `draw` from torch's default generator of x's
+    device; backward keeps the generator's state from before the draw (16 bytes on CUDA) and draws m again, the
+    same values in the same places, instead of keeping m (a byte per element for a mask, two or four for noise).
+    With `after_relu` backward keeps y, which the next weight layer keeps anyway (`_Multiply` says why m >= 0
+    makes this exact); relu(x) is taken first for a mask, whose 0 times -inf is NaN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, draw: Callable, arg: float, after_relu: bool) -> torch.Tensor:
+        generator = default_generator(x.device)
+        ctx.draw, ctx.arg, ctx.state = draw, arg, generator.get_state()
+        m = torch.empty_like(x)  # x's layout where x is dense, so the multiply runs over both in memory order
+        ctx.layout = (m.shape, m.stride())
+        if after_relu and draw is draw_keep:
+            x = x.clamp_min(0.0)
+        y = _times_drawn(x, draw(m, arg, generator), draw, arg)
+        if after_relu:
+            ctx.save_for_backward(y.clamp_min_(0.0))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None]:
+        generator = torch.Generator(grad.device)
+        generator.set_state(ctx.state)
+        m = torch.empty_strided(*ctx.layout, dtype=grad.dtype, device=grad.device)  # where forward drew each value
+        grad = _times_drawn(grad, ctx.draw(m, ctx.arg, generator), ctx.draw, ctx.arg)
+        if ctx.saved_tensors:  # ReLU's own backward
+            grad = torch.ops.aten.threshold_backward(grad, ctx.saved_tensors[0], 0)
+        return grad, None, None, None
+
+
 def drop_levels(p: float) -> int:
     """How many of the 65536 values of a 16-bit draw drop a unit: round(p * 65536)."""
     return round(p * LEVELS)
@@ -184,9 +254,13 @@ def drop_levels(p: float) -> int:
 @torch.fx.wrap
 @register_notrace_function
 @torch.jit.unused
-def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool = False) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool = False,
+            redraw: bool = False) -> torch.Tensor:
     """Bernoulli dropout, `F.dropout`'s contract; on CPU above rate 1/8, p is rounded to a multiple of 1/65536
-    (see module doc). `after_relu`: dropout(relu(x)), as one op on CPU (`_Multiply`)."""
+    (see module doc). `after_relu`: dropout(relu(x)), as one op on CPU (`_Multiply`). `redraw`: on CUDA, keep the
+    generator's state for backward instead of the mask, and draw it again there (`_Redraw`; less memory, slower)."""
+    if redraw and training and 0.0 < p < 1.0 and _redraw_path(x):
+        return _Redraw.apply(x, draw_keep, 1.0 - p, after_relu)
     if not training or not 0.0 < p < 1.0 or not _fast_path(x):
         return F.dropout(F.relu(x) if after_relu else x, p, training)  # its own error for a rate outside [0, 1]
     if p <= GEOMETRIC_MAX_RATE:
@@ -203,13 +277,18 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool =
 @torch.fx.wrap
 @register_notrace_function
 @torch.jit.unused
-def uout(x: torch.Tensor, beta: float, training: bool = True, after_relu: bool = False) -> torch.Tensor:
+def uout(x: torch.Tensor, beta: float, training: bool = True, after_relu: bool = False,
+         redraw: bool = False) -> torch.Tensor:
     """Uout: x * u with u ~ U(1 - beta, 1 + beta) per element in training, x in eval (see module doc on CPU).
-    `after_relu`: uout(relu(x)), as one op on CPU for beta < 1 (`_Multiply`; the noise is positive)."""
-    if after_relu and (not training or not 0.0 < beta < 1.0 or not _fast_path(x)):  # else the noise is > 0
-        return uout(F.relu(x), beta, training)
+    `after_relu`: uout(relu(x)), as one op on CPU for beta < 1 (`_Multiply`; the noise is positive). `redraw`: on
+    CUDA, keep the generator's state for backward instead of the noise (`_Redraw`), also after a ReLU."""
+    redrawn = redraw and _redraw_path(x)
+    if after_relu and (not training or not 0.0 < beta < 1.0 or not (_fast_path(x) or redrawn)):  # else u > 0
+        return uout(F.relu(x), beta, training, redraw=redraw)
     if not training or beta == 0.0:
         return x
+    if redrawn:
+        return _Redraw.apply(x, draw_uout, beta, after_relu)
     if not _fast_path(x):
         # x + x * r with r ~ U(-beta, beta), as one multiply: 1 + r ~ U(1 - beta, 1 + beta)
         return x * torch.empty_like(x).uniform_(1.0 - beta, 1.0 + beta)
@@ -219,20 +298,26 @@ def uout(x: torch.Tensor, beta: float, training: bool = True, after_relu: bool =
 class Dropout(nn.Dropout):
     """`nn.Dropout` drawing its mask through `dropout` above: faster on CPU, the same as `nn.Dropout` elsewhere.
 
-    A subclass, so code that looks for torch dropouts (`isinstance(m, nn.Dropout)`, `m.p`) still finds it."""
+    A subclass, so code that looks for torch dropouts (`isinstance(m, nn.Dropout)`, `m.p`) still finds it.
+    `redraw` (off by default; `set_dropout_redraw` sets it model-wide): on CUDA, keep only the generator's state
+    for backward and draw the mask again there: less memory, slower training (README, Speed)."""
 
-    def __init__(self, p: float = 0.5):
+    def __init__(self, p: float = 0.5, redraw: bool = False):
         super().__init__(check_drop_rate(p))
+        self.redraw = redraw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.dropout(x, self.p, self.training)
-        return dropout(x, self.p, self.training)
+        return dropout(x, self.p, self.training, redraw=self.redraw)
 
     @torch.jit.unused
     def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
-        """self(relu(x)), as one op on CPU: for a slot that holds a ReLU then this dropout."""
-        return dropout(x, self.p, self.training, after_relu=True)
+        """self(relu(x)), as one op on CPU (and on CUDA with `redraw`): for a slot that holds a ReLU then this."""
+        return dropout(x, self.p, self.training, after_relu=True, redraw=self.redraw)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (', redraw=True' if self.redraw else '')
 
 
 class Uout(nn.Module):
@@ -240,26 +325,38 @@ class Uout(nn.Module):
 
     The default beta 0.2 is our choice: it is the one setting Li et al. 2019 report an accuracy result for
     (CIFAR-100, DenseNet and WRN), not a recommendation of theirs for every network.
+    `redraw`: as `Dropout`'s, for the noise.
     """
 
-    def __init__(self, beta: float = 0.2):
+    def __init__(self, beta: float = 0.2, redraw: bool = False):
         super().__init__()
         self.beta = check_beta(beta)
+        self.redraw = redraw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.beta == 0.0:
             return x
         if torch.jit.is_scripting():
             return x * torch.empty_like(x).uniform_(1.0 - self.beta, 1.0 + self.beta)
-        return uout(x, self.beta)
+        return uout(x, self.beta, redraw=self.redraw)
 
     @torch.jit.unused
     def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
-        """self(relu(x)), as one op on CPU: for a slot that holds a ReLU then this Uout."""
-        return uout(x, self.beta, self.training, after_relu=True)
+        """self(relu(x)), as one op on CPU (and on CUDA with `redraw`): for a slot that holds a ReLU then this."""
+        return uout(x, self.beta, self.training, after_relu=True, redraw=self.redraw)
 
     def extra_repr(self) -> str:
-        return f'beta={self.beta}'
+        return f'beta={self.beta}' + (', redraw=True' if self.redraw else '')
+
+
+def set_dropout_redraw(model: nn.Module, enable: bool = True) -> int:
+    """Sets `redraw` on every `Dropout` and `Uout` of `model` (like timm's `set_grad_checkpointing`, memory for
+    compute): on CUDA they keep their generator's state for backward, not their masks or noise, and draw those
+    again in backward. Returns how many it set. On the CPU it changes nothing (the CPU path keeps a small mask)."""
+    layers = [m for m in model.modules() if isinstance(m, (Dropout, Uout))]
+    for m in layers:
+        m.redraw = enable
+    return len(layers)
 
 
 def create_dropout(kind: str = 'dropout', drop_rate: float = 0.0, beta: float = 0.0) -> nn.Module:

@@ -56,6 +56,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import DataLoader, IterableDataset
 
 import timm_ic  # noqa: F401  (registers the timm-ic models with timm)
+from timm_ic.layers import set_dropout_redraw
 from timm_ic.training.checkpoint import (
     CheckpointError, check_resume_options, load_checkpoint, load_train_state, nonfinite_advice,
     resolve_output_and_resume, resume_options, save_checkpoint, save_weights, write_summary_csv,
@@ -107,7 +108,7 @@ def load_data(args: argparse.Namespace) -> Tuple[Any, Any, Optional[list], int, 
 
 
 def adapt_model(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module) -> nn.Module:
-    """--sync-bn and --channels-last."""
+    """--sync-bn, --channels-last and --redraw-dropout."""
     if args.sync_bn and accelerator.num_processes > 1:
         if accelerator.device.type == 'cpu':
             raise UsageError('--sync-bn needs GPU processes (PyTorch\'s SyncBatchNorm runs on GPU modules only); '
@@ -115,6 +116,8 @@ def adapt_model(args: argparse.Namespace, accelerator: Accelerator, model: nn.Mo
         model = timm.layers.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.redraw_dropout:
+        set_dropout_redraw(model)
     return model
 
 
