@@ -7,9 +7,11 @@ per-repeat ratios (each repeat times a model and its baseline back to back) [the
 with BatchNorm folded into the weight layers on both sides (`fold`: timm-ic models by `PlacedNet.fuse()`, which
 runs `timm.utils.reparameterize_model`; timm's own baselines, which have no `fuse`, by torch's standard conv-BN
 fold `torch.fx.experimental.optimization.fuse`) and its ratio. Then the peak
-memory of two training steps, each model in a fresh child process: on CPU the rise of the child's peak RSS
-(Linux VmHWM, reset once model, optimizer and input exist) over its RSS then (without /proc the whole peak);
-on CUDA `torch.cuda.max_memory_allocated` over the memory allocated before the steps. Also times
+memory of two training steps: on CPU each model in a fresh child process, the rise of its peak RSS (Linux VmHWM,
+reset once model, optimizer and input exist) over its RSS then (without /proc the whole peak); on CUDA, in this
+process, `torch.cuda.max_memory_allocated` over the memory allocated before the steps. On CUDA cuDNN picks
+each conv's algorithm during the warm-up (`cudnn.benchmark`, as timm's train.py). A pair that fails (out of
+memory, say) prints its error and the run goes on. Also times
 `timm_ic.rewrite` of resnet152 (real weights, then meta device).
 
 The pairs are `timm_ic.models.BASELINES` (every paper-placement model and its baseline); `--only` keeps some.
@@ -41,6 +43,7 @@ except ImportError:
     resource = None
 
 import timm_ic
+from timm_ic.layers import set_dropout_redraw
 from timm_ic.models import BASELINES, PlacedNet
 
 PAIRS = sorted(BASELINES.items())
@@ -60,11 +63,13 @@ def time_step(fn, device, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def build(name: str, x: torch.Tensor, amp: bool, compile: bool = False):
+def build(name: str, x: torch.Tensor, amp: bool, compile: bool = False, redraw: bool = False):
     """The model in train mode and its inference and training-step closures, not yet run; with `compile`, the
-    training step runs the model through `torch.compile` (inductor), the same parameters."""
+    training step runs the model through `torch.compile` (inductor), the same parameters; with `redraw`, its
+    dropouts redraw in backward (`timm_ic.layers.set_dropout_redraw`)."""
     device = x.device
     model = timm.create_model(name, num_classes=10).to(device)
+    set_dropout_redraw(model, redraw)
     forward = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     target = torch.randint(0, 10, (x.shape[0],), device=device)
@@ -84,8 +89,8 @@ def build(name: str, x: torch.Tensor, amp: bool, compile: bool = False):
     return model, infer, train
 
 
-def measure(name: str, x: torch.Tensor, steps: int, amp: bool):
-    model, infer, train = build(name, x, amp)
+def measure(name: str, x: torch.Tensor, amp: bool, redraw: bool = False):
+    model, infer, train = build(name, x, amp, redraw=redraw)
     model.eval()
     infer()  # warm-up
     model.train()
@@ -137,12 +142,12 @@ def proc_status_bytes(field: str) -> Optional[int]:
     return None
 
 
-def peak_train_memory(name: str, batch_size: int, size: int, amp: bool, device: str) -> float:
+def peak_train_memory(name: str, batch_size: int, size: int, amp: bool, device: str, redraw: bool = False) -> float:
     """MiB that two training steps of `name` add at their peak, over what model, optimizer and input hold."""
     device = torch.device(device)
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, size, size, device=device)
-    model, infer, train = build(name, x, amp)
+    model, infer, train = build(name, x, amp, redraw=redraw)
     if device.type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -170,11 +175,57 @@ def peak_train_memory_in_child(*args) -> float:
         return pool.apply(peak_train_memory, args)
 
 
+def peak_train_memory_of(name: str, batch_size: int, size: int, amp: bool, device: str,
+                         redraw: bool = False) -> float:
+    """`peak_train_memory`: on CUDA in this process (the allocator counts only what the steps add; a child would
+    spend seconds starting CUDA), on CPU in a fresh child (a process's peak RSS cannot be reset to below what
+    earlier models left)."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.empty_cache()
+        return peak_train_memory(name, batch_size, size, amp, device, redraw)
+    return peak_train_memory_in_child(name, batch_size, size, amp, device, redraw)
+
+
 def ratio_cell(model_seconds: List[float], baseline_seconds: List[float]) -> str:
     """The model's speed over its baseline's: the median of the per-repeat ratios [their interquartile range]."""
     r = [b / m for b, m in zip(baseline_seconds, model_seconds)]
     q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0],) * 3
     return f'{statistics.median(r):5.2f} [{q1:.2f}-{q3:.2f}]'
+
+
+def bench_group(baseline: str, names: List[str], args: argparse.Namespace, memory: bool, cell: int) -> None:
+    """Times `baseline` and its `names` interleaved, and prints a row per name."""
+    device = torch.device(args.device)
+    size = 32 if timm.get_pretrained_cfg(baseline).input_size[-1] == 32 else args.image_size
+    x = torch.randn(args.batch_size, 3, size, size, device=device)
+    runs = {n: measure(n, x, args.amp, args.redraw_dropout) for n in (baseline, *names)}
+    folded = {n: folded_infer(model, x, args.amp) for n, (model, _, _) in runs.items()}
+    compiled = {n: compiled_train(n, x, args.amp) for n in runs} if args.compile else {}
+    times = {n: {'infer': [], 'train': [], 'fold': [], 'compiled': []} for n in runs}
+    for _ in range(args.repeats):  # interleaved, so drift hits all alike
+        for n, (model, infer, train) in runs.items():
+            model.eval()
+            times[n]['infer'].append(time_step(infer, device, args.steps))
+            model.train()
+            times[n]['train'].append(time_step(train, device, args.steps))
+            times[n]['fold'].append(time_step(folded[n], device, args.steps))
+            if compiled.get(n) is not None:
+                times[n]['compiled'].append(time_step(compiled[n], device, args.steps))
+    rate = {n: {k: args.batch_size / statistics.median(v) for k, v in t.items() if v} for n, t in times.items()}
+    del runs, folded, compiled
+    if memory:
+        mib = {n: peak_train_memory_of(n, args.batch_size, size, args.amp, str(device), args.redraw_dropout)
+               for n in (baseline, *names)}
+    for name in names:
+        t, tb = times[name], times[baseline]
+        compiled_cells = ''
+        if args.compile:
+            compiled_cells = (f' {rate[name]["compiled"]:14.1f} {ratio_cell(t["compiled"], tb["compiled"])}'
+                              if t['compiled'] and tb['compiled'] else f' {"n/a":>14s} {"":>{cell}s}')
+        print(f'{name:24s} {baseline:22s} {rate[name]["infer"]:12.1f} {ratio_cell(t["infer"], tb["infer"])}'
+              f' {rate[name]["train"]:12.1f} {ratio_cell(t["train"], tb["train"])}'
+              + (f' {mib[name]:10.1f} {mib[name] / mib[baseline]:6.2f}' if memory else '')
+              + f' {rate[name]["fold"]:11.1f} {ratio_cell(t["fold"], tb["fold"])}' + compiled_cells)
 
 
 def main() -> None:
@@ -187,6 +238,9 @@ def main() -> None:
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
     parser.add_argument('--only', nargs='*', help='model names to keep')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak training memory columns')
+    parser.add_argument('--redraw-dropout', action='store_true',
+                        help="CUDA: the models' dropouts keep their generator's state and draw again in backward "
+                             '(set_dropout_redraw: less memory, slower)')
     parser.add_argument('--compile', action='store_true',
                         help='also time training through torch.compile (inductor; minutes of compiling per model)')
     args = parser.parse_args()
@@ -198,8 +252,11 @@ def main() -> None:
             parser.error(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(args, flag)}')
     device = torch.device(args.device)
     torch.manual_seed(0)
+    # as timm's train.py: cuDNN picks each conv's fastest algorithm on the first steps (the warm-up)
+    torch.backends.cudnn.benchmark = True
 
-    print(f'device {device}, batch {args.batch_size}, steps {args.steps} x {args.repeats} repeats, amp {args.amp}')
+    print(f'device {device}, batch {args.batch_size}, steps {args.steps} x {args.repeats} repeats, amp {args.amp}'
+          + (', dropouts redraw in backward' if args.redraw_dropout else ''))
     memory = not args.no_memory and (device.type == 'cuda' or resource is not None)
     cell = len(ratio_cell([1.0], [1.0]))
     print(f'{"model":24s} {"baseline":22s} {"infer img/s":>12s} {"ratio":>{cell}s} {"train img/s":>12s}'
@@ -211,36 +268,10 @@ def main() -> None:
         if not args.only or name in args.only:
             groups.setdefault(baseline, []).append(name)
     for baseline, names in groups.items():
-        size = 32 if timm.get_pretrained_cfg(baseline).input_size[-1] == 32 else args.image_size
-        x = torch.randn(args.batch_size, 3, size, size, device=device)
-        runs = {n: measure(n, x, args.steps, args.amp) for n in (baseline, *names)}
-        folded = {n: folded_infer(model, x, args.amp) for n, (model, _, _) in runs.items()}
-        compiled = {n: compiled_train(n, x, args.amp) for n in runs} if args.compile else {}
-        times = {n: {'infer': [], 'train': [], 'fold': [], 'compiled': []} for n in runs}
-        for _ in range(args.repeats):  # interleaved, so drift hits all alike
-            for n, (model, infer, train) in runs.items():
-                model.eval()
-                times[n]['infer'].append(time_step(infer, device, args.steps))
-                model.train()
-                times[n]['train'].append(time_step(train, device, args.steps))
-                times[n]['fold'].append(time_step(folded[n], device, args.steps))
-                if compiled.get(n) is not None:
-                    times[n]['compiled'].append(time_step(compiled[n], device, args.steps))
-        rate = {n: {k: args.batch_size / statistics.median(v) for k, v in t.items() if v} for n, t in times.items()}
-        del runs, folded, compiled
-        if memory:
-            mib = {n: peak_train_memory_in_child(n, args.batch_size, size, args.amp, str(device))
-                   for n in (baseline, *names)}
-        for name in names:
-            t, tb = times[name], times[baseline]
-            compiled_cells = ''
-            if args.compile:
-                compiled_cells = (f' {rate[name]["compiled"]:14.1f} {ratio_cell(t["compiled"], tb["compiled"])}'
-                                  if t['compiled'] and tb['compiled'] else f' {"n/a":>14s} {"":>{cell}s}')
-            print(f'{name:24s} {baseline:22s} {rate[name]["infer"]:12.1f} {ratio_cell(t["infer"], tb["infer"])}'
-                  f' {rate[name]["train"]:12.1f} {ratio_cell(t["train"], tb["train"])}'
-                  + (f' {mib[name]:10.1f} {mib[name] / mib[baseline]:6.2f}' if memory else '')
-                  + f' {rate[name]["fold"]:11.1f} {ratio_cell(t["fold"], tb["fold"])}' + compiled_cells)
+        try:
+            bench_group(baseline, names, args, memory, cell)
+        except Exception as e:  # one pair failing (out of memory, an op missing on this device) is reported, not fatal
+            print(f'{" ".join(names)} vs {baseline}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}')
 
     source = timm.create_model('resnet152')
     t = time.perf_counter()
