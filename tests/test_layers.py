@@ -431,7 +431,7 @@ DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.i
 def test_redrawing_dropouts_keep_the_generator_state_and_draw_again_in_backward(kind, arg, after_relu, dtype, device,
                                                                              monkeypatch):
     if device == 'cpu':  # the CUDA path, run on the CPU's generator: the same code but for the device
-        monkeypatch.setattr(dropout_mod, '_redraw_path', lambda x: x.requires_grad and torch.is_grad_enabled())
+        monkeypatch.setattr(dropout_mod, '_redraw_path', lambda x: True)
     x = torch.randn(4, 8, 6, 6, dtype=dtype, device=device)
     x.view(-1)[:360] = torch.tensor([0.0, -0.0, float('nan'), -1e-30, float('inf'), -float('inf')]).repeat(60)
     x = x.to(memory_format=torch.channels_last)  # the draws follow x's layout, and a redraw must too
@@ -461,6 +461,37 @@ def test_redrawing_dropouts_keep_the_generator_state_and_draw_again_in_backward(
     assert torch.equal(state_after, generator.get_state())  # it drew once, as much as torch's ops did
     # nothing of x's size kept but, after a ReLU, the output (which the next layer keeps anyway)
     assert [t.data_ptr() for t in saved] == ([ours.data_ptr()] if after_relu else [])
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
+@pytest.mark.parametrize('make', [lambda: Dropout(0.3, redraw=True), lambda: Uout(0.3, redraw=True)],
+                         ids=['dropout', 'uout'])
+def test_redrawing_dropouts_draw_alike_with_and_without_grad(make, after_relu, device, monkeypatch):
+    # reentrant checkpointing runs forward without grad, then again with grad from the same generator state:
+    # both must take the same kind of draw, or backward sees another mask than forward used
+    if device == 'cpu':
+        monkeypatch.setattr(dropout_mod, '_redraw_path', lambda x: True)
+    layer = make().train()
+    linear = nn.Linear(16, 16).to(device)
+    x = torch.randn(64, 16, device=device, requires_grad=True)
+
+    def block(t):
+        t = linear(t)
+        return layer.forward_after_relu(t) if after_relu else layer(t)
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True) if checkpointed else block(x)
+        x.grad = linear.weight.grad = None
+        y.square().sum().backward()
+        grads.append((x.grad, linear.weight.grad))
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert torch.equal(block(x), y.detach())
 
 
 @pytest.mark.parametrize('device', DEVICES)

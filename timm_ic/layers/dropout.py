@@ -29,10 +29,12 @@ TorchScript, and rates near 1 use torch's own ops, which are already the fastest
 (inductor draws its own fused random numbers, seeded from torch's generator).
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
-activations the weight layers keep: 1.1 to 2x a baseline's peak training memory. With `redraw` (per module, or
+activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
 `set_dropout_redraw(model)`) eager CUDA training keeps only the generator's 16-byte state and draws the same
 mask or noise again in backward (`_Redraw`; a ReLU before it is folded in as on CPU): about the baseline's
-memory, for extra kernels and Python per dropout that slowed training by 3 to 20% on an H200 (README, Speed).
+memory, for extra kernels and Python per dropout that slowed training by 3 to 20% on an H200 (README, "On one
+H200"). Its Bernoulli masks come from `bernoulli_`, not from `F.dropout`'s fused kernel: the same seed gives other
+masks of the same law than without `redraw` (Uout's noise is the same `uniform_` either way).
 """
 import math
 from typing import Callable, Optional, Tuple
@@ -183,11 +185,10 @@ class _Multiply(torch.autograd.Function):
 
 
 def _redraw_path(x: torch.Tensor) -> bool:
-    # eager autograd on CUDA (asked for by `redraw`): torch's own draws, kept for backward as the generator's 16-byte
-    # state instead of a mask or noise tensor. Not under compile (inductor fuses and partitions torch's own ops)
-    # or graph capture (a captured generator's state is not its replay's)
-    return (x.is_cuda and x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch.cuda.is_current_stream_capturing())
+    # eager CUDA (asked for by `redraw`): draws kept for backward as the generator's 16-byte state instead of a mask
+    # or noise tensor. Not under compile (inductor fuses and partitions torch's own ops) or graph capture (a
+    # captured generator's state is not its replay's)
+    return x.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
 
 
 def default_generator(device: torch.device) -> torch.Generator:
@@ -213,6 +214,17 @@ def _times_drawn(t: torch.Tensor, m: torch.Tensor, draw: Callable, arg: float) -
     if draw is draw_keep:  # 0 or 1 times t is exact; the scale then rounds once, as F.dropout's x * mask * scale
         return m.mul_(t).mul_(1.0 / arg)
     return m.mul_(t)
+
+
+def redrawn(x: torch.Tensor, draw: Callable, arg: float, after_relu: bool) -> torch.Tensor:
+    """x (relu(x)) times the multiplier `draw` makes: through `_Redraw` where autograd records it, else the same
+    draws and ops without it. One kind of draw either way: reentrant activation checkpointing runs forward without
+    grad and again with it, from the same generator state, and must get the same mask both times."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Redraw.apply(x, draw, arg, after_relu)
+    if after_relu:
+        x = x.clamp_min(0.0)  # m >= 0: relu(x) * m, the values `_Redraw` gives
+    return _times_drawn(x, draw(torch.empty_like(x), arg, default_generator(x.device)), draw, arg)
 
 
 class _Redraw(torch.autograd.Function):
@@ -260,7 +272,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool =
     (see module doc). `after_relu`: dropout(relu(x)), as one op on CPU (`_Multiply`). `redraw`: on CUDA, keep the
     generator's state for backward instead of the mask, and draw it again there (`_Redraw`; less memory, slower)."""
     if redraw and training and 0.0 < p < 1.0 and _redraw_path(x):
-        return _Redraw.apply(x, draw_keep, 1.0 - p, after_relu)
+        return redrawn(x, draw_keep, 1.0 - p, after_relu)
     if not training or not 0.0 < p < 1.0 or not _fast_path(x):
         return F.dropout(F.relu(x) if after_relu else x, p, training)  # its own error for a rate outside [0, 1]
     if p <= GEOMETRIC_MAX_RATE:
@@ -282,13 +294,13 @@ def uout(x: torch.Tensor, beta: float, training: bool = True, after_relu: bool =
     """Uout: x * u with u ~ U(1 - beta, 1 + beta) per element in training, x in eval (see module doc on CPU).
     `after_relu`: uout(relu(x)), as one op on CPU for beta < 1 (`_Multiply`; the noise is positive). `redraw`: on
     CUDA, keep the generator's state for backward instead of the noise (`_Redraw`), also after a ReLU."""
-    redrawn = redraw and _redraw_path(x)
-    if after_relu and (not training or not 0.0 < beta < 1.0 or not (_fast_path(x) or redrawn)):  # else u > 0
+    redraws = redraw and _redraw_path(x)
+    if after_relu and (not training or not 0.0 < beta < 1.0 or not (_fast_path(x) or redraws)):  # else u > 0
         return uout(F.relu(x), beta, training, redraw=redraw)
     if not training or beta == 0.0:
         return x
-    if redrawn:
-        return _Redraw.apply(x, draw_uout, beta, after_relu)
+    if redraws:
+        return redrawn(x, draw_uout, beta, after_relu)
     if not _fast_path(x):
         # x + x * r with r ~ U(-beta, beta), as one multiply: 1 + r ~ U(1 - beta, 1 + beta)
         return x * torch.empty_like(x).uniform_(1.0 - beta, 1.0 + beta)
@@ -300,7 +312,7 @@ class Dropout(nn.Dropout):
 
     A subclass, so code that looks for torch dropouts (`isinstance(m, nn.Dropout)`, `m.p`) still finds it.
     `redraw` (off by default; `set_dropout_redraw` sets it model-wide): on CUDA, keep only the generator's state
-    for backward and draw the mask again there: less memory, slower training (README, Speed)."""
+    for backward and draw the mask again there: less memory, slower training (README, "On one H200")."""
 
     def __init__(self, p: float = 0.5, redraw: bool = False):
         super().__init__(check_drop_rate(p))

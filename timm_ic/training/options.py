@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--redraw-dropout', action='store_true',
                        help="CUDA: dropouts and Uout keep their generator's state, not their masks or noise, for "
                             'backward, and draw them again there: peak memory near the baseline\'s, slower steps '
-                            '(README, Speed)')
+                            '(README, "On one H200")')
     group.add_argument('--compile', action='store_true', help='torch.compile (inductor) via Accelerate')
     group.add_argument('--sync-bn', action='store_true', help='synchronise BatchNorm statistics across processes')
     group.add_argument('--cpu', action='store_true', help='run on CPU even if a GPU is there (torchrun + gloo)')
