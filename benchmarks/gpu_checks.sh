@@ -4,8 +4,9 @@
 #   1. bench_models.py, every pair, eager, bf16: training, peak memory, folded inference (issue 13's GPU targets);
 #   2. the same with --redraw-dropout (dropouts keep their generator's state, not their masks, for backward);
 #   3. training through torch.compile, for one ImageNet pair (224 px) and one CIFAR pair (32 px);
-#   4. the layers' tests on CUDA (the redraw path's values and gradients against torch's ops), every normalizer with Uout under bf16 autocast, eager and compiled; train.py under bf16 (channels-last)
-#      and fp16 (--compile); `timm-ic diagnose` on the GPU; bench_train.py.
+#   4. the layers' tests on CUDA (the redraw path's values and gradients against torch's ops); every normalizer
+#      with Uout under bf16 autocast, eager and compiled; train.py under bf16 (channels-last) and fp16
+#      (--compile); `timm-ic diagnose` on the GPU; bench_train.py.
 #   bash benchmarks/gpu_checks.sh OUT_DIR        # SCALE=0.1 for a quick pass (CPU: DEVICE=cpu)
 set -uo pipefail
 out=${1:-gpu_out}; mkdir -p "$out"

@@ -192,10 +192,9 @@ def _redraw_path(x: torch.Tensor) -> bool:
 
 
 def default_generator(device: torch.device) -> torch.Generator:
-    """torch's default generator of `device` (CPU, or one CUDA device's), the one `torch.manual_seed` seeds."""
-    if device.type == 'cuda':
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
+    """torch's default generator of a tensor's `device` (CPU, or its CUDA device's), which `torch.manual_seed`
+    seeds."""
+    return torch.cuda.default_generators[device.index] if device.type == 'cuda' else torch.default_generator
 
 
 # Draws of the redrawing path: `draw(m, arg, generator)` fills the fresh tensor m in place with the multiplier
@@ -216,23 +215,14 @@ def _times_drawn(t: torch.Tensor, m: torch.Tensor, draw: Callable, arg: float) -
     return m.mul_(t)
 
 
-def redrawn(x: torch.Tensor, draw: Callable, arg: float, after_relu: bool) -> torch.Tensor:
-    """x (relu(x)) times the multiplier `draw` makes: through `_Redraw` where autograd records it, else the same
-    draws and ops without it. One kind of draw either way: reentrant activation checkpointing runs forward without
-    grad and again with it, from the same generator state, and must get the same mask both times."""
-    if x.requires_grad and torch.is_grad_enabled():
-        return _Redraw.apply(x, draw, arg, after_relu)
-    if after_relu:
-        x = x.clamp_min(0.0)  # m >= 0: relu(x) * m, the values `_Redraw` gives
-    return _times_drawn(x, draw(torch.empty_like(x), arg, default_generator(x.device)), draw, arg)
-
-
 class _Redraw(torch.autograd.Function):
     """y = x * m (with `after_relu`, relu(x) * m), m drawn by `draw` from torch's default generator of x's
     device; backward keeps the generator's state from before the draw (16 bytes on CUDA) and draws m again, the
     same values in the same places, instead of keeping m (a byte per element for a mask, two or four for noise).
     With `after_relu` backward keeps y, which the next weight layer keeps anyway (`_Multiply` says why m >= 0
-    makes this exact); relu(x) is taken first for a mask, whose 0 times -inf is NaN."""
+    makes this exact); relu(x) is taken first for a mask, whose 0 times -inf is NaN. Without grad it draws the
+    same way: reentrant activation checkpointing runs forward without grad, then again with it from the same
+    generator state, and backward must see the mask the first forward used."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, draw: Callable, arg: float, after_relu: bool) -> torch.Tensor:
@@ -272,7 +262,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool =
     (see module doc). `after_relu`: dropout(relu(x)), as one op on CPU (`_Multiply`). `redraw`: on CUDA, keep the
     generator's state for backward instead of the mask, and draw it again there (`_Redraw`; less memory, slower)."""
     if redraw and training and 0.0 < p < 1.0 and _redraw_path(x):
-        return redrawn(x, draw_keep, 1.0 - p, after_relu)
+        return _Redraw.apply(x, draw_keep, 1.0 - p, after_relu)
     if not training or not 0.0 < p < 1.0 or not _fast_path(x):
         return F.dropout(F.relu(x) if after_relu else x, p, training)  # its own error for a rate outside [0, 1]
     if p <= GEOMETRIC_MAX_RATE:
@@ -300,7 +290,7 @@ def uout(x: torch.Tensor, beta: float, training: bool = True, after_relu: bool =
     if not training or beta == 0.0:
         return x
     if redraws:
-        return redrawn(x, draw_uout, beta, after_relu)
+        return _Redraw.apply(x, draw_uout, beta, after_relu)
     if not _fast_path(x):
         # x + x * r with r ~ U(-beta, beta), as one multiply: 1 + r ~ U(1 - beta, 1 + beta)
         return x * torch.empty_like(x).uniform_(1.0 - beta, 1.0 + beta)
