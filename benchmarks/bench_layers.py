@@ -2,12 +2,14 @@
 
     python benchmarks/bench_layers.py                              # CPU, (128, 16, 32, 32) float32
     python benchmarks/bench_layers.py --shape 128 64 8 8 --repeats 51
+    python benchmarks/bench_layers.py --device cuda --dtype bfloat16 --redraw-dropout   # the CUDA redraw kernel
 
 Each row times a forward and backward (`torch.autograd.grad`) of one of our layers and of torch's layer with the
 same distribution (`nn.Dropout`; for Uout, x times `uniform_` noise, as Uout is written in torch ops),
 alternating the two every repeat. The ratio is torch's time over ours: the median of the per-repeat ratios
 [their interquartile range] (`bench_models.ratio_cell`). Our Bernoulli dropout draws the drops' positions at
-rates up to 1/8 and 16 bits per unit above (`timm_ic.layers.dropout`), so the rows cover both.
+rates up to 1/8 and 16 bits per unit above (`timm_ic.layers.dropout`), so the rows cover both. On CUDA our layers
+take torch's own ops, unless `--redraw-dropout` (the one-pass Triton kernel that keeps a seed, not a mask).
 """
 import argparse
 import statistics
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from bench_models import ratio_cell, time_step
-from timm_ic.layers import Dropout, Uout
+from timm_ic.layers import Dropout, Uout, set_dropout_redraw
 
 
 def torch_uout(beta: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -36,6 +38,10 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=3, help='forward + backward passes per timing')
     parser.add_argument('--repeats', type=int, default=21)
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s own)')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+    parser.add_argument('--redraw-dropout', action='store_true',
+                        help='CUDA: our layers keep a seed for backward and draw again there (`set_dropout_redraw`)')
     args = parser.parse_args()
     for flag in ('steps', 'repeats'):
         if getattr(args, flag) < 1:
@@ -46,15 +52,20 @@ def main() -> None:
         if args.threads < 1:
             parser.error(f'--threads must be at least 1, got {args.threads}')
         torch.set_num_threads(args.threads)
-    device = torch.device('cpu')
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device here')
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    x = torch.randn(*args.shape, requires_grad=True)
-    g = torch.randn(*args.shape)
-    print(f'cpu, {torch.get_num_threads()} threads, shape {tuple(args.shape)}, '
-          f'{args.steps} steps x {args.repeats} repeats')
+    x = torch.randn(*args.shape, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(*args.shape, device=device, dtype=dtype)
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
+    print(f'{where}, shape {tuple(args.shape)} {args.dtype}, {args.steps} steps x {args.repeats} repeats'
+          + (', ours with redraw' if args.redraw_dropout else ''))
     cell = len(ratio_cell([1.0], [1.0]))
     print(f'{"layer":16s} {"ours ms":>8s} {"torch ms":>9s} {"speed-up":>{cell}s}')
     for name, (ours, theirs) in LAYERS.items():
+        set_dropout_redraw(ours, args.redraw_dropout)
         for layer in (ours, theirs):
             if isinstance(layer, nn.Module):
                 layer.train()

@@ -239,8 +239,8 @@ def main() -> None:
     parser.add_argument('--only', nargs='*', help='model names to keep')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak training memory columns')
     parser.add_argument('--redraw-dropout', action='store_true',
-                        help="CUDA: the models' dropouts keep their generator's state and draw again in backward "
-                             '(set_dropout_redraw: less memory, slower)')
+                        help="CUDA: the models' dropouts keep a seed and draw again in backward "
+                             '(set_dropout_redraw: less memory)')
     parser.add_argument('--compile', action='store_true',
                         help='also time training through torch.compile (inductor; minutes of compiling per model)')
     args = parser.parse_args()

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The checks that need CUDA, in one pass for a lent GPU machine (device tool), most wanted first, each under its
 # own time limit so that one slow step cannot starve the rest:
-#   1. bench_models.py, every pair, eager, bf16: training, peak memory, folded inference (issue 13's GPU targets);
-#   2. the same with --redraw-dropout (dropouts keep their generator's state, not their masks, for backward);
+#   1. the redraw kernel (Triton, not yet run on a GPU): its tests on CUDA, then bench_layers.py against torch's
+#      dropout and Uout at a 224 px and a 32 px activation size, bf16;
+#   2. bench_models.py, every pair, eager, bf16, with --redraw-dropout (dropouts keep a seed, not their masks, for
+#      backward), then without: training, peak memory, folded inference (issue 13's GPU targets);
 #   3. training through torch.compile, for one ImageNet pair (224 px) and one CIFAR pair (32 px);
-#   4. the layers' tests on CUDA (the redraw path's values and gradients against torch's ops); every normalizer
-#      with Uout under bf16 autocast, eager and compiled; train.py under bf16 (channels-last) and fp16
-#      (--compile); `timm-ic diagnose` on the GPU; bench_train.py.
+#   4. the layers' tests on CUDA; every normalizer with Uout under bf16 autocast, eager and compiled; train.py
+#      under bf16 (channels-last, --redraw-dropout) and fp16 (--compile); `timm-ic diagnose` on the GPU;
+#      bench_train.py.
 #   bash benchmarks/gpu_checks.sh OUT_DIR        # SCALE=0.1 for a quick pass (CPU: DEVICE=cpu)
 set -uo pipefail
 out=${1:-gpu_out}; mkdir -p "$out"
@@ -23,8 +25,14 @@ step() {  # step SECONDS cmd...: the command under a time limit, with its exit s
 $py -c "import torch, timm, accelerate, huggingface_hub as h; print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'hub', h.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
 if [ "$scale" = 1 ]; then batch=128 size=224 steps=5 repeats=5; else batch=4 size=64 steps=1 repeats=1; fi
 bench="$py benchmarks/bench_models.py --device $device --amp --batch-size $batch --image-size $size --steps $steps"
-step 300 $bench --repeats $repeats
+step 60 $py -m pytest -q -p no:cacheprovider tests/test_layers.py -k redraw
+if [ "$scale" = 1 ]; then shapes=("128 64 56 56" "128 16 32 32"); else shapes=("4 8 16 16"); fi
+for shape in "${shapes[@]}"; do
+    step 60 $py benchmarks/bench_layers.py --device $device --dtype bfloat16 --redraw-dropout --shape $shape \
+        --steps $steps --repeats $((repeats * 4))
+done
 step 240 $bench --repeats $repeats --redraw-dropout
+step 300 $bench --repeats $repeats
 step 150 $bench --repeats 3 --no-memory --compile --only ic_resnet50
 step 100 $bench --repeats 3 --no-memory --compile --only ic_resnet20
 step 120 $py -m pytest -q -p no:cacheprovider tests/test_layers.py
@@ -44,7 +52,7 @@ for name in NORM_KINDS:
 print('layers: every norm + Uout, $device bf16 autocast, eager and compiled: ok')
 "
 cpu_flag=$([ "$device" = cpu ] && echo --cpu)
-step 60 $py train.py --epochs 2 --workers 2 --mixed-precision bf16 --channels-last $cpu_flag --output "$out/run_bf16"
+step 60 $py train.py --epochs 2 --workers 2 --mixed-precision bf16 --channels-last --redraw-dropout $cpu_flag --output "$out/run_bf16"
 step 60 $py -m timm_ic diagnose --model cifar_resnet20 --placement before_bn --compare after_bn --bf16 --device "$device" --out "$out/diag"
 step 90 $py train.py --epochs 2 --workers 2 --mixed-precision fp16 --compile $cpu_flag --output "$out/run_fp16"
 # digits epochs take ~0.3 s on a GPU: many of them, so the medians are not noise

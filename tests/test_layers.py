@@ -1,6 +1,9 @@
 """Layers: the papers' formulas measured on synthetic data, plus modes, dtypes, compile and bad arguments."""
 import importlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -424,43 +427,128 @@ def test_uout_after_relu_with_a_negative_beta_takes_the_two_ops():
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA'))]
 
 
+def redraw_here(device: str, monkeypatch) -> None:
+    """The CUDA redraw path on `device`: on CPU its Triton kernel runs in Triton's interpreter (conftest)."""
+    pytest.importorskip('triton')
+    if device == 'cpu':
+        if os.environ.get('TRITON_INTERPRET') != '1':  # conftest asks for it only where there is no GPU
+            pytest.skip("a Triton kernel runs on CPU tensors only in Triton's interpreter")
+        monkeypatch.setattr(dropout_mod, '_redraw_path', lambda x: True)
+
+
+def redrawn(kind: str, arg: float, x: torch.Tensor, after_relu: bool = False) -> torch.Tensor:
+    layer = (Dropout(arg, redraw=True) if kind == 'dropout' else Uout(arg, redraw=True)).train()
+    return layer.forward_after_relu(x) if after_relu else layer(x)
+
+
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
 @pytest.mark.parametrize('kind, arg', [('dropout', 0.3), ('uout', 0.3)])
-def test_redrawing_dropouts_keep_the_generator_state_and_draw_again_in_backward(kind, arg, after_relu, dtype, device,
-                                                                             monkeypatch):
-    if device == 'cpu':  # the CUDA path, run on the CPU's generator: the same code but for the device
-        monkeypatch.setattr(dropout_mod, '_redraw_path', lambda x: True)
+def test_redrawing_dropouts_keep_a_seed_and_draw_again_in_backward(kind, arg, after_relu, dtype, device, monkeypatch):
+    redraw_here(device, monkeypatch)
     x = torch.randn(4, 8, 6, 6, dtype=dtype, device=device)
     x.view(-1)[:360] = torch.tensor([0.0, -0.0, float('nan'), -1e-30, float('inf'), -float('inf')]).repeat(60)
-    x = x.to(memory_format=torch.channels_last)  # the draws follow x's layout, and a redraw must too
+    x = x.to(memory_format=torch.channels_last)  # a draw belongs to a position in memory
     g = torch.randn_like(x).contiguous()  # a gradient in another layout than x
-    layer = (Dropout(arg) if kind == 'dropout' else Uout(arg)).train()
-    assert set_dropout_redraw(layer) == 1 and layer.redraw
-    op = layer.forward_after_relu if after_relu else layer
-    generator = dropout_mod.default_generator(x.device)
+    generator = torch.cuda.default_generators[0] if device == 'cuda' else torch.default_generator
 
     torch.manual_seed(0)
     ours_x = x.clone().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        ours = op(ours_x)
+        ours = redrawn(kind, arg, ours_x, after_relu)
     state_after = generator.get_state()
     ours.backward(g)
-    # torch's own ops, the same draws: m in x's layout, y = x * m (Bernoulli: times 1 / keep after the mask)
+    # the multipliers themselves: the same seed on ones in x's layout, in float32
     torch.manual_seed(0)
-    ref_x = x.clone().requires_grad_()
-    m = torch.empty_like(x)
-    m = m.bernoulli_(1 - arg) if kind == 'dropout' else m.uniform_(1 - arg, 1 + arg)
-    inner = torch.relu(ref_x) if after_relu else ref_x
-    ref = inner * m * (1 / (1 - arg)) if kind == 'dropout' else inner * m
-    ref.backward(g)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(state_after, generator.get_state())  # it drew once, as much as torch's ops did
-    # nothing of x's size kept but, after a ReLU, the output (which the next layer keeps anyway)
-    assert [t.data_ptr() for t in saved] == ([ours.data_ptr()] if after_relu else [])
+    m = redrawn(kind, arg, torch.ones_like(x, dtype=torch.float32))
+    if kind == 'dropout':
+        assert m.unique().tolist() == pytest.approx([0.0, 1 / (1 - arg)])
+    else:
+        assert m.min() >= 1 - arg and m.max() <= 1 + arg and m.unique().numel() > 0.9 * m.numel()
+    inner = torch.relu(x) if after_relu else x
+    # products in float32, rounded once to dtype; Triton's interpreter truncates to bfloat16 instead of rounding
+    tol = dict(rtol=2 ** -7 if device == 'cpu' and dtype == torch.bfloat16 else 0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ours, (inner.float() * m).to(dtype), **tol)
+    expected_grad = (g.float() * m).to(dtype)
+    if after_relu:
+        expected_grad = torch.ops.aten.threshold_backward(expected_grad, ours.detach(), 0)
+    torch.testing.assert_close(ours_x.grad, expected_grad, **tol)
+    torch.manual_seed(0)
+    dropout_mod.random_bits(1, torch.int64, x.device)
+    assert torch.equal(state_after, generator.get_state())  # it drew its 64-bit seed, nothing more
+    # kept for backward: the 8-byte seed, and after a ReLU the output (which the next layer keeps anyway)
+    assert sum(t.numel() * t.element_size() for t in saved if t is not ours) == 8
+    assert any(t is ours for t in saved) == after_relu
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_redrawn_masks_and_noise_follow_their_laws_and_the_seed(device, monkeypatch):
+    redraw_here(device, monkeypatch)
+    n = 1 << 18
+    ones = torch.ones(n, device=device)
+    torch.manual_seed(0)
+    dropped = redrawn('dropout', 0.3, ones) == 0
+    noise = redrawn('uout', 0.3, ones)
+    torch.manual_seed(0)
+    assert torch.equal(redrawn('dropout', 0.3, ones) == 0, dropped) and torch.equal(redrawn('uout', 0.3, ones), noise)
+    assert not torch.equal(redrawn('dropout', 0.3, ones) == 0, dropped)  # the generator moved on
+    # the drop rate, in every one of the kernel's four Philox words and between neighbours (within 5 sigma)
+    rate = dropped.float()
+    sigma = math.sqrt(0.3 * 0.7 / n)
+    assert abs(rate.mean() - 0.3) < 5 * sigma
+    words = rate.view(-1, 4, 1024)  # unit i takes word i // 1024 % 4 of its counter
+    assert (words.mean((0, 2)) - 0.3).abs().max() < 5 * 2 * sigma
+    for lag in (1, 1024, 4096):  # the next unit, the next word of the same counter, the next program
+        assert abs((rate[:-lag] * rate[lag:]).mean() - 0.09) < 5 * math.sqrt(0.09 * 0.91 / n)
+    # Uout: uniform on [0.7, 1.3], the same 16 bins equally full (chi-square, 15 degrees, p ~ 1e-6)
+    assert noise.min() >= 0.7 and noise.max() <= 1.3
+    counts = torch.histc(noise.float().cpu(), bins=16, min=0.7, max=1.3)
+    assert ((counts - n / 16) ** 2 / (n / 16)).sum() < 50
+    assert abs(noise.float().var() - 0.3 ** 2 / 3) < 0.02 * 0.3 ** 2 / 3
+    # a slice (gaps in memory) takes a dense copy; its gradient is the multiplier
+    x = torch.ones(8, 64, device=device)[:, ::2].requires_grad_()
+    y = redrawn('uout', 0.3, x)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, y.detach())
+
+
+AOT_COMPILE = """
+import itertools, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from timm_ic.layers.dropout_triton import BLOCK, _redraw_kernel
+flags = ('KEEP', 'AFTER_RELU', 'BACKWARD')
+variants = [('*bf16', tl.float32, v) for v in itertools.product((True, False), repeat=3)]
+variants += [('*fp64', tl.float64, (True, True, False)), ('*fp16', tl.float32, (False, True, False))]
+for ptr, compute, values in variants:
+    signature = dict(in_ptr=ptr, out_ptr=ptr, relu_out_ptr=ptr, seed_ptr='*i64', n='i32', a='fp32', b='fp32',
+                     **{name: 'constexpr' for name in flags + ('COMPUTE', 'BLOCK')})
+    constants = dict(zip(flags, values), COMPUTE=compute, BLOCK=BLOCK)
+    source = ASTSource(_redraw_kernel, signature, {(list(signature).index(k),): v for k, v in constants.items()})
+    assert triton.compile(source, target=GPUTarget('cuda', 90, 32)).asm['cubin'], (ptr, values)
+print(len(variants))
+"""
+
+
+def test_redraw_kernel_compiles_for_a_gpu_without_one(tmp_path):
+    # the interpreter runs the kernel's Python, not Triton's compiler: this builds it for an H100/H200 (sm_90),
+    # down to the cubin, which needs Triton's bundled ptxas but no GPU
+    pytest.importorskip('triton')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_CACHE_DIR'] = str(tmp_path)  # not the user's ~/.triton
+    done = subprocess.run([sys.executable, '-c', AOT_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == '10'
+
+
+def test_redraw_without_triton_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(dropout_mod, '_redraw_path', lambda x: True)
+    monkeypatch.setitem(sys.modules, 'timm_ic.layers.dropout_triton', None)  # as if triton failed to import
+    with pytest.raises(RuntimeError, match='needs Triton.*redraw=False'):
+        redrawn('dropout', 0.3, torch.ones(4))
 
 
 @pytest.mark.parametrize('device', DEVICES)
@@ -470,8 +558,7 @@ def test_redrawing_dropouts_keep_the_generator_state_and_draw_again_in_backward(
 def test_redrawing_dropouts_draw_alike_with_and_without_grad(make, after_relu, device, monkeypatch):
     # reentrant checkpointing runs forward without grad, then again with grad from the same generator state:
     # both must take the same kind of draw, or backward sees another mask than forward used
-    if device == 'cpu':
-        monkeypatch.setattr(dropout_mod, '_redraw_path', lambda x: True)
+    redraw_here(device, monkeypatch)
     layer = make().train()
     linear = nn.Linear(16, 16).to(device)
     x = torch.randn(64, 16, device=device, requires_grad=True)
@@ -506,8 +593,8 @@ def test_dropouts_redraw_only_when_asked_and_only_on_cuda(device):
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
                 layer(x)
             kept[redraw] = sum(t.numel() * t.element_size() for t in saved if t is not x)
-        # CUDA: the mask or noise kept by default, nothing with redraw; CPU: its small mask either way
-        assert kept[True] == (0 if device == 'cuda' else kept[False]) and kept[False] > 0, (layer, kept)
+        # CUDA: the mask or noise kept by default, an 8-byte seed with redraw; CPU: its small mask either way
+        assert kept[True] == (8 if device == 'cuda' else kept[False]) and kept[False] > 8, (layer, kept)
 
 
 def no_fast_path(*args, **kwargs):

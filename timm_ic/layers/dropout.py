@@ -30,11 +30,13 @@ TorchScript, and rates near 1 use torch's own ops, which are already the fastest
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
 activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
-`set_dropout_redraw(model)`) eager CUDA training keeps only the generator's 16-byte state and draws the same
-mask or noise again in backward (`_Redraw`; a ReLU before it is folded in as on CPU): about the baseline's
-memory, for extra kernels and Python per dropout that slowed training by 3 to 20% on an H200 (README, "On one
-H200"). Its Bernoulli masks come from `bernoulli_`, not from `F.dropout`'s fused kernel: the same seed gives other
-masks of the same law than without `redraw` (Uout's noise is the same `uniform_` either way).
+`set_dropout_redraw(model)`) eager CUDA training keeps only an 8-byte seed drawn from torch's generator: one
+Triton pass (`dropout_triton.py`) draws each unit's multiplier from Philox keyed by the seed and the unit's
+position, and multiplies, in forward and again in backward (`_Redraw`; a ReLU before it is folded in, as on CPU).
+Its draws are not `F.dropout`'s or `uniform_`'s: the same seed gives other masks and noise of the same law than
+without `redraw`. The kernel replaced a replay of `bernoulli_`/`uniform_` from the saved generator state, which
+an H200 measured at about the baseline's memory for 3 to 20% slower training (README, "On one H200"); the
+kernel itself has run only in Triton's interpreter on CPU so far.
 """
 import math
 from typing import Callable, Optional, Tuple
@@ -69,7 +71,8 @@ def check_beta(beta: float) -> float:
 
 
 def random_bits(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """n uniform integers of `dtype` (int16 or int32) covering its whole range, from torch's default generator.
+    """n uniform integers of `dtype` (int16, int32 or int64) covering its whole range, from torch's default
+    generator of `device`.
 
     `random_(-2**63, None)` fills an int64 with all 64 bits random (the default range leaves the sign bit 0),
     so each of its 16- or 32-bit pieces is uniform and independent of the others."""
@@ -185,67 +188,44 @@ class _Multiply(torch.autograd.Function):
 
 
 def _redraw_path(x: torch.Tensor) -> bool:
-    # eager CUDA (asked for by `redraw`): draws kept for backward as the generator's 16-byte state instead of a mask
-    # or noise tensor. Not under compile (inductor fuses and partitions torch's own ops) or graph capture (a
-    # captured generator's state is not its replay's)
-    return x.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
-
-
-def default_generator(device: torch.device) -> torch.Generator:
-    """torch's default generator of a tensor's `device` (CPU, or its CUDA device's), which `torch.manual_seed`
-    seeds."""
-    return torch.cuda.default_generators[device.index] if device.type == 'cuda' else torch.default_generator
-
-
-# Draws of the redrawing path: `draw(m, arg, generator)` fills the fresh tensor m in place with the multiplier
-# (its layout fixed by the caller, so a redraw puts each value where the first draw did)
-
-def draw_keep(m: torch.Tensor, keep: float, generator: torch.Generator) -> torch.Tensor:
-    return m.bernoulli_(keep, generator=generator)
-
-
-def draw_uout(m: torch.Tensor, beta: float, generator: torch.Generator) -> torch.Tensor:
-    return m.uniform_(1.0 - beta, 1.0 + beta, generator=generator)
-
-
-def _times_drawn(t: torch.Tensor, m: torch.Tensor, draw: Callable, arg: float) -> torch.Tensor:
-    """t times the multiplier `draw` put in m, in m's memory."""
-    if draw is draw_keep:  # 0 or 1 times t is exact; the scale then rounds once, as F.dropout's x * mask * scale
-        return m.mul_(t).mul_(1.0 / arg)
-    return m.mul_(t)
+    # eager CUDA (asked for by `redraw`): a seed kept for backward instead of a mask or noise. Not under compile
+    # (inductor fuses torch's own ops) or CUDA graph capture (not tried there)
+    return (x.is_cuda and x.is_floating_point() and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
 
 
 class _Redraw(torch.autograd.Function):
-    """y = x * m (with `after_relu`, relu(x) * m), m drawn by `draw` from torch's default generator of x's
-    device; backward keeps the generator's state from before the draw (16 bytes on CUDA) and draws m again, the
-    same values in the same places, instead of keeping m (a byte per element for a mask, two or four for noise).
-    With `after_relu` backward keeps y, which the next weight layer keeps anyway (`_Multiply` says why m >= 0
-    makes this exact); relu(x) is taken first for a mask, whose 0 times -inf is NaN. Without grad it draws the
-    same way: reentrant activation checkpointing runs forward without grad, then again with it from the same
-    generator state, and backward must see the mask the first forward used."""
+    """y = x * m (with `after_relu`, relu(x) * m), each multiplier drawn in one Triton pass from a 64-bit seed
+    (drawn from torch's default generator of x's device) and the unit's position in memory; backward keeps the
+    seed (8 bytes) and runs the same pass on the gradient, which draws each m again, instead of keeping m (a byte
+    per element for a mask, two or four for noise). `keep`: Bernoulli (a = drop rate, b = 1 / keep prob), else
+    Uout (a = 1 - beta, b = 2 beta). With `after_relu` backward keeps y, which the next weight layer keeps anyway
+    (`_Multiply` says why m >= 0 makes this exact). Without grad it draws the same way: reentrant activation
+    checkpointing runs forward without grad, then again with it from the same generator state, and backward must
+    see the mask the first forward used."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, draw: Callable, arg: float, after_relu: bool) -> torch.Tensor:
-        generator = default_generator(x.device)
-        ctx.draw, ctx.arg, ctx.state = draw, arg, generator.get_state()
-        m = torch.empty_like(x)  # x's layout where x is dense, so the multiply runs over both in memory order
-        ctx.layout = (m.shape, m.stride())
-        if after_relu and draw is draw_keep:
-            x = x.clamp_min(0.0)
-        y = _times_drawn(x, draw(m, arg, generator), draw, arg)
-        if after_relu:
-            ctx.save_for_backward(y.clamp_min_(0.0))
+    def forward(ctx, x: torch.Tensor, keep: bool, a: float, b: float, after_relu: bool) -> torch.Tensor:
+        try:
+            from .dropout_triton import redraw_multiply  # on first use: only this path needs Triton
+        except ImportError as e:
+            raise RuntimeError('redraw=True needs Triton on CUDA (pip install triton), or set redraw=False '
+                               '(set_dropout_redraw(model, False), or train.py without --redraw-dropout)') from e
+        seed = random_bits(1, torch.int64, x.device)
+        y = redraw_multiply(x, seed, keep, a, b, after_relu)
+        ctx.keep, ctx.a, ctx.b, ctx.stride = keep, a, b, y.stride()
+        ctx.save_for_backward(seed, y) if after_relu else ctx.save_for_backward(seed)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None]:
-        generator = torch.Generator(grad.device)
-        generator.set_state(ctx.state)
-        m = torch.empty_strided(*ctx.layout, dtype=grad.dtype, device=grad.device)  # where forward drew each value
-        grad = _times_drawn(grad, ctx.draw(m, ctx.arg, generator), ctx.draw, ctx.arg)
-        if ctx.saved_tensors:  # ReLU's own backward
-            grad = torch.ops.aten.threshold_backward(grad, ctx.saved_tensors[0], 0)
-        return grad, None, None, None
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
+        from .dropout_triton import redraw_multiply
+        seed, *relu_output = ctx.saved_tensors
+        if grad.stride() != ctx.stride:  # a draw belongs to a position in forward's layout
+            grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        after_relu = bool(relu_output)
+        grad = redraw_multiply(grad, seed, ctx.keep, ctx.a, ctx.b, after_relu, relu_output[0] if after_relu else None)
+        return grad, None, None, None, None
 
 
 def drop_levels(p: float) -> int:
@@ -259,10 +239,10 @@ def drop_levels(p: float) -> int:
 def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool = False,
             redraw: bool = False) -> torch.Tensor:
     """Bernoulli dropout, `F.dropout`'s contract; on CPU above rate 1/8, p is rounded to a multiple of 1/65536
-    (see module doc). `after_relu`: dropout(relu(x)), as one op on CPU (`_Multiply`). `redraw`: on CUDA, keep the
-    generator's state for backward instead of the mask, and draw it again there (`_Redraw`; less memory, slower)."""
+    (see module doc). `after_relu`: dropout(relu(x)), as one op on CPU (`_Multiply`). `redraw`: on CUDA, keep a
+    seed for backward instead of the mask, and draw it again there (`_Redraw`: less memory)."""
     if redraw and training and 0.0 < p < 1.0 and _redraw_path(x):
-        return _Redraw.apply(x, draw_keep, 1.0 - p, after_relu)
+        return _Redraw.apply(x, True, p, 1.0 / (1.0 - p), after_relu)
     if not training or not 0.0 < p < 1.0 or not _fast_path(x):
         return F.dropout(F.relu(x) if after_relu else x, p, training)  # its own error for a rate outside [0, 1]
     if p <= GEOMETRIC_MAX_RATE:
@@ -283,14 +263,14 @@ def uout(x: torch.Tensor, beta: float, training: bool = True, after_relu: bool =
          redraw: bool = False) -> torch.Tensor:
     """Uout: x * u with u ~ U(1 - beta, 1 + beta) per element in training, x in eval (see module doc on CPU).
     `after_relu`: uout(relu(x)), as one op on CPU for beta < 1 (`_Multiply`; the noise is positive). `redraw`: on
-    CUDA, keep the generator's state for backward instead of the noise (`_Redraw`), also after a ReLU."""
+    CUDA, keep a seed for backward instead of the noise (`_Redraw`), also after a ReLU."""
     redraws = redraw and _redraw_path(x)
     if after_relu and (not training or not 0.0 < beta < 1.0 or not (_fast_path(x) or redraws)):  # else u > 0
         return uout(F.relu(x), beta, training, redraw=redraw)
     if not training or beta == 0.0:
         return x
     if redraws:
-        return _Redraw.apply(x, draw_uout, beta, after_relu)
+        return _Redraw.apply(x, False, 1.0 - beta, 2.0 * beta, after_relu)
     if not _fast_path(x):
         # x + x * r with r ~ U(-beta, beta), as one multiply: 1 + r ~ U(1 - beta, 1 + beta)
         return x * torch.empty_like(x).uniform_(1.0 - beta, 1.0 + beta)
@@ -301,8 +281,8 @@ class Dropout(nn.Dropout):
     """`nn.Dropout` drawing its mask through `dropout` above: faster on CPU, the same as `nn.Dropout` elsewhere.
 
     A subclass, so code that looks for torch dropouts (`isinstance(m, nn.Dropout)`, `m.p`) still finds it.
-    `redraw` (off by default; `set_dropout_redraw` sets it model-wide): on CUDA, keep only the generator's state
-    for backward and draw the mask again there: less memory, slower training (README, "On one H200")."""
+    `redraw` (off by default; `set_dropout_redraw` sets it model-wide): on CUDA, keep only a seed for backward
+    and draw the mask again there, in one Triton pass each way (`_Redraw`): less memory."""
 
     def __init__(self, p: float = 0.5, redraw: bool = False):
         super().__init__(check_drop_rate(p))
@@ -353,8 +333,8 @@ class Uout(nn.Module):
 
 def set_dropout_redraw(model: nn.Module, enable: bool = True) -> int:
     """Sets `redraw` on every `Dropout` and `Uout` of `model` (like timm's `set_grad_checkpointing`, memory for
-    compute): on CUDA they keep their generator's state for backward, not their masks or noise, and draw those
-    again in backward. Returns how many it set. On the CPU it changes nothing (the CPU path keeps a small mask)."""
+    compute): on CUDA they keep a seed for backward, not their masks or noise, and draw those again in
+    backward. Returns how many it set. On the CPU it changes nothing (the CPU path keeps a small mask)."""
     layers = [m for m in model.modules() if isinstance(m, (Dropout, Uout))]
     for m in layers:
         m.redraw = enable

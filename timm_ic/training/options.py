@@ -98,9 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: accelerate config's")
     group.add_argument('--channels-last', action='store_true')
     group.add_argument('--redraw-dropout', action='store_true',
-                       help="CUDA: dropouts and Uout keep their generator's state, not their masks or noise, for "
-                            'backward, and draw them again there: peak memory near the baseline\'s, slower steps '
-                            '(README, "On one H200")')
+                       help='CUDA: dropouts and Uout keep a seed, not their masks or noise, for backward, and draw '
+                            'them again there (one Triton pass each way): less peak memory (README, "Layers")')
     group.add_argument('--compile', action='store_true', help='torch.compile (inductor) via Accelerate')
     group.add_argument('--sync-bn', action='store_true', help='synchronise BatchNorm statistics across processes')
     group.add_argument('--cpu', action='store_true', help='run on CPU even if a GPU is there (torchrun + gloo)')
