@@ -25,7 +25,7 @@ step() {  # step SECONDS cmd...: the command under a time limit, with its exit s
 $py -c "import torch, timm, accelerate, huggingface_hub as h; print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'hub', h.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
 if [ "$scale" = 1 ]; then batch=128 size=224 steps=5 repeats=5; else batch=4 size=64 steps=1 repeats=1; fi
 bench="$py benchmarks/bench_models.py --device $device --amp --batch-size $batch --image-size $size --steps $steps"
-step 60 $py -m pytest -q -p no:cacheprovider tests/test_layers.py -k redraw
+step 180 $py -m pytest -q -p no:cacheprovider tests/test_layers.py -k redraw
 if [ "$scale" = 1 ]; then shapes=("128 64 56 56" "128 16 32 32"); else shapes=("4 8 16 16"); fi
 for shape in "${shapes[@]}"; do
     step 60 $py benchmarks/bench_layers.py --device $device --dtype bfloat16 --redraw-dropout --shape $shape \

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -481,6 +482,57 @@ def test_redrawing_dropouts_keep_a_seed_and_draw_again_in_backward(kind, arg, af
     # kept for backward: the 8-byte seed, and after a ReLU the output (which the next layer keeps anyway)
     assert sum(t.numel() * t.element_size() for t in saved if t is not ours) == 8
     assert any(t is ours for t in saved) == after_relu
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
+@pytest.mark.parametrize('kind', ['dropout', 'uout'])
+def test_redrawing_dropouts_differentiate_twice(kind, after_relu, device, monkeypatch):
+    # a gradient penalty differentiates the gradient: y = m relu(x), sum(y^2)'s gradient 2 m^2 relu(x), whose
+    # sum's gradient is 2 m^2 where x > 0 (without the ReLU: 2 m^2 everywhere)
+    redraw_here(device, monkeypatch)
+    x = torch.randn(2, 4, 8, 8, device=device, requires_grad=True)
+    torch.manual_seed(0)
+    m = redrawn(kind, 0.3, torch.ones_like(x))
+    torch.manual_seed(0)
+    y = redrawn(kind, 0.3, x, after_relu)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    positive = (x > 0) if after_relu else torch.ones_like(x, dtype=torch.bool)
+    torch.testing.assert_close(g, 2 * m * m * x * positive)
+    torch.testing.assert_close(gg, 2 * m * m * positive)
+
+
+def philox4x32_10(counter: np.ndarray, seed: int) -> np.ndarray:
+    """Philox-4x32-10 (Salmon et al. 2011) of counters (c, c >> 32, 0, 0) under the 64-bit key `seed`: (4, n)
+    uint32 words, written from the paper's round function, not from Triton's code."""
+    mask = np.uint64(0xFFFFFFFF)
+    c = [(counter.astype(np.uint64) & mask), (counter.astype(np.uint64) >> np.uint64(32)),
+         np.zeros(len(counter), np.uint64), np.zeros(len(counter), np.uint64)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32 & 0xFFFFFFFF)
+    m0, m1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p1 = m0 * c[0], m1 * c[2]  # 64-bit products of 32-bit words
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return np.stack(c).astype(np.uint32)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_redrawn_draws_are_philox_of_the_seed_and_the_position(device, monkeypatch):
+    # the mapping dropout_triton.py documents: unit i takes word i // 1024 % 4 of counter i // 4096 * 1024 +
+    # i % 1024, keyed by the 64-bit seed drawn from torch's generator; its top 23 bits are the draw
+    redraw_here(device, monkeypatch)
+    n = 3 * 4096 + 5  # a last, partial program
+    ones = torch.ones(n, device=device)
+    torch.manual_seed(1)
+    seed = int(dropout_mod.random_bits(1, torch.int64, ones.device)) % 2 ** 64
+    torch.manual_seed(1)
+    dropped = (redrawn('dropout', 0.3, ones) == 0).cpu().numpy()
+    i = np.arange(n)
+    words = philox4x32_10(i // 4096 * 1024 + i % 1024, seed)[i // 1024 % 4, i]
+    v = ((words >> 9).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
+    assert np.array_equal(dropped, v < np.float32(0.3))
 
 
 @pytest.mark.parametrize('device', DEVICES)

@@ -743,10 +743,19 @@ def test_a_previous_run_is_not_overwritten_without_overwrite(tmp_path, capsys):
     load_file(out / 'best.safetensors')  # the new run's weights
 
 
-def test_redraw_dropout_flag_sets_every_dropout_of_the_model():
+def test_redraw_dropout_flag_sets_every_dropout_of_the_model(monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
     import timm
     from timm_ic.layers import Dropout, Uout
+    cpu = SimpleNamespace(device=torch.device('cpu'), num_processes=1)
     for argv, expected in (([], False), (['--redraw-dropout'], True)):
-        model = train.adapt_model(train.parse_args(argv), None, timm.create_model('uout_wrn28_10', num_classes=10))
+        model = train.adapt_model(train.parse_args(argv), cpu, timm.create_model('uout_wrn28_10', num_classes=10))
         drops = [m for m in model.modules() if isinstance(m, (Dropout, Uout))]
         assert drops and all(m.redraw is expected for m in drops)
+    # on CUDA without Triton the flag is a usage error before training, not a traceback at the first step
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'triton' else find_spec(name, *a))
+    cuda = SimpleNamespace(device=torch.device('cuda'), num_processes=1)
+    with pytest.raises(train.UsageError, match='needs Triton.*pip install triton'):
+        train.adapt_model(train.parse_args(['--redraw-dropout']), cuda, timm.create_model('ic_resnet20'))

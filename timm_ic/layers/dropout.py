@@ -213,19 +213,33 @@ class _Redraw(torch.autograd.Function):
                                '(set_dropout_redraw(model, False), or train.py without --redraw-dropout)') from e
         seed = random_bits(1, torch.int64, x.device)
         y = redraw_multiply(x, seed, keep, a, b, after_relu)
-        ctx.keep, ctx.a, ctx.b, ctx.stride = keep, a, b, y.stride()
-        ctx.save_for_backward(seed, y) if after_relu else ctx.save_for_backward(seed)
+        ctx.draw = (keep, a, b, y.stride())
+        ctx.save_for_backward(seed, y if after_relu else None)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
+        return _Redrawn.apply(grad, *ctx.saved_tensors, *ctx.draw), None, None, None, None
+
+
+class _Redrawn(torch.autograd.Function):
+    """`_Redraw`'s backward: g times the multipliers `seed` draws again (and ReLU's gradient, from the output
+    `relu_out`), g first put in forward's layout (`stride`: a draw belongs to a position in memory). Linear in g,
+    so its own backward is itself: double backward (a gradient penalty) works as with torch's ops."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, seed: torch.Tensor, relu_out: Optional[torch.Tensor], keep: bool, a: float,
+                b: float, stride: Tuple[int, ...]) -> torch.Tensor:
         from .dropout_triton import redraw_multiply
-        seed, *relu_output = ctx.saved_tensors
-        if grad.stride() != ctx.stride:  # a draw belongs to a position in forward's layout
-            grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
-        after_relu = bool(relu_output)
-        grad = redraw_multiply(grad, seed, ctx.keep, ctx.a, ctx.b, after_relu, relu_output[0] if after_relu else None)
-        return grad, None, None, None, None
+        if g.stride() != stride:
+            g = torch.empty_strided(g.shape, stride, dtype=g.dtype, device=g.device).copy_(g)
+        ctx.draw = (keep, a, b, stride)
+        ctx.save_for_backward(seed, relu_out)
+        return redraw_multiply(g, seed, keep, a, b, relu_out is not None, relu_out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None, None, None]:
+        return _Redrawn.apply(grad, *ctx.saved_tensors, *ctx.draw), None, None, None, None, None, None
 
 
 def drop_levels(p: float) -> int:

@@ -26,7 +26,7 @@ def _times_drawn(in_ptr, out_ptr, relu_out_ptr, offsets, bits, n, a, b, KEEP: tl
     v = ((bits >> 9).to(tl.int32).to(tl.float32) + 0.5) * 1.1920928955078125e-07
     if KEEP:  # a = the drop rate, b = 1 / (1 - a): P(v < a) is a to within 2^-23
         m = tl.where(v >= a, b, 0.0).to(COMPUTE)
-    else:  # Uout: a = 1 - beta, b = 2 beta, so m is uniform on [1 - beta, 1 + beta]
+    else:  # Uout: a = 1 - beta, b = 2 beta: 2^23 evenly spaced points of [1 - beta, 1 + beta], to float32 rounding
         m = (a + b * v).to(COMPUTE)
     if BACKWARD:
         out = t * m

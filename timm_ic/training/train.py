@@ -34,6 +34,7 @@ training (the run is kept); 1 anything else (a bug: please report its traceback)
 run.json is a `timm_ic.run_record.RunRecord`: its docstring lists the fields.
 """
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -117,6 +118,9 @@ def adapt_model(args: argparse.Namespace, accelerator: Accelerator, model: nn.Mo
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.redraw_dropout:
+        if accelerator.device.type == 'cuda' and importlib.util.find_spec('triton') is None:
+            raise UsageError('--redraw-dropout needs Triton on CUDA (its kernel is a Triton one): pip install triton, '
+                             'or drop the flag to keep torch\'s dropout.')
         set_dropout_redraw(model)
     return model
 
