@@ -443,7 +443,7 @@ def redrawn(kind: str, arg: float, x: torch.Tensor, after_relu: bool = False) ->
 
 
 @pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
 @pytest.mark.parametrize('kind, arg', [('dropout', 0.3), ('uout', 0.3)])
 def test_redrawing_dropouts_keep_a_seed_and_draw_again_in_backward(kind, arg, after_relu, dtype, device, monkeypatch):
@@ -469,10 +469,13 @@ def test_redrawing_dropouts_keep_a_seed_and_draw_again_in_backward(kind, arg, af
     else:
         assert m.min() >= 1 - arg and m.max() <= 1 + arg and m.unique().numel() > 0.9 * m.numel()
     inner = torch.relu(x) if after_relu else x
-    # products in float32, rounded once to dtype; Triton's interpreter truncates to bfloat16 instead of rounding
-    tol = dict(rtol=2 ** -7 if device == 'cpu' and dtype == torch.bfloat16 else 0, atol=0, equal_nan=True)
-    torch.testing.assert_close(ours, (inner.float() * m).to(dtype), **tol)
-    expected_grad = (g.float() * m).to(dtype)
+    # products in float32 (float64 for float64), rounded once to dtype; Triton's interpreter truncates to
+    # bfloat16 and float16 instead of rounding
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    truncated = device == 'cpu' and dtype in (torch.bfloat16, torch.float16)
+    tol = dict(rtol=torch.finfo(dtype).eps if truncated else 0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ours, (inner.to(compute) * m.to(compute)).to(dtype), **tol)
+    expected_grad = (g.to(compute) * m.to(compute)).to(dtype)
     if after_relu:
         expected_grad = torch.ops.aten.threshold_backward(expected_grad, ours.detach(), 0)
     torch.testing.assert_close(ours_x.grad, expected_grad, **tol)
