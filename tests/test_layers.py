@@ -2,6 +2,7 @@
 import importlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -240,7 +241,7 @@ def test_dropout_drops_each_16_bit_value_below_its_threshold_exactly(p, monkeypa
     # the exact-granularity argument: fed every one of the 65536 16-bit values once, the layer drops exactly
     # round(p * 65536) of them, so with uniform draws P(drop) = round(p * 65536) / 65536, within 2^-17 of p
     every = torch.arange(-32768, 32768, dtype=torch.int16)
-    monkeypatch.setattr(dropout_mod, 'random_int16', lambda like: every.view(like.shape))
+    monkeypatch.setattr(dropout_mod, 'random_int16', lambda like, generator=None: every.view(like.shape))
     levels = dropout_mod.drop_levels(p)
     assert abs(levels / 65536 - p) <= 2 ** -17
     y = Dropout(p).train()(torch.ones(65536))
@@ -690,6 +691,40 @@ def test_train_mode_fx_trace_torchscript_and_compile(make):
     scripted = torch.jit.script(layer)  # TorchScript takes torch's own ops
     y = scripted(x)
     assert y.shape == x.shape and not torch.equal(y, x)
-    compiled = torch.compile(layer, backend='eager', fullgraph=True)  # torch's ops again: no graph break
-    y = compiled(x)
-    assert y.shape == x.shape and not torch.equal(y, x)
+    compiled = torch.compile(layer, backend='eager', fullgraph=True)  # one custom op: no graph break
+    torch.manual_seed(0)
+    assert torch.equal(compiled(x), expected)
+
+
+@pytest.mark.parametrize('backend', ['aot_eager', pytest.param('inductor', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
+@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Dropout(0.05), lambda: Uout(0.3)],
+                         ids=['dropout', 'dropout_low_rate', 'uout'])
+def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backend):
+    # under torch.compile the CPU dropouts are one opaque op (`timm_ic::cpu_multiply`) drawing from the default
+    # generator as eager does, and its backward draws again from the generator state it returned
+    if backend == 'inductor' and not shutil.which('g++') and not shutil.which('c++'):
+        pytest.skip('inductor on CPU needs a C++ compiler')
+    torch._dynamo.reset()  # `net` is one code object across the cases: keep them off its recompile limit
+    layer = make().train()
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def net(t):
+        t = conv(t)
+        return layer.forward_after_relu(t) if after_relu else layer(t)
+
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    g = torch.randn(4, 8, 6, 6)
+    compiled = torch.compile(net, backend=backend, fullgraph=True)
+    results = []
+    for f in (net, compiled, compiled):
+        torch.manual_seed(0)
+        y = f(x)
+        x.grad = conv.weight.grad = None
+        y.backward(g)
+        results.append((y.detach(), x.grad, conv.weight.grad))
+    for eager, comp in zip(results[0], results[2]):  # the second compiled call: no compiling in between
+        exact = backend == 'aot_eager'  # inductor fuses the conv's bias and ReLU, rounding otherwise
+        torch.testing.assert_close(comp, eager, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
+    plain = torch.relu(conv(x)) if after_relu else conv(x)
+    assert not torch.equal(results[0][0], plain.detach())  # it drew

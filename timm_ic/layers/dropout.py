@@ -25,8 +25,11 @@ autograd function:
   keeps anyway) and what was drawn, not the ReLU's output too (4 bytes per unit in float32).
 Since the draws come from torch's default generator, `torch.manual_seed`, `torch.get_rng_state` /
 `set_rng_state` (exact resume) and activation checkpointing work as before. Other devices (GPU, meta),
-TorchScript, and rates near 1 use torch's own ops, which are already the fastest there; so does torch.compile
-(inductor draws its own fused random numbers, seeded from torch's generator).
+TorchScript, and rates near 1 use torch's own ops, which are already the fastest there. Under torch.compile on
+CPU the same draws run as two custom ops (`timm_ic::cpu_multiply` and its backward), opaque to inductor, whose own
+CPU dropout is several times slower: forward returns the generator's state from before its draws (a fixed-size
+output, where the count of drop positions is random) and backward draws again from it, so compiled and eager
+training drop the same units from the same seed.
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
 activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
@@ -70,20 +73,22 @@ def check_beta(beta: float) -> float:
     return float(beta)
 
 
-def random_bits(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def random_bits(n: int, dtype: torch.dtype, device: torch.device,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """n uniform integers of `dtype` (int16, int32 or int64) covering its whole range, from torch's default
-    generator of `device`.
+    generator of `device` (or from `generator`).
 
     `random_(-2**63, None)` fills an int64 with all 64 bits random (the default range leaves the sign bit 0),
     so each of its 16- or 32-bit pieces is uniform and independent of the others."""
     per_word = 8 // dtype.itemsize
-    words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64, device=device)
+    words.random_(-2 ** 63, None, generator=generator)
     return words.view(dtype)[:n]
 
 
-def random_int16(like: torch.Tensor) -> torch.Tensor:
+def random_int16(like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Uniform int16 in [-32768, 32767], one per element of `like`."""
-    return random_bits(like.numel(), torch.int16, like.device).view(like.shape)
+    return random_bits(like.numel(), torch.int16, like.device, generator).view(like.shape)
 
 
 # rates up to this draw the drops' positions: faster than 16 bits per unit, and at most 1 byte per unit kept on average
@@ -99,7 +104,8 @@ def geometric_steps(bits: torch.Tensor, p: float, longest: int) -> torch.Tensor:
     return u.log_().div_(math.log1p(-p)).floor_().add_(1).clamp_max_(longest).to(torch.int64)
 
 
-def drop_positions(n: int, p: float, device: torch.device, sigmas: float = 6.0) -> torch.Tensor:
+def drop_positions(n: int, p: float, device: torch.device, sigmas: float = 6.0,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Sorted flat indices of the dropped units among n, each dropped independently with probability p.
 
     Draws enough gaps to pass n but for a chance of about 1e-9 (`sigmas` standard deviations above the
@@ -108,7 +114,7 @@ def drop_positions(n: int, p: float, device: torch.device, sigmas: float = 6.0) 
     while True:
         expected = (n - start) * p
         count = max(int(expected + sigmas * math.sqrt(expected) + 16), 1)
-        steps = geometric_steps(random_bits(count, torch.int32, device), p, longest=n - start + 1)
+        steps = geometric_steps(random_bits(count, torch.int32, device, generator), p, longest=n - start + 1)
         positions = steps.cumsum_(0).add_(start - 1)
         last = int(positions[-1])
         if last >= n:
@@ -120,8 +126,9 @@ def drop_positions(n: int, p: float, device: torch.device, sigmas: float = 6.0) 
 
 def _fast_path(x: torch.Tensor) -> bool:
     # CPU only: CUDA's fused dropout kernel (Philox, one pass) is already faster than anything composed here.
-    # Not under torch.compile: dynamo cannot trace random_(from, None), and inductor fuses torch's own ops
-    return x.device.type == 'cpu' and not torch.compiler.is_compiling()
+    # Under torch.compile the same draws run as one opaque op (`cpu_multiply`): inductor's own CPU dropout is
+    # several times slower
+    return x.device.type == 'cpu'
 
 
 # Each multiplier builds its result in the one tensor it allocates (mask, noise or scaled copy, then in-place
@@ -167,24 +174,99 @@ class _Multiply(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, drawn: torch.Tensor, arg: float, times: Multiplier,
                 after_relu: bool) -> torch.Tensor:
         ctx.times, ctx.arg = times, arg
-        if after_relu and times is keep_times:
-            # the mask's 0 times -inf is NaN, not relu's 0 (rates above 1/8 only); zeroing by the bool mask
-            # (torch.where, masked_fill_) instead is about 4x slower than the uint8 multiply on CPU
-            x = x.clamp_min(0.0)
-        y = times(x, drawn, arg)
-        if after_relu:
-            ctx.save_for_backward(drawn, y.clamp_min_(0.0))  # clamp keeps NaN, as relu does
-        else:
-            ctx.save_for_backward(drawn)
+        y = multiply(x, drawn, arg, times, after_relu)
+        ctx.save_for_backward(drawn, y if after_relu else None)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
-        drawn, *relu_output = ctx.saved_tensors
-        grad = ctx.times(grad, drawn, ctx.arg)
-        if relu_output:  # ReLU's own backward
-            grad = torch.ops.aten.threshold_backward(grad, relu_output[0], 0)
-        return grad, None, None, None, None
+        drawn, relu_out = ctx.saved_tensors
+        return multiply_backward(grad, drawn, ctx.arg, ctx.times, relu_out), None, None, None, None
+
+
+def multiply(x: torch.Tensor, drawn: torch.Tensor, arg: float, times: Multiplier, after_relu: bool) -> torch.Tensor:
+    """`_Multiply`'s forward: x (with `after_relu`, relu(x)) times the multiplier rebuilt from `drawn`."""
+    if after_relu and times is keep_times:
+        # the mask's 0 times -inf is NaN, not relu's 0 (rates above 1/8 only); zeroing by the bool mask
+        # (torch.where, masked_fill_) instead is about 4x slower than the uint8 multiply on CPU
+        x = x.clamp_min(0.0)
+    y = times(x, drawn, arg)
+    return y.clamp_min_(0.0) if after_relu else y  # clamp keeps NaN, as relu does
+
+
+def multiply_backward(grad: torch.Tensor, drawn: torch.Tensor, arg: float, times: Multiplier,
+                      relu_out: Optional[torch.Tensor]) -> torch.Tensor:
+    """`_Multiply`'s backward; `relu_out`: forward's output after a ReLU, for ReLU's own backward."""
+    grad = times(grad, drawn, arg)
+    return grad if relu_out is None else torch.ops.aten.threshold_backward(grad, relu_out, 0)
+
+
+def _cpu_draw(kind: str, like: torch.Tensor, arg: float,
+              generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Multiplier, float]:
+    """What a CPU dropout of `kind` draws for a tensor like `like`, the multiplier that rebuilds it and its
+    argument: 'positions' (Bernoulli at rate arg <= 1/8), 'keep' (Bernoulli, 16-bit draws) or 'uout' (beta)."""
+    if kind == 'positions':
+        return drop_positions(like.numel(), arg, like.device, generator=generator), drop_positions_times, 1 / (1 - arg)
+    if kind == 'keep':
+        levels = drop_levels(arg)
+        # k drops iff k < levels - 32768: probability exactly levels / 65536; the scale keeps E[y] = x exactly
+        return random_int16(like, generator) >= levels - LEVELS // 2, keep_times, LEVELS / (LEVELS - levels)
+    return random_int16(like, generator), uout_times, arg
+
+
+def _cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # dynamo cannot trace random_(from, None); one opaque op instead
+        return torch.ops.timm_ic.cpu_multiply(x, kind, arg, after_relu)[0]
+    drawn, times, times_arg = _cpu_draw(kind, x, arg)
+    return _Multiply.apply(x, drawn, times_arg, times, after_relu)
+
+
+# `_Multiply` as custom ops, for torch.compile on CPU: the same draws from the default generator, so compiled and
+# eager training drop the same units. Forward returns the generator's state from before its draws (a fixed-size
+# output, where the drop positions' count is random); backward draws again from it.
+_STATE_BYTES = torch.default_generator.get_state().numel()
+
+
+@torch.library.custom_op('timm_ic::cpu_multiply', mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _cpu_multiply_op(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    state = torch.default_generator.get_state()
+    drawn, times, times_arg = _cpu_draw(kind, x, arg)
+    return multiply(x, drawn, times_arg, times, after_relu), state
+
+
+@_cpu_multiply_op.register_fake
+def _(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    # the multipliers write contiguous outputs whatever x's layout
+    return x.new_empty(x.shape), x.new_empty(_STATE_BYTES, dtype=torch.uint8)
+
+
+@torch.library.custom_op('timm_ic::cpu_multiply_backward', mutates_args=())
+def _cpu_multiply_backward_op(grad: torch.Tensor, state: torch.Tensor, relu_out: Optional[torch.Tensor], kind: str,
+                              arg: float) -> torch.Tensor:
+    generator = torch.Generator()
+    generator.set_state(state)
+    drawn, times, times_arg = _cpu_draw(kind, grad, arg, generator)
+    return multiply_backward(grad, drawn, times_arg, times, relu_out)
+
+
+@_cpu_multiply_backward_op.register_fake
+def _(grad: torch.Tensor, state: torch.Tensor, relu_out: Optional[torch.Tensor], kind: str,
+      arg: float) -> torch.Tensor:
+    return grad.new_empty(grad.shape)
+
+
+def _save_cpu_multiply(ctx, inputs: Tuple, output: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, kind, arg, after_relu = inputs
+    ctx.kind, ctx.arg = kind, arg
+    ctx.save_for_backward(output[1], output[0] if after_relu else None)
+
+
+def _cpu_multiply_grad(ctx, grad: torch.Tensor, _) -> Tuple[Optional[torch.Tensor], None, None, None]:
+    state, relu_out = ctx.saved_tensors
+    return torch.ops.timm_ic.cpu_multiply_backward(grad, state, relu_out, ctx.kind, ctx.arg), None, None, None
+
+
+_cpu_multiply_op.register_autograd(_cpu_multiply_grad, setup_context=_save_cpu_multiply)
 
 
 def _redraw_path(x: torch.Tensor) -> bool:
@@ -260,14 +342,10 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool =
     if not training or not 0.0 < p < 1.0 or not _fast_path(x):
         return F.dropout(F.relu(x) if after_relu else x, p, training)  # its own error for a rate outside [0, 1]
     if p <= GEOMETRIC_MAX_RATE:
-        positions = drop_positions(x.numel(), p, x.device)
-        return _Multiply.apply(x, positions, 1.0 / (1.0 - p), drop_positions_times, after_relu)
-    levels = drop_levels(p)
-    if LEVELS - levels < MIN_LEVELS:
+        return _cpu_multiply(x, 'positions', p, after_relu)
+    if LEVELS - drop_levels(p) < MIN_LEVELS:
         return F.dropout(F.relu(x) if after_relu else x, p, training)
-    # k drops iff k < levels - 32768: probability exactly levels / 65536; the scale keeps E[y] = x exactly
-    keep = random_int16(x) >= levels - LEVELS // 2
-    return _Multiply.apply(x, keep, LEVELS / (LEVELS - levels), keep_times, after_relu)
+    return _cpu_multiply(x, 'keep', p, after_relu)
 
 
 @torch.fx.wrap
@@ -288,7 +366,7 @@ def uout(x: torch.Tensor, beta: float, training: bool = True, after_relu: bool =
     if not _fast_path(x):
         # x + x * r with r ~ U(-beta, beta), as one multiply: 1 + r ~ U(1 - beta, 1 + beta)
         return x * torch.empty_like(x).uniform_(1.0 - beta, 1.0 + beta)
-    return _Multiply.apply(x, random_int16(x), beta, uout_times, after_relu)
+    return _cpu_multiply(x, 'uout', beta, after_relu)
 
 
 class Dropout(nn.Dropout):
