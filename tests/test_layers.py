@@ -701,7 +701,7 @@ def test_train_mode_fx_trace_torchscript_and_compile(make):
 @pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Dropout(0.05), lambda: Uout(0.3)],
                          ids=['dropout', 'dropout_low_rate', 'uout'])
 def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backend):
-    # under torch.compile the CPU dropouts are one opaque op (`timm_ic::cpu_multiply`) drawing from the default
+    # under torch.compile the CPU dropouts are one opaque op (`timm_ic::cpu_dropout`) drawing from the default
     # generator as eager does, and its backward draws again from the generator state it returned
     if backend == 'inductor' and not shutil.which('g++') and not shutil.which('c++'):
         pytest.skip('inductor on CPU needs a C++ compiler')

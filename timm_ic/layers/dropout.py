@@ -26,10 +26,8 @@ autograd function:
 Since the draws come from torch's default generator, `torch.manual_seed`, `torch.get_rng_state` /
 `set_rng_state` (exact resume) and activation checkpointing work as before. Other devices (GPU, meta),
 TorchScript, and rates near 1 use torch's own ops, which are already the fastest there. Under torch.compile on
-CPU the same draws run as two custom ops (`timm_ic::cpu_multiply` and its backward), opaque to inductor, whose own
-CPU dropout is several times slower: forward returns the generator's state from before its draws (a fixed-size
-output, where the count of drop positions is random) and backward draws again from it, so compiled and eager
-training drop the same units from the same seed.
+CPU the same draws run as two custom ops (`timm_ic::cpu_dropout` and its backward), opaque to inductor, whose own
+CPU dropout is several times slower: compiled and eager training drop the same units from the same seed.
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
 activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
@@ -126,7 +124,7 @@ def drop_positions(n: int, p: float, device: torch.device, sigmas: float = 6.0,
 
 def _fast_path(x: torch.Tensor) -> bool:
     # CPU only: CUDA's fused dropout kernel (Philox, one pass) is already faster than anything composed here.
-    # Under torch.compile the same draws run as one opaque op (`cpu_multiply`): inductor's own CPU dropout is
+    # Under torch.compile the same draws run as one opaque op (`timm_ic::cpu_dropout`): inductor's own CPU dropout is
     # several times slower
     return x.device.type == 'cpu'
 
@@ -202,55 +200,69 @@ def multiply_backward(grad: torch.Tensor, drawn: torch.Tensor, arg: float, times
 
 
 def _cpu_draw(kind: str, like: torch.Tensor, arg: float,
-              generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Multiplier, float]:
-    """What a CPU dropout of `kind` draws for a tensor like `like`, the multiplier that rebuilds it and its
-    argument: 'positions' (Bernoulli at rate arg <= 1/8), 'keep' (Bernoulli, 16-bit draws) or 'uout' (beta)."""
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """What a CPU dropout of `kind` draws for a tensor like `like`: 'positions' (Bernoulli at rate arg <= 1/8:
+    the drops' flat indices), 'keep' (Bernoulli, 16-bit draws: the 1-byte mask) or 'uout' (beta: the draws)."""
     if kind == 'positions':
-        return drop_positions(like.numel(), arg, like.device, generator=generator), drop_positions_times, 1 / (1 - arg)
+        return drop_positions(like.numel(), arg, like.device, generator=generator)
+    if kind == 'keep':  # k drops iff k < levels - 32768: probability exactly levels / 65536
+        return random_int16(like, generator) >= drop_levels(arg) - LEVELS // 2
+    return random_int16(like, generator)
+
+
+def _cpu_multiplier(kind: str, arg: float) -> Tuple[Multiplier, float]:
+    """The multiplier that rebuilds `_cpu_draw`'s draws, and its argument (the scales keep E[y] = x exactly)."""
+    if kind == 'positions':
+        return drop_positions_times, 1 / (1 - arg)
     if kind == 'keep':
-        levels = drop_levels(arg)
-        # k drops iff k < levels - 32768: probability exactly levels / 65536; the scale keeps E[y] = x exactly
-        return random_int16(like, generator) >= levels - LEVELS // 2, keep_times, LEVELS / (LEVELS - levels)
-    return random_int16(like, generator), uout_times, arg
+        return keep_times, LEVELS / (LEVELS - drop_levels(arg))
+    return uout_times, arg
 
 
 def _cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> torch.Tensor:
     if torch.compiler.is_compiling():  # dynamo cannot trace random_(from, None); one opaque op instead
-        return torch.ops.timm_ic.cpu_multiply(x, kind, arg, after_relu)[0]
-    drawn, times, times_arg = _cpu_draw(kind, x, arg)
-    return _Multiply.apply(x, drawn, times_arg, times, after_relu)
+        return torch.ops.timm_ic.cpu_dropout(x, kind, arg, after_relu)[0]
+    times, times_arg = _cpu_multiplier(kind, arg)
+    return _Multiply.apply(x, _cpu_draw(kind, x, arg), times_arg, times, after_relu)
 
 
 # `_Multiply` as custom ops, for torch.compile on CPU: the same draws from the default generator, so compiled and
-# eager training drop the same units. Forward returns the generator's state from before its draws (a fixed-size
-# output, where the drop positions' count is random); backward draws again from it.
+# eager training drop the same units. Outputs have fixed sizes, and the count of drop positions is random: for
+# those forward returns the generator's state from before its draws and backward draws them again (a few draws
+# per hundred units); the 16-bit draws it returns as they are. Rename the ops when what they return changes:
+# inductor caches compiled graphs by op name, not by what the op computes.
 _STATE_BYTES = torch.default_generator.get_state().numel()
 
 
-@torch.library.custom_op('timm_ic::cpu_multiply', mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+@torch.library.custom_op('timm_ic::cpu_dropout', mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _cpu_multiply_op(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    state = torch.default_generator.get_state()
-    drawn, times, times_arg = _cpu_draw(kind, x, arg)
-    return multiply(x, drawn, times_arg, times, after_relu), state
+    state = torch.default_generator.get_state() if kind == 'positions' else None
+    drawn = _cpu_draw(kind, x, arg)
+    times, times_arg = _cpu_multiplier(kind, arg)
+    return multiply(x, drawn, times_arg, times, after_relu), drawn if state is None else state
 
 
 @_cpu_multiply_op.register_fake
 def _(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    # the multipliers write contiguous outputs whatever x's layout
-    return x.new_empty(x.shape), x.new_empty(_STATE_BYTES, dtype=torch.uint8)
+    # the multipliers write contiguous outputs whatever x's layout; the draws are contiguous too
+    kept = {'positions': ((_STATE_BYTES,), torch.uint8), 'keep': (x.shape, torch.bool), 'uout': (x.shape, torch.int16)}
+    shape, dtype = kept[kind]
+    return x.new_empty(x.shape), x.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op('timm_ic::cpu_multiply_backward', mutates_args=())
-def _cpu_multiply_backward_op(grad: torch.Tensor, state: torch.Tensor, relu_out: Optional[torch.Tensor], kind: str,
+@torch.library.custom_op('timm_ic::cpu_dropout_backward', mutates_args=())
+def _cpu_multiply_backward_op(grad: torch.Tensor, kept: torch.Tensor, relu_out: Optional[torch.Tensor], kind: str,
                               arg: float) -> torch.Tensor:
-    generator = torch.Generator()
-    generator.set_state(state)
-    drawn, times, times_arg = _cpu_draw(kind, grad, arg, generator)
-    return multiply_backward(grad, drawn, times_arg, times, relu_out)
+    if kind == 'positions':  # kept: the generator's state before forward's draws
+        generator = torch.Generator()
+        generator.set_state(kept)
+        kept = _cpu_draw(kind, grad, arg, generator)
+    times, times_arg = _cpu_multiplier(kind, arg)
+    return multiply_backward(grad, kept, times_arg, times, relu_out)
 
 
 @_cpu_multiply_backward_op.register_fake
-def _(grad: torch.Tensor, state: torch.Tensor, relu_out: Optional[torch.Tensor], kind: str,
+def _(grad: torch.Tensor, kept: torch.Tensor, relu_out: Optional[torch.Tensor], kind: str,
       arg: float) -> torch.Tensor:
     return grad.new_empty(grad.shape)
 
@@ -262,8 +274,8 @@ def _save_cpu_multiply(ctx, inputs: Tuple, output: Tuple[torch.Tensor, torch.Ten
 
 
 def _cpu_multiply_grad(ctx, grad: torch.Tensor, _) -> Tuple[Optional[torch.Tensor], None, None, None]:
-    state, relu_out = ctx.saved_tensors
-    return torch.ops.timm_ic.cpu_multiply_backward(grad, state, relu_out, ctx.kind, ctx.arg), None, None, None
+    kept, relu_out = ctx.saved_tensors
+    return torch.ops.timm_ic.cpu_dropout_backward(grad, kept, relu_out, ctx.kind, ctx.arg), None, None, None
 
 
 _cpu_multiply_op.register_autograd(_cpu_multiply_grad, setup_context=_save_cpu_multiply)
