@@ -27,7 +27,9 @@ Since the draws come from torch's default generator, `torch.manual_seed`, `torch
 `set_rng_state` (exact resume) and activation checkpointing work as before. Other devices (GPU, meta),
 TorchScript, and rates near 1 use torch's own ops, which are already the fastest there. Under torch.compile on
 CPU the same draws run as two custom ops (`timm_ic::cpu_dropout` and its backward), opaque to inductor, whose own
-CPU dropout is several times slower: compiled and eager training drop the same units from the same seed.
+CPU dropout is several times slower. They draw from the default generator in graph order, as eager does, so a
+compiled graph whose only random ops are these drops the same units as eager from the same seed (inductor's
+own random ops, e.g. a head's F.dropout, draw a seed of their own and move the generator).
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
 activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
@@ -140,8 +142,12 @@ def keep_times(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tenso
 
 def drop_positions_times(t: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
     """t * scale with the units at flat `positions` zeroed."""
-    # contiguous whatever t's layout (channels_last, an expanded gradient): positions index that layout
-    out = torch.mul(t, scale, out=torch.empty_like(t, memory_format=torch.contiguous_format))
+    # contiguous whatever t's layout (channels_last, an expanded gradient): positions index that layout;
+    # mul's out= is not differentiable, so a gradient that is (double backward) takes the plain product
+    if t.requires_grad and torch.is_grad_enabled():
+        out = (t * scale).contiguous()
+    else:
+        out = torch.mul(t, scale, out=torch.empty_like(t, memory_format=torch.contiguous_format))
     out.view(-1).index_fill_(0, positions, 0)
     return out
 
@@ -226,11 +232,11 @@ def _cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> t
     return _Multiply.apply(x, _cpu_draw(kind, x, arg), times_arg, times, after_relu)
 
 
-# `_Multiply` as custom ops, for torch.compile on CPU: the same draws from the default generator, so compiled and
-# eager training drop the same units. Outputs have fixed sizes, and the count of drop positions is random: for
-# those forward returns the generator's state from before its draws and backward draws them again (a few draws
-# per hundred units); the 16-bit draws it returns as they are. Rename the ops when what they return changes:
-# inductor caches compiled graphs by op name, not by what the op computes.
+# `_Multiply` as custom ops, for torch.compile on CPU: the same draws from the default generator as eager.
+# Outputs have fixed sizes, and the count of drop positions is random: for those forward returns the generator's
+# state from before its draws and backward draws them again (a few draws per hundred units); the 16-bit draws it
+# returns as they are. Rename the ops when their outputs' shapes or dtypes
+# change: inductor's cache keeps compiled graphs with the fake outputs of the op's name.
 _STATE_BYTES = torch.default_generator.get_state().numel()
 
 
