@@ -715,17 +715,18 @@ def test_cpu_dropouts_differentiate_twice(make):
 @pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Dropout(0.05), lambda: Uout(0.3)],
                          ids=['dropout', 'dropout_low_rate', 'uout'])
 def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backend):
-    # under torch.compile the CPU dropouts are one opaque op (`timm_ic::cpu_dropout`) drawing from the default
-    # generator as eager does, and its backward draws again from the generator state it returned
+    # under torch.compile the CPU dropouts draw from the default generator as eager does, in the same order (two
+    # dropouts on parallel branches, which nothing orders but the program), and leave it where eager leaves it;
+    # backward draws the drop positions again from the generator state forward returned
     if backend == 'inductor' and not shutil.which('g++') and not shutil.which('c++'):
         pytest.skip('inductor on CPU needs a C++ compiler')
     torch._dynamo.reset()  # `net` is one code object across the cases: keep them off its recompile limit
-    layer = make().train()
-    conv = nn.Conv2d(8, 8, 3, padding=1)
+    layers = [make().train(), make().train()]
+    convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)]
 
     def net(t):
-        t = conv(t)
-        return layer.forward_after_relu(t) if after_relu else layer(t)
+        out = [layer.forward_after_relu(conv(t)) if after_relu else layer(conv(t)) for layer, conv in zip(layers, convs)]
+        return out[0] + 2 * out[1]
 
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     g = torch.randn(4, 8, 6, 6)
@@ -734,11 +735,12 @@ def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backe
     for f in (net, compiled, compiled):
         torch.manual_seed(0)
         y = f(x)
-        x.grad = conv.weight.grad = None
+        x.grad = convs[0].weight.grad = convs[1].weight.grad = None
         y.backward(g)
-        results.append((y.detach(), x.grad, conv.weight.grad))
+        results.append((y.detach(), x.grad, convs[0].weight.grad, convs[1].weight.grad, torch.get_rng_state()))
     for eager, comp in zip(results[0], results[2]):  # the second compiled call: no compiling in between
-        exact = backend == 'aot_eager'  # inductor fuses the conv's bias and ReLU, rounding otherwise
+        exact = backend == 'aot_eager' or eager.dtype == torch.uint8  # inductor fuses bias, ReLU and multiply
         torch.testing.assert_close(comp, eager, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
-    plain = torch.relu(conv(x)) if after_relu else conv(x)
-    assert not torch.equal(results[0][0], plain.detach())  # it drew
+    with torch.no_grad():
+        plain = [torch.relu(conv(x)) if after_relu else conv(x) for conv in convs]
+    assert not torch.equal(results[0][0], plain[0] + 2 * plain[1])  # it drew

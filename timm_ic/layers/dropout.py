@@ -42,7 +42,7 @@ an H200 measured at about the baseline's memory for 3 to 20% slower training (RE
 kernel itself has run only in Triton's interpreter on CPU so far.
 """
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -226,65 +226,76 @@ def _cpu_multiplier(kind: str, arg: float) -> Tuple[Multiplier, float]:
 
 
 def _cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # dynamo cannot trace random_(from, None); one opaque op instead
-        return torch.ops.timm_ic.cpu_dropout(x, kind, arg, after_relu)[0]
     times, times_arg = _cpu_multiplier(kind, arg)
-    return _Multiply.apply(x, _cpu_draw(kind, x, arg), times_arg, times, after_relu)
+    if not torch.compiler.is_compiling():
+        return _Multiply.apply(x, _cpu_draw(kind, x, arg), times_arg, times, after_relu)
+    # dynamo cannot trace random_(from, None): the draws are an opaque op
+    if kind == 'positions':  # a random count of drops: forward and backward are one op each
+        return torch.ops.timm_ic.cpu_drop_positions(x, arg, after_relu)[0]
+    # a fixed-size draw: only it is opaque, and inductor fuses the multiply with the norm and ReLU around it. It
+    # takes x's shape, not x: x as an op's input would be written out in full where inductor would fuse it away
+    return multiply(x, torch.ops.timm_ic.cpu_draw(x.shape, x.device, kind, arg), times_arg, times, after_relu)
 
 
-# `_Multiply` as custom ops, for torch.compile on CPU: the same draws from the default generator as eager.
-# Outputs have fixed sizes, and the count of drop positions is random: for those forward returns the generator's
-# state from before its draws and backward draws them again (a few draws per hundred units); the 16-bit draws it
-# returns as they are. Rename the ops when their outputs' shapes or dtypes
-# change: inductor's cache keeps compiled graphs with the fake outputs of the op's name.
+# The CPU draws as custom ops, for torch.compile: the same draws from the default generator, in graph order, as
+# eager. Rename an op when its outputs' shapes or dtypes change: inductor's cache keeps compiled graphs with the
+# fake outputs of the op's name.
+@torch.library.custom_op('timm_ic::cpu_draw', mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _cpu_draw_op(size: Sequence[int], device: torch.device, kind: str, arg: float) -> torch.Tensor:
+    """`_cpu_draw` of 'keep' (the 1-byte mask) or 'uout' (the 16-bit draws, as int32: inductor's CPU code vectorizes
+    no int16, and a kernel loading one runs scalar, the norm and ReLU fused into it too), contiguous."""
+    drawn = _cpu_draw(kind, torch.empty(size, device=device), arg)  # the empty tensor: for its shape and device
+    return drawn if kind == 'keep' else drawn.to(torch.int32)
+
+
+@_cpu_draw_op.register_fake
+def _(size: Sequence[int], device: torch.device, kind: str, arg: float) -> torch.Tensor:
+    return torch.empty(size, device=device, dtype=torch.bool if kind == 'keep' else torch.int32)  # contiguous
+
+
+# Bernoulli's drop positions are a random count of indices, which a compiled graph cannot hold: forward returns
+# the generator's state from before its draws, and backward draws them again (a few draws per hundred units).
 _STATE_BYTES = torch.default_generator.get_state().numel()
 
 
-@torch.library.custom_op('timm_ic::cpu_dropout', mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _cpu_multiply_op(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    state = torch.default_generator.get_state() if kind == 'positions' else None
-    drawn = _cpu_draw(kind, x, arg)
-    times, times_arg = _cpu_multiplier(kind, arg)
-    return multiply(x, drawn, times_arg, times, after_relu), drawn if state is None else state
+@torch.library.custom_op('timm_ic::cpu_drop_positions', mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _cpu_drop_positions_op(x: torch.Tensor, p: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    state = torch.default_generator.get_state()
+    times, scale = _cpu_multiplier('positions', p)
+    return multiply(x, _cpu_draw('positions', x, p), scale, times, after_relu), state
 
 
-@_cpu_multiply_op.register_fake
-def _(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    # the multipliers write contiguous outputs whatever x's layout; the draws are contiguous too
-    kept = {'positions': ((_STATE_BYTES,), torch.uint8), 'keep': (x.shape, torch.bool), 'uout': (x.shape, torch.int16)}
-    shape, dtype = kept[kind]
-    return x.new_empty(x.shape), x.new_empty(shape, dtype=dtype)
+@_cpu_drop_positions_op.register_fake
+def _(x: torch.Tensor, p: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    # the multiplier writes a contiguous output whatever x's layout
+    return x.new_empty(x.shape), x.new_empty((_STATE_BYTES,), dtype=torch.uint8)
 
 
-@torch.library.custom_op('timm_ic::cpu_dropout_backward', mutates_args=())
-def _cpu_multiply_backward_op(grad: torch.Tensor, kept: torch.Tensor, relu_out: Optional[torch.Tensor], kind: str,
-                              arg: float) -> torch.Tensor:
-    if kind == 'positions':  # kept: the generator's state before forward's draws
-        generator = torch.Generator()
-        generator.set_state(kept)
-        kept = _cpu_draw(kind, grad, arg, generator)
-    times, times_arg = _cpu_multiplier(kind, arg)
-    return multiply_backward(grad, kept, times_arg, times, relu_out)
+@torch.library.custom_op('timm_ic::cpu_drop_positions_backward', mutates_args=())
+def _cpu_drop_positions_backward_op(grad: torch.Tensor, state: torch.Tensor, relu_out: Optional[torch.Tensor],
+                                    p: float) -> torch.Tensor:
+    generator = torch.Generator()
+    generator.set_state(state)
+    times, scale = _cpu_multiplier('positions', p)
+    return multiply_backward(grad, _cpu_draw('positions', grad, p, generator), scale, times, relu_out)
 
 
-@_cpu_multiply_backward_op.register_fake
-def _(grad: torch.Tensor, kept: torch.Tensor, relu_out: Optional[torch.Tensor], kind: str,
-      arg: float) -> torch.Tensor:
+@_cpu_drop_positions_backward_op.register_fake
+def _(grad: torch.Tensor, state: torch.Tensor, relu_out: Optional[torch.Tensor], p: float) -> torch.Tensor:
     return grad.new_empty(grad.shape)
 
 
-def _save_cpu_multiply(ctx, inputs: Tuple, output: Tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, kind, arg, after_relu = inputs
-    ctx.kind, ctx.arg = kind, arg
+def _save_cpu_drop_positions(ctx, inputs: Tuple, output: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, ctx.p, after_relu = inputs
     ctx.save_for_backward(output[1], output[0] if after_relu else None)
 
 
-def _cpu_multiply_grad(ctx, grad: torch.Tensor, _) -> Tuple[Optional[torch.Tensor], None, None, None]:
-    kept, relu_out = ctx.saved_tensors
-    return torch.ops.timm_ic.cpu_dropout_backward(grad, kept, relu_out, ctx.kind, ctx.arg), None, None, None
+def _cpu_drop_positions_grad(ctx, grad: torch.Tensor, _) -> Tuple[Optional[torch.Tensor], None, None]:
+    state, relu_out = ctx.saved_tensors
+    return torch.ops.timm_ic.cpu_drop_positions_backward(grad, state, relu_out, ctx.p), None, None
 
 
-_cpu_multiply_op.register_autograd(_cpu_multiply_grad, setup_context=_save_cpu_multiply)
+_cpu_drop_positions_op.register_autograd(_cpu_drop_positions_grad, setup_context=_save_cpu_drop_positions)
 
 
 def _redraw_path(x: torch.Tensor) -> bool:
