@@ -725,7 +725,8 @@ def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backe
     convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)]
 
     def net(t):
-        out = [layer.forward_after_relu(conv(t)) if after_relu else layer(conv(t)) for layer, conv in zip(layers, convs)]
+        out = [layer.forward_after_relu(conv(t)) if after_relu else layer(conv(t))
+               for layer, conv in zip(layers, convs)]
         return out[0] + 2 * out[1]
 
     x = torch.randn(4, 8, 6, 6, requires_grad=True)

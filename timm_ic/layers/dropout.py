@@ -26,10 +26,13 @@ autograd function:
 Since the draws come from torch's default generator, `torch.manual_seed`, `torch.get_rng_state` /
 `set_rng_state` (exact resume) and activation checkpointing work as before. Other devices (GPU, meta),
 TorchScript, and rates near 1 use torch's own ops, which are already the fastest there. Under torch.compile on
-CPU the same draws run as two custom ops (`timm_ic::cpu_dropout` and its backward), opaque to inductor, whose own
-CPU dropout is several times slower. They draw from the default generator in graph order, as eager does, so a
-compiled graph whose only random ops are these drops the same units as eager from the same seed (inductor's
-own random ops, e.g. a head's F.dropout, draw a seed of their own and move the generator).
+CPU the same draws run as custom ops, opaque to inductor, whose own CPU dropout is several times slower: the
+16-bit draws as `timm_ic::cpu_draw`, whose mask or noise inductor then multiplies in, fused with the ops around
+it; the drop positions as `timm_ic::cpu_drop_positions` (and its backward), draw and multiply in one. They draw
+from the default generator in graph order, as eager does, so a compiled graph whose only random ops are these
+drops the same units as eager from the same seed and leaves the generator where eager does (inductor's own random
+ops, e.g. a head's F.dropout, draw a seed of their own and move the generator). Compiled, Uout keeps its draws as
+int32 (4 bytes a unit, 2 in eager).
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
 activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
@@ -126,8 +129,8 @@ def drop_positions(n: int, p: float, device: torch.device, sigmas: float = 6.0,
 
 def _fast_path(x: torch.Tensor) -> bool:
     # CPU only: CUDA's fused dropout kernel (Philox, one pass) is already faster than anything composed here.
-    # Under torch.compile the same draws run as one opaque op (`timm_ic::cpu_dropout`): inductor's own CPU dropout is
-    # several times slower
+    # Under torch.compile the same draws run as opaque ops (`timm_ic::cpu_draw`, `timm_ic::cpu_drop_positions`):
+    # inductor's own CPU dropout is several times slower
     return x.device.type == 'cpu'
 
 
