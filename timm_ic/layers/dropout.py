@@ -20,7 +20,7 @@ autograd function:
   most 2^-17); Uout's noise takes 65536 equally likely values, the midpoints of an even split of [1 - beta,
   1 + beta].
 - A dropout or Uout right after a ReLU (`after_relu=True`, which placement slots use in training: DenseNet's
-  BN-ReLU-Uout, Kim et al.'s BN-ReLU-dropout) is one autograd op: the multiplier is never negative (Uout's for
+  BN-ReLU-Uout, Kim et al.'s BN-ReLU-dropout) is one autograd op in eager: the multiplier is never negative (Uout's for
   beta < 1), so relu(x) * m = max(x * m, 0), and backward needs only the output (which the next weight layer
   keeps anyway) and what was drawn, not the ReLU's output too (4 bytes per unit in float32).
 Since the draws come from torch's default generator, `torch.manual_seed`, `torch.get_rng_state` /
@@ -29,10 +29,11 @@ TorchScript, and rates near 1 use torch's own ops, which are already the fastest
 CPU the same draws run as custom ops, opaque to inductor, whose own CPU dropout is several times slower: the
 16-bit draws as `timm_ic::cpu_draw`, whose mask or noise inductor then multiplies in, fused with the ops around
 it; the drop positions as `timm_ic::cpu_drop_positions` (and its backward), draw and multiply in one. They draw
-from the default generator in graph order, as eager does, so a compiled graph whose only random ops are these
-drops the same units as eager from the same seed and leaves the generator where eager does (inductor's own random
-ops, e.g. a head's F.dropout, draw a seed of their own and move the generator). Compiled, Uout keeps its draws as
-int32 (4 bytes a unit, 2 in eager).
+from the default generator in program order, as eager does (each op takes a token from the one before, which
+keeps inductor from reordering them), so a compiled graph whose only random ops are these drops the same units as
+eager from the same seed and leaves the generator where eager does (inductor's own random ops, e.g. a head's
+F.dropout, draw a seed of their own and move the generator). `timm_ic::cpu_draw` returns Uout's draws as int32
+(4 bytes a unit); what a compiled backward keeps of them is the partitioner's choice.
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
 activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
@@ -234,26 +235,45 @@ def _cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> t
         return _Multiply.apply(x, _cpu_draw(kind, x, arg), times_arg, times, after_relu)
     # dynamo cannot trace random_(from, None): the draws are an opaque op
     if kind == 'positions':  # a random count of drops: forward and backward are one op each
-        return torch.ops.timm_ic.cpu_drop_positions(x, arg, after_relu)[0]
+        return _in_draw_order(torch.ops.timm_ic.cpu_drop_positions, x, arg, after_relu)[0]
     # a fixed-size draw: only it is opaque, and inductor fuses the multiply with the norm and ReLU around it. It
     # takes x's shape, not x: x as an op's input would be written out in full where inductor would fuse it away
-    return multiply(x, torch.ops.timm_ic.cpu_draw(x.shape, x.device, kind, arg), times_arg, times, after_relu)
+    drawn = _in_draw_order(torch.ops.timm_ic.cpu_draw, x.shape, x.device, kind, arg)[0]
+    return multiply(x, drawn, times_arg, times, after_relu)
 
 
-# The CPU draws as custom ops, for torch.compile: the same draws from the default generator, in graph order, as
-# eager. Rename an op when its outputs' shapes or dtypes change: inductor's cache keeps compiled graphs with the
-# fake outputs of the op's name.
+# The CPU draws as custom ops, for torch.compile: the same draws from the default generator, in program order, as
+# eager. Inductor orders ops only by the tensors they read, and reorders independent draws (to lower peak memory;
+# an ordered effect, `register_effect`, did not stop it): so each op reads the token the one before returned, and
+# returns the next. Rename an op when its outputs' shapes or dtypes change: inductor's cache keeps compiled graphs
+# with the fake outputs of the op's name.
+_DRAW_TOKEN = [torch.zeros((), dtype=torch.int64)]  # the last compiled draw's token; its value means nothing
+
+
+def _in_draw_order(op: Callable, *args) -> Tuple[torch.Tensor, ...]:
+    """op(token, *args), which returns (next token, *outputs): its outputs."""
+    _DRAW_TOKEN[0], *outputs = op(_DRAW_TOKEN[0], *args)
+    return tuple(outputs)
+
+
+def _next_token(token: torch.Tensor) -> torch.Tensor:
+    return token + 1  # a new tensor: an op's output must not alias its input
+
+
 @torch.library.custom_op('timm_ic::cpu_draw', mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _cpu_draw_op(size: Sequence[int], device: torch.device, kind: str, arg: float) -> torch.Tensor:
+def _cpu_draw_op(token: torch.Tensor, size: Sequence[int], device: torch.device, kind: str,
+                 arg: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """`_cpu_draw` of 'keep' (the 1-byte mask) or 'uout' (the 16-bit draws, as int32: inductor's CPU code vectorizes
     no int16, and a kernel loading one runs scalar, the norm and ReLU fused into it too), contiguous."""
-    drawn = _cpu_draw(kind, torch.empty(size, device=device), arg)  # the empty tensor: for its shape and device
-    return drawn if kind == 'keep' else drawn.to(torch.int32)
+    drawn = _cpu_draw(kind, torch.empty((), device=device).expand(size), arg)  # a shape, allocating nothing
+    return _next_token(token), drawn if kind == 'keep' else drawn.to(torch.int32)
 
 
 @_cpu_draw_op.register_fake
-def _(size: Sequence[int], device: torch.device, kind: str, arg: float) -> torch.Tensor:
-    return torch.empty(size, device=device, dtype=torch.bool if kind == 'keep' else torch.int32)  # contiguous
+def _(token: torch.Tensor, size: Sequence[int], device: torch.device, kind: str,
+      arg: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    drawn = torch.empty(size, device=device, dtype=torch.bool if kind == 'keep' else torch.int32)  # contiguous
+    return torch.empty_like(token), drawn
 
 
 # Bernoulli's drop positions are a random count of indices, which a compiled graph cannot hold: forward returns
@@ -262,16 +282,18 @@ _STATE_BYTES = torch.default_generator.get_state().numel()
 
 
 @torch.library.custom_op('timm_ic::cpu_drop_positions', mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _cpu_drop_positions_op(x: torch.Tensor, p: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _cpu_drop_positions_op(token: torch.Tensor, x: torch.Tensor, p: float,
+                           after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     state = torch.default_generator.get_state()
     times, scale = _cpu_multiplier('positions', p)
-    return multiply(x, _cpu_draw('positions', x, p), scale, times, after_relu), state
+    return _next_token(token), multiply(x, _cpu_draw('positions', x, p), scale, times, after_relu), state
 
 
 @_cpu_drop_positions_op.register_fake
-def _(x: torch.Tensor, p: float, after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _(token: torch.Tensor, x: torch.Tensor, p: float,
+      after_relu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # the multiplier writes a contiguous output whatever x's layout
-    return x.new_empty(x.shape), x.new_empty((_STATE_BYTES,), dtype=torch.uint8)
+    return torch.empty_like(token), x.new_empty(x.shape), x.new_empty((_STATE_BYTES,), dtype=torch.uint8)
 
 
 @torch.library.custom_op('timm_ic::cpu_drop_positions_backward', mutates_args=())
@@ -288,14 +310,15 @@ def _(grad: torch.Tensor, state: torch.Tensor, relu_out: Optional[torch.Tensor],
     return grad.new_empty(grad.shape)
 
 
-def _save_cpu_drop_positions(ctx, inputs: Tuple, output: Tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, ctx.p, after_relu = inputs
-    ctx.save_for_backward(output[1], output[0] if after_relu else None)
+def _save_cpu_drop_positions(ctx, inputs: Tuple, output: Tuple[torch.Tensor, ...]) -> None:
+    _, _, ctx.p, after_relu = inputs
+    _, y, state = output
+    ctx.save_for_backward(state, y if after_relu else None)
 
 
-def _cpu_drop_positions_grad(ctx, grad: torch.Tensor, _) -> Tuple[Optional[torch.Tensor], None, None]:
+def _cpu_drop_positions_grad(ctx, _, grad: torch.Tensor, __) -> Tuple[None, Optional[torch.Tensor], None, None]:
     state, relu_out = ctx.saved_tensors
-    return torch.ops.timm_ic.cpu_drop_positions_backward(grad, state, relu_out, ctx.p), None, None
+    return None, torch.ops.timm_ic.cpu_drop_positions_backward(grad, state, relu_out, ctx.p), None, None
 
 
 _cpu_drop_positions_op.register_autograd(_cpu_drop_positions_grad, setup_context=_save_cpu_drop_positions)
