@@ -33,7 +33,9 @@ from the default generator in program order, as eager does (each op takes a toke
 keeps inductor from reordering them), so a compiled graph whose only random ops are these drops the same units as
 eager from the same seed and leaves the generator where eager does (inductor's own random ops, e.g. a head's
 F.dropout, draw a seed of their own and move the generator). `timm_ic::cpu_draw` returns Uout's draws as int32
-(4 bytes a unit); what a compiled backward keeps of them is the partitioner's choice.
+(4 bytes a unit); what a compiled backward keeps of them is the partitioner's choice. Below a full
+`activation_memory_budget` (or with `aggressive_recomputation`) the partitioner may run any op again in backward,
+which would draw again: there the dropouts are graph breaks, eager inside.
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
 activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
@@ -233,6 +235,8 @@ def _cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> t
     times, times_arg = _cpu_multiplier(kind, arg)
     if not torch.compiler.is_compiling():
         return _Multiply.apply(x, _cpu_draw(kind, x, arg), times_arg, times, after_relu)
+    if _partitioner_may_recompute():
+        return _eager_cpu_multiply(x, kind, arg, after_relu)
     # dynamo cannot trace random_(from, None): the draws are an opaque op
     if kind == 'positions':  # a random count of drops: forward and backward are one op each
         return _in_draw_order(torch.ops.timm_ic.cpu_drop_positions, x, arg, after_relu)[0]
@@ -240,6 +244,19 @@ def _cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> t
     # takes x's shape, not x: x as an op's input would be written out in full where inductor would fuse it away
     drawn = _in_draw_order(torch.ops.timm_ic.cpu_draw, x.shape, x.device, kind, arg)[0]
     return multiply(x, drawn, times_arg, times, after_relu)
+
+
+def _partitioner_may_recompute() -> bool:
+    # below a full activation memory budget, or with aggressive recomputation, AOTAutograd's partitioner may run
+    # any op again in backward to save memory, the draw ops too: they would draw other masks, and move the generator
+    config = torch._functorch.config
+    return config.activation_memory_budget < 1.0 or config.aggressive_recomputation
+
+
+@torch.compiler.disable
+def _eager_cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> torch.Tensor:
+    """The eager path, as a graph break: a compiled graph then keeps what was drawn, as eager does."""
+    return _cpu_multiply(x, kind, arg, after_relu)
 
 
 # The CPU draws as custom ops, for torch.compile: the same draws from the default generator, in program order, as
