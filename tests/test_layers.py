@@ -710,17 +710,18 @@ def test_cpu_dropouts_differentiate_twice(make):
     torch.testing.assert_close(gg, 2 * m * m)
 
 
-@pytest.mark.parametrize('backend, memory_budget', [
-    ('aot_eager', 1.0), pytest.param('inductor', 1.0, marks=pytest.mark.slow), ('aot_eager', 0.5)],
-    ids=['aot_eager', 'inductor', 'aot_eager_memory_budget'])
+@pytest.mark.parametrize('backend, partitioner', [
+    ('aot_eager', {}), pytest.param('inductor', {}, marks=pytest.mark.slow),
+    ('aot_eager', {'activation_memory_budget': 0.5}), ('aot_eager', {'ban_recompute_not_in_allowlist': False})],
+    ids=['aot_eager', 'inductor', 'aot_eager_memory_budget', 'aot_eager_recompute_any_op'])
 @pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
 @pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Dropout(0.05), lambda: Uout(0.3)],
                          ids=['dropout', 'dropout_low_rate', 'uout'])
-def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backend, memory_budget):
+def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backend, partitioner):
     # under torch.compile the CPU dropouts draw from the default generator as eager does, in the same order (two
     # dropouts on parallel branches, which nothing orders but the program), and leave it where eager leaves it;
-    # backward draws the drop positions again from the generator state forward returned. Below a full activation
-    # memory budget the partitioner may run any op again in backward: not a draw
+    # backward draws the drop positions again from the generator state forward returned. With settings that save
+    # memory (`partitioner`) the partitioner may run any op again in backward: not a draw
     if backend == 'inductor' and not shutil.which('g++') and not shutil.which('c++'):
         pytest.skip('inductor on CPU needs a C++ compiler')
     torch._dynamo.reset()  # `net` is one code object across the cases: keep them off its recompile limit
@@ -735,12 +736,12 @@ def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backe
 
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     g = torch.randn(4 * 8 * (36 + 9))
-    # below the full budget the dropouts are graph breaks, eager inside
-    compiled = torch.compile(net, backend=backend, fullgraph=memory_budget == 1.0)
+    # with those settings the dropouts are graph breaks, eager inside
+    compiled = torch.compile(net, backend=backend, fullgraph=not partitioner)
     results = []
     for f in (net, compiled, compiled):
         torch.manual_seed(0)
-        with torch._functorch.config.patch(activation_memory_budget=memory_budget):
+        with torch._functorch.config.patch(partitioner):
             y = f(x)
         x.grad = convs[0].weight.grad = convs[1].weight.grad = None
         y.backward(g)

@@ -34,8 +34,10 @@ keeps inductor from reordering them), so a compiled graph whose only random ops 
 eager from the same seed and leaves the generator where eager does (inductor's own random ops, e.g. a head's
 F.dropout, draw a seed of their own and move the generator). `timm_ic::cpu_draw` returns Uout's draws as int32
 (4 bytes a unit); what a compiled backward keeps of them is the partitioner's choice. Below a full
-`activation_memory_budget` (or with `aggressive_recomputation`) the partitioner may run any op again in backward,
-which would draw again: there the dropouts are graph breaks, eager inside.
+`activation_memory_budget`, with `aggressive_recomputation` or without `ban_recompute_not_in_allowlist` the
+partitioner may run any op again in backward, which would draw again: there the dropouts of a tensor that
+requires grad are graph breaks, eager inside (so `fullgraph=True` fails). A budget set for a region
+(`torch.autograd.graph.region_activation_memory_budget`) is not seen, and its draws may be run again.
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
 activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
@@ -235,7 +237,7 @@ def _cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> t
     times, times_arg = _cpu_multiplier(kind, arg)
     if not torch.compiler.is_compiling():
         return _Multiply.apply(x, _cpu_draw(kind, x, arg), times_arg, times, after_relu)
-    if _partitioner_may_recompute():
+    if x.requires_grad and torch.is_grad_enabled() and _partitioner_may_recompute():
         return _eager_cpu_multiply(x, kind, arg, after_relu)
     # dynamo cannot trace random_(from, None): the draws are an opaque op
     if kind == 'positions':  # a random count of drops: forward and backward are one op each
@@ -247,10 +249,12 @@ def _cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool) -> t
 
 
 def _partitioner_may_recompute() -> bool:
-    # below a full activation memory budget, or with aggressive recomputation, AOTAutograd's partitioner may run
-    # any op again in backward to save memory, the draw ops too: they would draw other masks, and move the generator
+    # with these settings AOTAutograd's partitioner may run any op again in backward to save memory, the draw ops
+    # too (its own ban covers only aten's random ops): they would draw other masks, and move the generator. Not
+    # seen from here: a budget set for a region (`torch.autograd.graph.region_activation_memory_budget`)
     config = torch._functorch.config
-    return config.activation_memory_budget < 1.0 or config.aggressive_recomputation
+    return (config.activation_memory_budget < 1.0 or config.aggressive_recomputation
+            or not config.ban_recompute_not_in_allowlist)
 
 
 @torch.compiler.disable
@@ -264,11 +268,13 @@ def _eager_cpu_multiply(x: torch.Tensor, kind: str, arg: float, after_relu: bool
 # an ordered effect, `register_effect`, did not stop it): so each op reads the token the one before returned, and
 # returns the next. Rename an op when its outputs' shapes or dtypes change: inductor's cache keeps compiled graphs
 # with the fake outputs of the op's name.
-_DRAW_TOKEN = [torch.zeros((), dtype=torch.int64)]  # the last compiled draw's token; its value means nothing
+_DRAW_TOKEN = [torch.zeros((), dtype=torch.int64, device='cpu')]  # the last compiled draw's; its value means nothing
 
 
 def _in_draw_order(op: Callable, *args) -> Tuple[torch.Tensor, ...]:
     """op(token, *args), which returns (next token, *outputs): its outputs."""
+    if not torch.compiler.is_dynamo_compiling():  # e.g. non-strict torch.export: fake tensors, not to be kept
+        return tuple(op(torch.zeros((), dtype=torch.int64, device='cpu'), *args)[1:])
     _DRAW_TOKEN[0], *outputs = op(_DRAW_TOKEN[0], *args)
     return tuple(outputs)
 
