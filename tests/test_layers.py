@@ -710,18 +710,20 @@ def test_cpu_dropouts_differentiate_twice(make):
     torch.testing.assert_close(gg, 2 * m * m)
 
 
-@pytest.mark.parametrize('backend, partitioner', [
-    ('aot_eager', {}), pytest.param('inductor', {}, marks=pytest.mark.slow),
-    ('aot_eager', {'activation_memory_budget': 0.5}), ('aot_eager', {'ban_recompute_not_in_allowlist': False})],
-    ids=['aot_eager', 'inductor', 'aot_eager_memory_budget', 'aot_eager_recompute_any_op'])
+@pytest.mark.parametrize('backend, partitioner, checkpointed', [
+    ('aot_eager', {}, False), pytest.param('inductor', {}, False, marks=pytest.mark.slow),
+    ('aot_eager', {'activation_memory_budget': 0.5}, False),
+    ('aot_eager', {'ban_recompute_not_in_allowlist': False}, False), ('aot_eager', {}, True)],
+    ids=['aot_eager', 'inductor', 'aot_eager_memory_budget', 'aot_eager_recompute_any_op', 'aot_eager_checkpointed'])
 @pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
 @pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Dropout(0.05), lambda: Uout(0.3)],
                          ids=['dropout', 'dropout_low_rate', 'uout'])
-def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backend, partitioner):
+def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backend, partitioner, checkpointed):
     # under torch.compile the CPU dropouts draw from the default generator as eager does, in the same order (two
     # dropouts on parallel branches, which nothing orders but the program), and leave it where eager leaves it;
     # backward draws the drop positions again from the generator state forward returned. With settings that save
-    # memory (`partitioner`) the partitioner may run any op again in backward: not a draw
+    # memory (`partitioner`) the partitioner may run any op again in backward: not a draw. Under activation
+    # checkpointing backward runs the forward again, from the generator state it started from
     if backend == 'inductor' and not shutil.which('g++') and not shutil.which('c++'):
         pytest.skip('inductor on CPU needs a C++ compiler')
     torch._dynamo.reset()  # `net` is one code object across the cases: keep them off its recompile limit
@@ -729,15 +731,19 @@ def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backe
     # branches of different sizes: inductor's memory-minded reordering would draw the smaller first, if it could
     convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1, stride=2)]
 
-    def net(t):
+    def branches(t):
         out = [layer.forward_after_relu(conv(t)) if after_relu else layer(conv(t))
                for layer, conv in zip(layers, convs)]
         return torch.cat([out[0].flatten(), 2 * out[1].flatten()])
 
+    def net(t):
+        return torch.utils.checkpoint.checkpoint(branches, t, use_reentrant=False) if checkpointed else branches(t)
+
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     g = torch.randn(4 * 8 * (36 + 9))
-    # with those settings the dropouts are graph breaks, eager inside
-    compiled = torch.compile(net, backend=backend, fullgraph=not partitioner)
+    # with those settings the dropouts are graph breaks, eager inside; under checkpointing the draws' token (a side
+    # effect) breaks the graph at the checkpoint
+    compiled = torch.compile(net, backend=backend, fullgraph=not partitioner and not checkpointed)
     results = []
     for f in (net, compiled, compiled):
         torch.manual_seed(0)

@@ -37,7 +37,9 @@ F.dropout, draw a seed of their own and move the generator). `timm_ic::cpu_draw`
 `activation_memory_budget`, with `aggressive_recomputation` or without `ban_recompute_not_in_allowlist` the
 partitioner may run any op again in backward, which would draw again: there the dropouts of a tensor that
 requires grad are graph breaks, eager inside (so `fullgraph=True` fails). A budget set for a region
-(`torch.autograd.graph.region_activation_memory_budget`) is not seen, and its draws may be run again.
+(`torch.autograd.graph.region_activation_memory_budget`) is not seen, and its draws may be run again. Keeping the
+token is a side effect, which dynamo refuses inside `torch.utils.checkpoint`: a compiled checkpointed block with a
+dropout breaks the graph there (same draws as eager; `fullgraph=True` fails).
 
 On CUDA, torch's dropout keeps a 1-byte mask and Uout its noise (2 or 4 bytes) for backward, next to the
 activations the weight layers keep: up to 2x a baseline's peak training memory. With `redraw` (per module, or
