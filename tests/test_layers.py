@@ -696,18 +696,20 @@ def test_train_mode_fx_trace_torchscript_and_compile(make):
     assert torch.equal(compiled(x), expected)
 
 
+@pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
 @pytest.mark.parametrize('make', [lambda: Dropout(0.05), lambda: Dropout(0.3), lambda: Uout(0.3)],
                          ids=['dropout_low_rate', 'dropout', 'uout'])
-def test_cpu_dropouts_differentiate_twice(make):
-    # a gradient penalty: sum(y^2)'s gradient 2 m^2 x, whose sum's gradient is 2 m^2
+def test_cpu_dropouts_differentiate_twice(make, after_relu):
+    # a gradient penalty: sum(y^2)'s gradient 2 m^2 x, whose sum's gradient is 2 m^2 (after a ReLU, where x > 0)
     layer = make().train()
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     torch.manual_seed(0)
     m = layer(torch.ones_like(x))
     torch.manual_seed(0)
-    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    y = layer.forward_after_relu(x) if after_relu else layer(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     (gg,) = torch.autograd.grad(g.sum(), x)
-    torch.testing.assert_close(gg, 2 * m * m)
+    torch.testing.assert_close(gg, 2 * m * m * (x > 0) if after_relu else 2 * m * m)
 
 
 @pytest.mark.parametrize('backend, partitioner, checkpointed', [
