@@ -3,6 +3,7 @@
     python benchmarks/bench_layers.py                              # CPU, (128, 16, 32, 32) float32
     python benchmarks/bench_layers.py --shape 128 64 8 8 --repeats 51
     python benchmarks/bench_layers.py --device cuda --dtype bfloat16 --redraw-dropout   # the CUDA redraw kernel
+    python benchmarks/bench_layers.py --after-relu        # ReLU then the layer, as a placement slot runs them
 
 Each row times a forward and backward (`torch.autograd.grad`) of one of our layers and of torch's layer with the
 same distribution (`nn.Dropout`; for Uout, x times `uniform_` noise, as Uout is written in torch ops),
@@ -10,6 +11,7 @@ alternating the two every repeat. The ratio is torch's time over ours: the media
 [their interquartile range] (`bench_models.ratio_cell`). Our Bernoulli dropout draws the drops' positions at
 rates up to 1/8 and 16 bits per unit above (`timm_ic.layers.dropout`), so the rows cover both. On CUDA our layers
 take torch's own ops, unless `--redraw-dropout` (the one-pass Triton kernel that keeps a seed, not a mask).
+`--after-relu` times a ReLU then the layer: ours as one op (`forward_after_relu`), torch's as `F.relu` then its layer.
 """
 import argparse
 import statistics
@@ -17,6 +19,7 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from bench_models import ratio_cell, time_step
 from timm_ic.layers import Dropout, Uout, set_dropout_redraw
@@ -42,6 +45,8 @@ def main() -> None:
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     parser.add_argument('--redraw-dropout', action='store_true',
                         help='CUDA: our layers keep a seed for backward and draw again there (`set_dropout_redraw`)')
+    parser.add_argument('--after-relu', action='store_true',
+                        help='a ReLU then the layer: ours `forward_after_relu`, torch\'s `F.relu` then its layer')
     args = parser.parse_args()
     for flag in ('steps', 'repeats'):
         if getattr(args, flag) < 1:
@@ -61,7 +66,7 @@ def main() -> None:
     g = torch.randn(*args.shape, device=device, dtype=dtype)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
     print(f'{where}, shape {tuple(args.shape)} {args.dtype}, {args.steps} steps x {args.repeats} repeats'
-          + (', ours with redraw' if args.redraw_dropout else ''))
+          + (', ours with redraw' if args.redraw_dropout else '') + (', after a ReLU' if args.after_relu else ''))
     cell = len(ratio_cell([1.0], [1.0]))
     print(f'{"layer":16s} {"ours ms":>8s} {"torch ms":>9s} {"speed-up":>{cell}s}')
     for name, (ours, theirs) in LAYERS.items():
@@ -71,8 +76,12 @@ def main() -> None:
                 layer.train()
         times: Dict[str, List[float]] = {'ours': [], 'torch': []}
         # autograd.grad, not backward: no x.grad accumulating across runs
-        runs = {'ours': lambda: torch.autograd.grad(ours(x), x, g),
-                'torch': lambda: torch.autograd.grad(theirs(x), x, g)}
+        if args.after_relu:
+            runs = {'ours': lambda: torch.autograd.grad(ours.forward_after_relu(x), x, g),
+                    'torch': lambda: torch.autograd.grad(theirs(F.relu(x)), x, g)}
+        else:
+            runs = {'ours': lambda: torch.autograd.grad(ours(x), x, g),
+                    'torch': lambda: torch.autograd.grad(theirs(x), x, g)}
         for run in runs.values():  # warm-up
             run()
         for _ in range(args.repeats):

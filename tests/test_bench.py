@@ -36,3 +36,21 @@ def test_ratios_pair_each_repeat_with_its_baseline_and_bad_counts_exit_2(monkeyp
     with pytest.raises(SystemExit) as e:
         bench_models.main()
     assert e.value.code == 2
+
+
+def test_bench_layers_after_relu_times_our_one_op_against_relu_then_torchs_layer(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_layers
+    from timm_ic.layers import Dropout, Uout
+    calls = []
+    for cls in (Dropout, Uout):  # count the calls of the one-op path, then run it
+        original = cls.forward_after_relu
+        monkeypatch.setattr(cls, 'forward_after_relu',
+                            lambda self, x, original=original: calls.append(type(self)) or original(self, x))
+    monkeypatch.setattr(sys, 'argv', ['bench_layers.py', '--after-relu', '--shape', '2', '3', '4', '4',
+                                      '--steps', '1', '--repeats', '1'])
+    bench_layers.main()
+    out = capsys.readouterr().out
+    assert 'after a ReLU' in out.splitlines()[0]
+    assert len(out.splitlines()) == 2 + len(bench_layers.LAYERS)  # a row per layer
+    assert set(calls) == {Dropout, Uout} and len(calls) == 2 * len(bench_layers.LAYERS)  # warm-up + 1 repeat
