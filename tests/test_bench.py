@@ -54,3 +54,31 @@ def test_bench_layers_after_relu_times_our_one_op_against_relu_then_torchs_layer
     assert 'after a ReLU' in out.splitlines()[0]
     assert len(out.splitlines()) == 2 + len(bench_layers.LAYERS)  # a row per layer
     assert set(calls) == {Dropout, Uout} and len(calls) == 2 * len(bench_layers.LAYERS)  # warm-up + 1 repeat
+
+
+def test_bench_dropout_floor_variants_replace_the_layers_and_put_them_back(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_dropout_floor as floor
+    from timm_ic.layers import Dropout, Uout
+    x = torch.randn(2, 4, 8, 8)
+    layers = [Dropout(0.05).train(), Dropout(0.3).train(), Uout(0.2).train()]
+    state = torch.get_rng_state()
+    originals = [(cls.forward, cls.forward_after_relu) for cls in (Dropout, Uout)]
+    outputs = {}
+    for variant in ('none', 'draws', 'one-pass', 'ours'):
+        torch.set_rng_state(state)
+        with floor.dropouts_as(variant):
+            outputs[variant] = [(layer(x), layer.forward_after_relu(x)) for layer in layers]
+        outputs[variant + ' rng'] = torch.get_rng_state()
+    for variant in ('none', 'draws', 'one-pass'):  # the identity, a ReLU before it kept
+        for y, y_relu in outputs[variant]:
+            assert torch.equal(y, x) and torch.equal(y_relu, torch.relu(x))
+    assert torch.equal(outputs['none rng'], state)  # no draws
+    for variant in ('draws', 'one-pass'):  # ours's draws: the generator ends where ours leaves it
+        assert torch.equal(outputs[variant + ' rng'], outputs['ours rng'])
+    assert not any(torch.equal(y, x) for y, _ in outputs['ours'])  # the layers themselves
+    assert [(cls.forward, cls.forward_after_relu) for cls in (Dropout, Uout)] == originals  # put back
+    xg = x.clone().requires_grad_()
+    with floor.dropouts_as('one-pass'):  # one pass each way, with the identity's (ReLU's) gradient
+        (g,) = torch.autograd.grad(layers[2].forward_after_relu(xg).sum() + 2 * layers[2](xg).sum(), xg)
+    assert torch.equal(g, (x > 0).float() + 2)
