@@ -18,7 +18,7 @@ interquartile range]. Repeats interleave baseline and variants, so drift hits al
 """
 import argparse
 import contextlib
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import timm
 import torch
@@ -30,10 +30,13 @@ from timm_ic.layers.dropout import GEOMETRIC_MAX_RATE, _cpu_draw
 from timm_ic.models import BASELINES
 
 
-def draw(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What `layer` draws for x on CPU in training (the same kind as `dropout` and `uout` pick)."""
+def draw(layer: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """What `layer` draws for x on CPU in training, as `dropout` and `uout` pick it; None where they draw nothing.
+    Not for rates within 64/65536 of 1, where `dropout` takes `F.dropout` (no model of BASELINES has one)."""
     if isinstance(layer, Uout):
-        return _cpu_draw('uout', x, layer.beta)
+        return _cpu_draw('uout', x, layer.beta) if layer.beta > 0.0 else None
+    if layer.p == 0.0:
+        return None
     return _cpu_draw('positions' if layer.p <= GEOMETRIC_MAX_RATE else 'keep', x, layer.p)
 
 
@@ -42,7 +45,7 @@ class _OnePass(torch.autograd.Function):
     after a ReLU, its output) for backward, as ours does."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, drawn: torch.Tensor, after_relu: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, drawn: Optional[torch.Tensor], after_relu: bool) -> torch.Tensor:
         y = torch.clamp_min(x, 0.0) if after_relu else torch.mul(x, 1.0)
         ctx.save_for_backward(drawn, y if after_relu else None)
         return y
@@ -97,7 +100,9 @@ def main() -> None:
     size = 32 if timm.get_pretrained_cfg(baseline).input_size[-1] == 32 else args.image_size
     x = torch.randn(args.batch_size, 3, size, size)
     base_train = build(baseline, x, False)[2]
-    model_train = build(args.model, x, False)[2]
+    model, _, model_train = build(args.model, x, False)
+    if not any(isinstance(m, (Dropout, Uout)) for m in model.modules()):
+        parser.error(f'--model: {args.model} has no timm_ic Dropout or Uout to replace; pick an IC, Kim or Uout model')
     variants = ['none', 'draws', 'one-pass', 'ours']
     base_train()
     for variant in variants:  # warm-up

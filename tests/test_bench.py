@@ -78,7 +78,29 @@ def test_bench_dropout_floor_variants_replace_the_layers_and_put_them_back(monke
         assert torch.equal(outputs[variant + ' rng'], outputs['ours rng'])
     assert not any(torch.equal(y, x) for y, _ in outputs['ours'])  # the layers themselves
     assert [(cls.forward, cls.forward_after_relu) for cls in (Dropout, Uout)] == originals  # put back
+    with pytest.raises(RuntimeError), floor.dropouts_as('none'):  # put back after an error too
+        raise RuntimeError
+    assert [(cls.forward, cls.forward_after_relu) for cls in (Dropout, Uout)] == originals
+    torch.set_rng_state(state)
+    with floor.dropouts_as('draws'):  # rate 0, beta 0: ours draws nothing, nor do they
+        assert torch.equal(Dropout(0.0).train()(x), x) and torch.equal(Uout(0.0).train()(x), x)
+    assert torch.equal(torch.get_rng_state(), state)
     xg = x.clone().requires_grad_()
     with floor.dropouts_as('one-pass'):  # one pass each way, with the identity's (ReLU's) gradient
         (g,) = torch.autograd.grad(layers[2].forward_after_relu(xg).sum() + 2 * layers[2](xg).sum(), xg)
     assert torch.equal(g, (x > 0).float() + 2)
+
+
+def test_bench_dropout_floor_prints_each_variant_and_refuses_a_model_without_dropouts(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_dropout_floor as floor
+    monkeypatch.setattr(sys, 'argv', ['bench_dropout_floor.py', '--model', 'ic_resnet20', '--batch-size', '2',
+                                      '--repeats', '1'])
+    floor.main()
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ['none', 'draws', 'one-pass', 'ours']
+    for argv in (['--model', 'cifar_preresnet20'], ['--model', 'resnet18'], ['--repeats', '0']):
+        monkeypatch.setattr(sys, 'argv', ['bench_dropout_floor.py', '--batch-size', '2', *argv])
+        with pytest.raises(SystemExit) as e:
+            floor.main()
+        assert e.value.code == 2

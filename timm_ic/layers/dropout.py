@@ -202,9 +202,8 @@ def multiply(x: torch.Tensor, drawn: torch.Tensor, arg: float, times: Multiplier
     """`_Multiply`'s forward: x (with `after_relu`, relu(x)) times the multiplier rebuilt from `drawn`."""
     if after_relu and times is keep_times:
         # the mask's 0 times -inf is NaN, not relu's 0 (rates above 1/8 only); zeroing by the bool mask
-        # (torch.where, masked_fill_) instead is about 4x slower than the uint8 multiply on CPU. The product of
-        # relu(x) and the mask's 0 or scale needs no clamp after it
-        return times(x.clamp_min(0.0), drawn, arg)
+        # (torch.where, masked_fill_) instead is about 4x slower than the uint8 multiply on CPU
+        x = x.clamp_min(0.0)
     y = times(x, drawn, arg)
     return y.clamp_min_(0.0) if after_relu else y  # clamp keeps NaN, as relu does
 
@@ -212,7 +211,7 @@ def multiply(x: torch.Tensor, drawn: torch.Tensor, arg: float, times: Multiplier
 def multiply_backward(grad: torch.Tensor, drawn: torch.Tensor, arg: float, times: Multiplier,
                       relu_out: Optional[torch.Tensor]) -> torch.Tensor:
     """`_Multiply`'s backward; `relu_out`: forward's output after a ReLU, for ReLU's own backward."""
-    grad = times(grad, drawn, arg)  # a tensor of its own
+    grad = times(grad, drawn, arg)  # a new tensor: each multiplier converts what was drawn into one
     if relu_out is None:
         return grad
     if torch.is_grad_enabled():  # a backward that builds a graph (create_graph): out= is not differentiable
