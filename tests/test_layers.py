@@ -712,6 +712,33 @@ def test_cpu_dropouts_differentiate_twice(make, after_relu):
     torch.testing.assert_close(gg, 2 * m * m * (x > 0) if after_relu else 2 * m * m)
 
 
+@pytest.mark.parametrize('after_relu', [False, True], ids=['alone', 'after_relu'])
+@pytest.mark.parametrize('make', [lambda: Dropout(0.3), lambda: Dropout(0.05), lambda: Uout(0.3)],
+                         ids=['dropout', 'dropout_low_rate', 'uout'])
+def test_compiled_cpu_dropouts_match_eager_bit_for_bit_at_zeros_and_infinities(make, after_relu):
+    # aot_eager runs the traced multiply (and autograd's derivative of it) where eager runs `_Multiply`: the same
+    # bits, the signs of zeros and an infinite input at a dropped unit included, under a negative gradient
+    torch._dynamo.reset()
+    layer = make().train()
+
+    def f(t):
+        return layer.forward_after_relu(t * 1.0) if after_relu else layer(t * 1.0)
+
+    x = torch.randn(4, 8, 6, 6)
+    x.view(-1)[:4] = torch.tensor([0.0, -0.0, float('inf'), -float('inf')])
+    x.requires_grad_()
+    g = -torch.rand(4, 8, 6, 6)
+    results = []
+    for fn in (f, torch.compile(f, backend='aot_eager', fullgraph=True)):
+        torch.manual_seed(0)
+        y = fn(x)
+        x.grad = None
+        y.backward(g)
+        results.append((y.detach(), x.grad))
+    for eager, compiled in zip(*results):
+        assert torch.equal(compiled.view(torch.int32), eager.view(torch.int32))
+
+
 @pytest.mark.parametrize('backend, partitioner, checkpointed', [
     ('aot_eager', {}, False), pytest.param('inductor', {}, False, marks=pytest.mark.slow),
     ('aot_eager', {'activation_memory_budget': 0.5}, False),
@@ -755,6 +782,9 @@ def test_compiled_training_on_cpu_draws_what_eager_draws(make, after_relu, backe
         y.backward(g)
         results.append((y.detach(), x.grad, convs[0].weight.grad, convs[1].weight.grad, torch.get_rng_state()))
     for eager, comp in zip(results[0], results[2]):  # the second compiled call: no compiling in between
+        if backend == 'aot_eager' and eager.dtype == torch.float32:  # bit for bit, the signs of zeros too
+            assert torch.equal(comp.view(torch.int32), eager.view(torch.int32))
+            continue
         exact = backend == 'aot_eager' or eager.dtype == torch.uint8  # inductor fuses bias, ReLU and multiply
         torch.testing.assert_close(comp, eager, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
     with torch.no_grad():
