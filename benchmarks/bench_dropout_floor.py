@@ -26,18 +26,17 @@ import torch.nn.functional as F
 
 from bench_models import build, ratio_cell, time_step
 from timm_ic.layers import Dropout, Uout
-from timm_ic.layers.dropout import GEOMETRIC_MAX_RATE, _cpu_draw
+from timm_ic.layers.dropout import _cpu_draw, _cpu_dropout_kind
 from timm_ic.models import BASELINES
 
 
 def draw(layer: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """What `layer` draws for x on CPU in training, as `dropout` and `uout` pick it; None where they draw nothing.
-    Not for rates within 64/65536 of 1, where `dropout` takes `F.dropout` (no model of BASELINES has one)."""
+    """What `layer` draws for x on CPU in training, as `dropout` and `uout` pick it; None where they draw nothing
+    of ours (rate or beta 0; rates within 64/65536 of 1, where `dropout` takes `F.dropout`: no model has one)."""
     if isinstance(layer, Uout):
         return _cpu_draw('uout', x, layer.beta) if layer.beta > 0.0 else None
-    if layer.p == 0.0:
-        return None
-    return _cpu_draw('positions' if layer.p <= GEOMETRIC_MAX_RATE else 'keep', x, layer.p)
+    kind = _cpu_dropout_kind(layer.p) if layer.p > 0.0 else None
+    return None if kind is None else _cpu_draw(kind, x, layer.p)
 
 
 class _OnePass(torch.autograd.Function):

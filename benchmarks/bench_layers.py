@@ -76,12 +76,9 @@ def main() -> None:
                 layer.train()
         times: Dict[str, List[float]] = {'ours': [], 'torch': []}
         # autograd.grad, not backward: no x.grad accumulating across runs
-        if args.after_relu:
-            runs = {'ours': lambda: torch.autograd.grad(ours.forward_after_relu(x), x, g),
-                    'torch': lambda: torch.autograd.grad(theirs(F.relu(x)), x, g)}
-        else:
-            runs = {'ours': lambda: torch.autograd.grad(ours(x), x, g),
-                    'torch': lambda: torch.autograd.grad(theirs(x), x, g)}
+        ours_op = ours.forward_after_relu if args.after_relu else ours
+        runs = {'ours': lambda: torch.autograd.grad(ours_op(x), x, g),
+                'torch': lambda: torch.autograd.grad(theirs(F.relu(x) if args.after_relu else x), x, g)}
         for run in runs.values():  # warm-up
             run()
         for _ in range(args.repeats):

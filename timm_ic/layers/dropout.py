@@ -424,13 +424,18 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, after_relu: bool =
     seed for backward instead of the mask, and draw it again there (`_Redraw`: less memory)."""
     if redraw and training and 0.0 < p < 1.0 and _redraw_path(x):
         return _Redraw.apply(x, True, p, 1.0 / (1.0 - p), after_relu)
-    if not training or not 0.0 < p < 1.0 or not _fast_path(x):
-        return F.dropout(F.relu(x) if after_relu else x, p, training)  # its own error for a rate outside [0, 1]
-    if p <= GEOMETRIC_MAX_RATE:
-        return _cpu_multiply(x, 'positions', p, after_relu)
-    if LEVELS - drop_levels(p) < MIN_LEVELS:
+    kind = _cpu_dropout_kind(p) if training and 0.0 < p < 1.0 and _fast_path(x) else None
+    if kind is None:  # F.dropout's own error for a rate outside [0, 1]
         return F.dropout(F.relu(x) if after_relu else x, p, training)
-    return _cpu_multiply(x, 'keep', p, after_relu)
+    return _cpu_multiply(x, kind, p, after_relu)
+
+
+def _cpu_dropout_kind(p: float) -> Optional[str]:
+    """What a CPU Bernoulli dropout in training at rate 0 < p < 1 draws (`_cpu_draw`): 'positions' up to 1/8,
+    'keep' above, None within 64/65536 of 1, where it takes `F.dropout`."""
+    if p <= GEOMETRIC_MAX_RATE:
+        return 'positions'
+    return None if LEVELS - drop_levels(p) < MIN_LEVELS else 'keep'
 
 
 @torch.fx.wrap
